@@ -1,0 +1,36 @@
+"""trainguard: keep neural-network training numerically stable.
+
+    import trainguard as tg
+    guard = tg.Guard(model, optimizer)
+    ...
+    loss.backward()
+    guard.step(loss)          # instead of optimizer.step()
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .guard import Guard
+from .policy import DEFAULT_LADDER, Policy
+from .types import (ACTION_KINDS, FINDING_KINDS, Action, Finding, StepStats,
+                    TrainingUnstable)
+
+__version__ = "0.1.0"
+
+__all__ = ["Guard", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
+           "TrainingUnstable", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate",
+           "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # heavier entry points load on first use
+    if name == "doctor":
+        from .doctor import doctor
+        return doctor
+    if name == "repair":
+        from .doctor import repair
+        return repair
+    if name == "locate":
+        from .locate import locate
+        return locate
+    raise AttributeError(f"module 'trainguard' has no attribute {name!r}")

@@ -1,0 +1,74 @@
+"""Shared pieces for detectors: the Detector protocol and small running statistics.
+
+Detectors are pure: a stream of :class:`~trainguard.types.StepStats` in, findings out.
+They never import torch, and their whole state is a plain dict (``state_dict``).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..types import Finding, StepStats
+
+
+class Detector:
+    """Base class: override :meth:`update`; state lives in attributes listed in ``_state``."""
+
+    kind: str = ""
+    _state: tuple[str, ...] = ()
+
+    def update(self, s: StepStats) -> list[Finding]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the running statistics (called after a rollback restores old weights)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self._state:
+            v = getattr(self, name)
+            if isinstance(v, deque):
+                v = list(v)
+            elif isinstance(v, np.ndarray):
+                v = v.tolist()
+            out[name] = v
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self._state:
+            if name not in state:
+                continue
+            cur = getattr(self, name)
+            v = state[name]
+            if isinstance(cur, deque):
+                v = deque(v, maxlen=cur.maxlen)
+            elif isinstance(cur, np.ndarray) or (cur is None and isinstance(v, list)):
+                v = np.asarray(v, dtype=float)
+            setattr(self, name, v)
+
+    def __repr__(self) -> str:
+        params = {k: v for k, v in vars(self).items() if not k.startswith("_")
+                  and k not in self._state and isinstance(v, (int, float, str, bool))}
+        inner = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        return f"{type(self).__name__}({inner})"
+
+
+def check_positive(name: str, value: float, *, integer: bool = False) -> None:
+    """Raise ValueError naming the parameter when ``value`` is not a positive number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def robust_center_scale(values: Iterable[float]) -> tuple[float, float]:
+    """Median and MAD-based standard deviation (1.4826 * MAD, consistent for a Gaussian)."""
+    a = np.fromiter(values, dtype=float)
+    med = float(np.median(a))
+    mad = float(np.median(np.abs(a - med)))
+    return med, 1.4826 * mad

@@ -1,0 +1,66 @@
+"""Non-finite values: NaN/Inf in the loss, the gradients or the parameters.
+
+Rule: any non-finite loss, gradient norm or parameter norm is a finding at the step it
+occurs, with one exception taken from PyTorch's GradScaler design (``torch/amp/grad_scaler.py``):
+under fp16 loss scaling, an overflow of the *scaled* gradients while the loss is finite is
+the scaler's own business (it skips the step and halves the scale) and is not instability.
+It becomes a finding once the scale has collapsed below ``min_loss_scale``: then the
+gradients overflow even without scaling, the failure mode behind "Current loss scale already
+at minimum" crashes (DeepSpeed, see research/prior-art-tools.md §2.3).
+"""
+from __future__ import annotations
+
+import math
+
+from ..types import Finding, StepStats
+from .base import Detector
+
+
+class NonFiniteDetector(Detector):
+    kind = "nonfinite"
+    _state = ("scaler_overflows",)
+
+    def __init__(self, min_loss_scale: float = 1.0) -> None:
+        #: A GradScaler scale below this means the unscaled gradients themselves overflow.
+        #: 1.0 is the point where scaling no longer adds any headroom (Micikevicius 2018).
+        self.min_loss_scale = float(min_loss_scale)
+        self.scaler_overflows = 0
+
+    def update(self, s: StepStats) -> list[Finding]:
+        loss_ok = s.loss_finite
+        bad_params = s.nonfinite_param_modules() if not s.params_finite else []
+        if loss_ok and s.grads_finite and not bad_params:
+            return []
+        if (s.loss_scale is not None and loss_ok and not bad_params
+                and s.loss_scale >= self.min_loss_scale):
+            # The scaler's own overflow skip: record, do not alarm.
+            self.scaler_overflows += 1
+            return []
+        bad_grads = s.nonfinite_modules()
+        if bad_params:
+            origin, where = "parameters", bad_params
+            what = "parameters hold NaN/Inf (a previous update or a load corrupted them)"
+        elif not loss_ok:
+            origin, where = None, bad_grads
+            what = f"the loss is {s.loss}"
+        else:
+            origin, where = "backward", bad_grads
+            what = f"the gradient norm is {s.grad_norm} while the loss is finite ({s.loss:.4g})"
+        if s.loss_scale is not None and loss_ok and not bad_params:
+            what += (f"; the fp16 loss scale has collapsed to {s.loss_scale:g}, so gradients "
+                     "overflow even unscaled")
+        places = ", ".join(where[:3]) + (" ..." if len(where) > 3 else "")
+        msg = what + (f"; non-finite gradients in {places}" if where and origin != "parameters"
+                      else (f"; non-finite parameters in {places}" if where else ""))
+        return [Finding(
+            kind="nonfinite", step=s.step, message=msg, where=where[0] if where else "",
+            locations=tuple(where), severity="critical", origin=origin,
+            evidence={"loss": s.loss, "grad_norm": s.grad_norm,
+                      "param_norm": s.param_norm, "loss_scale": s.loss_scale,
+                      "nonfinite_grad_modules": bad_grads,
+                      "nonfinite_param_modules": bad_params},
+        )]
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

@@ -1,0 +1,139 @@
+"""Progress of the loss: divergence and plateau.
+
+Divergence, either trigger:
+  * fast: the loss rose on ``fast_steps`` = 4 consecutive steps by a total factor of at least
+    ``fast_factor`` = 1e4. Gradient descent past the curvature limit grows the loss by
+    (1 - eta*lambda)^2 per step (49x at eta = 8/lambda, research/mechanisms.md Z7), so it
+    crosses 1e4 in three steps; a benign catapult (Lewkowycz 2020, 2/lambda < eta < ~4/lambda)
+    rises by at most ~9x per step and turns around well before 1e4 (calibrated on the zoo's
+    catapult control).
+  * slow: after ``warmup`` = 50 steps, the smoothed loss (EMA, 0.9) stayed above ``factor`` = 4
+    times its best for ``patience`` = 10 steps *and* gave back more than half of the progress
+    made since the start. 4x the best is the divergence rule of LR range tests (fastai's LR
+    finder, Smith 2017); the half-progress condition keeps a converged loss near 0 from
+    calling its noise a divergence.
+
+Plateau (severity "info"): after ``warmup`` steps, the smoothed loss has not improved its best
+by ``min_improvement`` = 1% in ``patience_plateau`` = 100 steps while still above half its
+initial value: training is stuck, not converged (AUTOTRAINER's slow-convergence rule, ICSE
+2021, adapted to the loss; ReduceLROnPlateau's relative-threshold test).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from ..types import Finding, StepStats
+from .base import Detector, check_positive
+
+
+class DivergenceDetector(Detector):
+    kind = "divergence"
+    _state = ("recent", "ema", "best", "initial", "above", "seen", "reported_at")
+
+    def __init__(self, fast_steps: int = 4, fast_factor: float = 1e4, factor: float = 4.0,
+                 patience: int = 10, warmup: int = 50, smoothing: float = 0.9) -> None:
+        check_positive("fast_steps", fast_steps, integer=True)
+        check_positive("fast_factor", fast_factor)
+        check_positive("factor", factor)
+        check_positive("patience", patience, integer=True)
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+        self.fast_steps, self.fast_factor, self.factor = fast_steps, fast_factor, factor
+        self.patience, self.warmup, self.smoothing = patience, warmup, smoothing
+        self.recent: deque[float] = deque(maxlen=fast_steps + 1)
+        self.ema: float | None = None
+        self.best: float | None = None
+        self.initial: float | None = None
+        self.above = 0
+        self.seen = 0
+        self.reported_at = -1
+
+    def reset(self) -> None:
+        self.recent.clear()
+        self.above = 0
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.loss_finite or s.scaler_overflow:
+            return []
+        loss = s.loss
+        self.recent.append(loss)
+        self.seen += 1
+        self.ema = loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * loss
+        if self.initial is None:
+            self.initial = self.ema
+        out: list[Finding] = []
+        r = list(self.recent)
+        if (len(r) == self.fast_steps + 1 and all(b > a for a, b in zip(r, r[1:]))
+                and r[0] > 0 and r[-1] / r[0] >= self.fast_factor):
+            out.append(self._finding(s, f"the loss grew {r[-1] / r[0]:.1e}x in {self.fast_steps} "
+                                        f"steps ({r[0]:.3g} -> {r[-1]:.3g}): exponential blow-up",
+                                     {"losses": r, "trigger": "fast"}))
+            self.recent.clear()
+            return out
+        if self.seen <= self.warmup:
+            return out
+        self.best = self.ema if self.best is None else min(self.best, self.ema)
+        lost = (self.ema - self.best) > 0.5 * (self.initial - self.best) if self.initial > self.best else False
+        if self.best > 0 and self.ema > self.factor * self.best and lost:
+            self.above += 1
+        else:
+            self.above = 0
+        if self.above >= self.patience:
+            self.above = 0
+            out.append(self._finding(
+                s, f"the smoothed loss {self.ema:.4g} is {self.ema / self.best:.1f}x its best "
+                   f"{self.best:.4g} and has given back most of its progress",
+                {"ema": self.ema, "best": self.best, "initial": self.initial, "trigger": "slow"}))
+            self.best = self.ema  # re-arm against the new level
+        return out
+
+    def _finding(self, s: StepStats, msg: str, ev: dict) -> Finding:
+        self.reported_at = s.step
+        return Finding(kind="divergence", step=s.step, severity="critical", message=msg,
+                       evidence={"loss": s.loss, "param_norm": s.param_norm, **ev})
+
+
+class PlateauDetector(Detector):
+    kind = "plateau"
+    _state = ("ema", "best", "best_step", "initial", "seen", "reported")
+
+    def __init__(self, patience: int = 100, min_improvement: float = 0.01, warmup: int = 20,
+                 smoothing: float = 0.9, progress: float = 0.5) -> None:
+        check_positive("patience", patience, integer=True)
+        check_positive("min_improvement", min_improvement)
+        self.patience, self.min_improvement, self.warmup = patience, min_improvement, warmup
+        self.smoothing, self.progress = smoothing, progress
+        self.ema: float | None = None
+        self.best = math.inf
+        self.best_step = 0
+        self.initial: float | None = None
+        self.seen = 0
+        self.reported = False
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.loss_finite or s.scaler_overflow:
+            return []
+        self.seen += 1
+        self.ema = s.loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * s.loss
+        if self.initial is None:
+            self.initial = self.ema
+        if self.seen <= self.warmup:
+            self.best, self.best_step = min(self.best, self.ema), self.seen
+            return []
+        if self.ema < self.best - self.min_improvement * abs(self.best):
+            self.best, self.best_step = self.ema, self.seen
+            self.reported = False
+            return []
+        stuck = self.seen - self.best_step
+        if (stuck >= self.patience and not self.reported and self.initial > 0
+                and self.ema > self.progress * self.initial):
+            self.reported = True
+            return [Finding(
+                kind="plateau", step=s.step, severity="info",
+                message=(f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
+                         f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})"),
+                evidence={"ema": self.ema, "best": self.best, "initial": self.initial,
+                          "steps": stuck},
+            )]
+        return []

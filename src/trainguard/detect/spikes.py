@@ -1,0 +1,177 @@
+"""Spikes: sudden jumps of the loss or of the gradient norm against their recent history.
+
+Both rules work on the logarithm, because small-batch losses and gradient norms are
+multiplicatively noisy: near convergence a classifier's batch loss moves between 1e-4 and 0.5
+(600x its median) on perfectly healthy runs, which defeats any linear or median/MAD rule.
+
+Loss spike, after ``min_history`` = 20 steps, when all three hold:
+  * ``log(loss)`` is more than ``z`` = 4 standard deviations above the mean of the last
+    ``window`` = 64 log-losses (OLMo 2's spike score uses 7 sigma on the raw value over 1000
+    steps, arXiv 2501.00656; research/mechanisms.md §7 recommends 50-200 steps for short runs);
+  * ``loss > ratio * median`` with ratio = 2, the factor Lightning's SpikeDetection and
+    llm-foundry's kill-loss-spike callback use;
+  * ``loss - median > floor * L0``, floor = 0.1 of the loss scale ``L0`` at the start of
+    training (median of the first 20 losses): a jump must matter at the scale of the task.
+  Losses that are not all positive fall back to ``z`` = 7 on the raw values (OLMo 2).
+
+Gradient explosion, after ``min_history`` = 20 steps, when all three hold:
+  * ``log(norm)`` is more than ``z`` = 4 standard deviations above the window's mean;
+  * ``norm > ratio * median`` with ratio = 10: Pascanu et al. 2013 report clipping
+    thresholds from half to ten times the average norm still converge, so beyond ten times
+    the norm is outside ordinary noise;
+  * ``norm`` exceeds the gradient scale at the start of training (median of the first 20
+    norms), so a memorised run's tiny gradients waking up is not called an explosion.
+  The finding names the module whose norm grew most against its own running average.
+
+Calibration: ``python bench/calibrate_detectors.py`` replays 10 healthy runs (digits MLP,
+batch 4-32, SGD / momentum / Adam, 1500 steps each) through both rules: 0 false alarms.
+An alarming value enters the history capped at the threshold (as ZClip updates its EMA with
+the clipped value), so a lasting level shift is absorbed instead of alarming forever.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from ..types import Finding, StepStats
+from .base import Detector, check_positive
+
+
+class _LogJump(Detector):
+    """Shared rule: log-space z-score + ratio to the median + floor against the initial scale."""
+
+    _state = ("history", "initial", "_first")
+
+    def __init__(self, window: int, z: float, ratio: float, min_history: int) -> None:
+        check_positive("window", window, integer=True)
+        check_positive("z", z)
+        check_positive("ratio", ratio)
+        check_positive("min_history", min_history, integer=True)
+        self.window, self.z, self.ratio, self.min_history = window, z, ratio, min_history
+        self.history: deque[float] = deque(maxlen=window)  # raw values
+        self.initial: float | None = None
+        self._first: list[float] = []
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def _track_initial(self, v: float) -> None:
+        if self.initial is None:
+            self._first.append(v)
+            if len(self._first) >= self.min_history:
+                self.initial = float(np.median(self._first))
+                self._first = []
+
+    def _judge(self, v: float) -> tuple[bool, dict]:
+        """Is ``v`` a jump? Returns (verdict, evidence); updates the history."""
+        self._track_initial(v)
+        if len(self.history) < self.min_history:
+            self.history.append(v)
+            return False, {}
+        a = np.fromiter(self.history, dtype=float)
+        med = float(np.median(a))
+        if v > 0 and a.min() > 0:
+            la = np.log(a)
+            mu, sd = float(la.mean()), float(la.std())
+            z = (math.log(v) - mu) / sd if sd > 0 else (math.inf if math.log(v) > mu else 0.0)
+            cap = math.exp(mu + self.z * sd)
+            jump = z > self.z and v > self.ratio * med and self._floor_ok(v, med)
+        else:
+            mu, sd = float(a.mean()), float(a.std())
+            z = (v - mu) / sd if sd > 0 else (math.inf if v > mu else 0.0)
+            cap = mu + 7.0 * sd
+            jump = z > 7.0
+        self.history.append(min(v, cap) if jump else v)
+        return jump, {"median": med, "z": z, "window": len(a), "initial": self.initial}
+
+    def _floor_ok(self, v: float, med: float) -> bool:
+        return True
+
+
+class LossSpikeDetector(_LogJump):
+    kind = "loss_spike"
+
+    def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 2.0,
+                 floor: float = 0.1, min_history: int = 20) -> None:
+        super().__init__(window, z, ratio, min_history)
+        check_positive("floor", floor)
+        self.floor = floor
+
+    def _floor_ok(self, v: float, med: float) -> bool:
+        return self.initial is None or v - med > self.floor * abs(self.initial)
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.loss_finite or s.scaler_overflow:
+            return []
+        jump, ev = self._judge(s.loss)
+        if not jump:
+            return []
+        med = ev["median"]
+        times = f"{s.loss / med:.1f}x " if med > 0 else ""
+        return [Finding(
+            kind="loss_spike", step=s.step, severity="warning",
+            message=(f"loss jumped to {s.loss:.4g}, {times}the recent median {med:.4g} "
+                     f"(log-space z = {ev['z']:.1f})"),
+            evidence={"loss": s.loss, **ev},
+        )]
+
+
+class GradExplosionDetector(_LogJump):
+    kind = "grad_explosion"
+    _state = _LogJump._state + ("module_log_ema",)
+
+    def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 10.0,
+                 min_history: int = 20, ema: float = 0.9) -> None:
+        super().__init__(window, z, ratio, min_history)
+        if not 0 < ema < 1:
+            raise ValueError(f"ema must be in (0, 1), got {ema!r}")
+        self.ema = ema
+        self.module_log_ema: np.ndarray | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.module_log_ema = None
+
+    def _floor_ok(self, v: float, med: float) -> bool:
+        return self.initial is None or v > self.initial
+
+    def _worst_module(self, s: StepStats) -> tuple[str, float]:
+        if not s.modules or self.module_log_ema is None:
+            return "", math.nan
+        g = np.asarray(s.grad_norms, dtype=float)
+        if g.shape != self.module_log_ema.shape:
+            return "", math.nan
+        growth = np.log(np.maximum(g, 1e-45)) - self.module_log_ema
+        growth[~np.isfinite(growth)] = -np.inf
+        i = int(np.argmax(growth))
+        return s.modules[i], float(np.exp(growth[i]))
+
+    def _track_modules(self, s: StepStats) -> None:
+        if not s.modules:
+            return
+        g = np.log(np.maximum(np.asarray(s.grad_norms, dtype=float), 1e-45))
+        if self.module_log_ema is None or self.module_log_ema.shape != g.shape:
+            self.module_log_ema = g
+        else:
+            self.module_log_ema = self.ema * self.module_log_ema + (1 - self.ema) * g
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.grads_finite or s.scaler_overflow:
+            return []
+        norm = s.grad_norm
+        jump, ev = self._judge(norm)
+        out: list[Finding] = []
+        if jump:
+            where, growth = self._worst_module(s)
+            med = ev["median"]
+            out.append(Finding(
+                kind="grad_explosion", step=s.step, severity="warning", where=where,
+                message=(f"gradient norm {norm:.4g} is {norm / med:.0f}x its recent median "
+                         f"{med:.4g}" + (f"; {where} grew {growth:.0f}x against its own "
+                                         "average" if where else "")),
+                evidence={"grad_norm": norm, "ratio": norm / med, "module_growth": growth, **ev},
+            ))
+        self._track_modules(s)
+        return out

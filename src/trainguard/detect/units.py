@@ -1,0 +1,100 @@
+"""Dead and saturated units, from activation statistics gathered on sampled steps.
+
+Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample of the batch):
+  * any layer with ``dead_fraction >= full`` = 0.99: a fully dead layer passes no gradient,
+    the unambiguous signal of research/mechanisms.md §2.5 (Lu et al. 2019: >90% of width-2
+    depth-10 ReLU nets are born dead);
+  * or the dead fraction rose by ``rise`` >= 0.4 since the first probe and is now >= 0.6:
+    units killed during training. Healthy deep He-init nets already show ~30% inactive units
+    at depth 30-50 (mechanisms.md §2.5, [C]), so an absolute threshold below that would cry
+    wolf; the rise is what separates dying from normal sparsity.
+
+Saturated (sigmoid: output < 0.01 or > 0.99; tanh: |output| > 0.99, the definitions of
+mechanisms.md §2.11): a layer with ``saturated >= 0.75`` of its outputs saturated on
+``patience`` = 2 consecutive probes. Glorot & Bengio 2010 saw the top sigmoid layer driven to
+saturation early in training; healthy tanh nets sit well below (6.6% even in the chaotic
+phase at init, mechanisms.md §2.10).
+"""
+from __future__ import annotations
+
+from ..types import Finding, StepStats
+from .base import Detector, check_positive
+
+RELU_KINDS = {"relu", "relu6"}
+SATURATING_KINDS = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
+
+
+class DeadUnitsDetector(Detector):
+    kind = "dead_units"
+    _state = ("first_seen", "reported")
+
+    def __init__(self, full: float = 0.99, rise: float = 0.4, level: float = 0.6) -> None:
+        for name, v in (("full", full), ("rise", rise), ("level", level)):
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v!r}")
+        self.full, self.rise, self.level = full, rise, level
+        self.first_seen: dict[str, float] = {}
+        self.reported: list[str] = []
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.activations:
+            return []
+        dead_layers = []
+        for name, a in s.activations.items():
+            if a.get("kind") not in RELU_KINDS or a.get("dead_fraction") is None:
+                continue
+            frac = float(a["dead_fraction"])
+            first = self.first_seen.setdefault(name, frac)
+            if frac >= self.full or (frac - first >= self.rise and frac >= self.level):
+                dead_layers.append((name, frac, first, a.get("units", 0)))
+        new = [d for d in dead_layers if d[0] not in self.reported]
+        if not new:
+            return []
+        self.reported.extend(d[0] for d in new)
+        name, frac, first, units = new[0]
+        born = frac >= self.full and first >= self.full
+        how = ("born dead: no unit fired since the first probe" if born else
+               f"was {first:.0%} dead at the first probe")
+        return [Finding(
+            kind="dead_units", step=s.step, where=name,
+            locations=tuple(d[0] for d in new),
+            message=(f"{frac:.0%} of the {units} units of {name} output 0 on every sample "
+                     f"({how}); no gradient flows through them"),
+            evidence={"layers": {d[0]: {"dead_fraction": d[1], "first": d[2], "units": d[3]}
+                                 for d in new}},
+        )]
+
+
+class SaturationDetector(Detector):
+    kind = "saturation"
+    _state = ("streaks", "reported")
+
+    def __init__(self, saturated: float = 0.75, patience: int = 2) -> None:
+        if not 0 < saturated <= 1:
+            raise ValueError(f"saturated must be in (0, 1], got {saturated!r}")
+        check_positive("patience", patience, integer=True)
+        self.saturated, self.patience = saturated, patience
+        self.streaks: dict[str, int] = {}
+        self.reported: list[str] = []
+
+    def update(self, s: StepStats) -> list[Finding]:
+        if not s.activations:
+            return []
+        hits = []
+        for name, a in s.activations.items():
+            if a.get("kind") not in SATURATING_KINDS or a.get("saturated_fraction") is None:
+                continue
+            frac = float(a["saturated_fraction"])
+            self.streaks[name] = self.streaks.get(name, 0) + 1 if frac >= self.saturated else 0
+            if self.streaks[name] >= self.patience and name not in self.reported:
+                hits.append((name, frac, a.get("kind")))
+        if not hits:
+            return []
+        self.reported.extend(h[0] for h in hits)
+        name, frac, kind = hits[0]
+        return [Finding(
+            kind="saturation", step=s.step, where=name, locations=tuple(h[0] for h in hits),
+            message=(f"{frac:.0%} of the {kind} outputs of {name} are saturated, where the "
+                     "derivative is near 0: gradients through it vanish"),
+            evidence={"layers": {h[0]: {"saturated_fraction": h[1], "kind": h[2]} for h in hits}},
+        )]

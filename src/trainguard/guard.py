@@ -1,0 +1,531 @@
+"""The Guard: wires probe -> detectors -> policy -> remedies -> sinks for one training loop.
+
+    guard = tg.Guard(model, optimizer)            # AMP: tg.Guard(model, optimizer, scaler=scaler)
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()                            # AMP: scaler.scale(loss).backward()
+        guard.step(loss)                           # replaces optimizer.step() (and scaler.step/update)
+
+Per step (default ``sync=True``): one fused measurement and one host transfer, pure-Python
+detectors, the policy's plan, then the remedies (halt, rollback, lr_backoff, skip, clip) and
+finally the optimizer step. With ``sync=False`` nothing on the step path waits for the device:
+the skip decision for non-finite values is made on the device (a 0/1 select of the update),
+clipping uses a threshold computed one step earlier, and the host-side detectors read each
+step's statistics one step late.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .detect import Detector, default_detectors
+from .policy import Plan, Policy
+from .repair.clip import AGC, make_clipper, scale_grads
+from .repair.lr import LRController
+from .repair.snapshot import SnapshotStore
+from .report.base import Sink
+from .stats import ActivationSampler, Probe, StepStats, build_stats, optimizer_kind
+from .types import REMEDIES, SEVERE_KINDS, Action, Finding, TrainingUnstable
+
+
+def _check_int(name: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if isinstance(model, FSDP):
+            return True
+    except Exception:  # pragma: no cover
+        pass
+    return any(hasattr(p, "_local_tensor") for p in model.parameters())
+
+
+class Guard:
+    """Keeps one training loop numerically stable.
+
+    Args:
+        model: the ``nn.Module`` being trained (DDP/FSDP wrappers welcome).
+        optimizer: its ``torch.optim.Optimizer``; ``guard.step(loss)`` calls its ``step()``.
+        scaler: a ``torch.amp.GradScaler`` for fp16; the Guard unscales, measures, then calls
+            ``scaler.step`` and ``scaler.update``. The scaler's own overflow skips are recorded
+            as events, not treated as instability.
+        scheduler: optional LR scheduler that the Guard steps after every *applied* update
+            (skipped steps do not advance it). Leave it out to step schedulers yourself;
+            ``guard.step`` returns whether the update was applied.
+        policy: a :class:`~trainguard.policy.Policy` (escalation ladders); default ladders
+            clip -> skip -> lr_backoff -> rollback -> halt.
+        clip: ``"adaptive"`` (default, z-score of the gradient norm), ``"norm"`` or a number
+            (fixed global-norm clipping), ``"agc"`` (unit-wise adaptive), or ``None``.
+        detectors: detector instances (default: one per finding kind).
+        sync: ``True`` (default): one small host transfer per step. ``False``: no host sync on
+            the step path (device-side skip, statistics read one step late).
+        sample_every: activation probes (dead/saturated units, signal propagation) and the
+            update-to-weight ratio run on the first step and every ``sample_every`` steps.
+        param_norm_every: parameter norms are measured every this many steps (default 1).
+        snapshot_every, snapshots, snapshot_device: rollback snapshot cadence, how many to
+            keep, and where to hold them (default every 100 steps, 2 kept, in CPU RAM).
+        console: print one line per intervention and a summary (rich when installed).
+        log: path of a JSONL event log (findings, actions, sampled statistics).
+        log_every: write statistics to the log every this many steps (default 10).
+        sinks: extra :class:`~trainguard.report.Sink` objects.
+        locate: when a non-finite value appears, replay the step to name the first module
+            that produced it (see :mod:`trainguard.locate`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 scaler: Any = None, scheduler: Any = None, policy: Policy | None = None,
+                 clip: Any = "adaptive", detectors: Sequence[Detector] | None = None,
+                 sync: bool = True, sample_every: int = 50, param_norm_every: int = 1,
+                 snapshot_every: int = 100, snapshots: int = 2, snapshot_device: str = "cpu",
+                 console: bool = True, log: str | None = None, log_every: int = 10,
+                 sinks: Iterable[Sink] = (), locate: bool = True,
+                 process_group: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if scaler is not None and not all(hasattr(scaler, a) for a in ("unscale_", "step", "update")):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a trainguard.Policy, got {type(policy).__name__}")
+        self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
+        self.policy = policy if policy is not None else Policy()
+        self.clipper = make_clipper(clip)
+        self.detectors = list(detectors) if detectors is not None else default_detectors()
+        self.sync = bool(sync)
+        self.sample_every = _check_int("sample_every", sample_every)
+        self.param_norm_every = _check_int("param_norm_every", param_norm_every)
+        self.log_every = _check_int("log_every", log_every)
+        self.rank, self.world_size = _dist_info()
+        self.probe = Probe(model, optimizer, sharded=_is_sharded(model), process_group=process_group)
+        self.sampler = ActivationSampler(model)
+        self.snapshots = SnapshotStore(model, optimizer, self.probe.params, scaler,
+                                       every=_check_int("snapshot_every", snapshot_every),
+                                       keep=_check_int("snapshots", snapshots), device=snapshot_device)
+        self.lr = LRController(factor=self.policy.lr_backoff, min_scale=self.policy.min_lr_scale)
+        self.sinks: list[Sink] = []
+        if console:
+            from .report.console import ConsoleSink
+            self.sinks.append(ConsoleSink(rank=self.rank))
+        if log:
+            from .report.jsonl import JsonlSink
+            self.sinks.append(JsonlSink(log, rank=self.rank))
+        self.sinks.extend(sinks)
+        self.locate_enabled = bool(locate)
+        self._capture: Any = None
+        if self.locate_enabled:
+            try:
+                from .locate import StepCapture
+                self._capture = StepCapture(model)
+            except ImportError:  # locate not available
+                self._capture = None
+        self.findings: list[Finding] = []
+        self.actions: list[Action] = []
+        self.history: deque[StepStats] = deque(maxlen=2000)
+        self.counts: Counter[str] = Counter()
+        self.step_count = 0
+        self.applied_steps = 0
+        self.rollbacks = 0
+        self.last_step_applied = True
+        self._last_severe = -10**9
+        self._opt_kind = optimizer_kind(optimizer)
+        self._pending: tuple | None = None  # sync=False: last step's device stats
+        self._closed = False
+        self.sampler.arm()  # the first forward is probed
+
+    # ------------------------------------------------------------------ public API
+    def step(self, loss: torch.Tensor | float) -> bool:
+        """Measure, decide and apply (or skip) the optimizer update. Returns True when the
+        update was applied. Raises :class:`TrainingUnstable` when repairs are exhausted."""
+        if self._closed:
+            raise RuntimeError("this Guard was closed; create a new one to keep training")
+        if not isinstance(loss, (torch.Tensor, float, int)):
+            raise TypeError(f"guard.step expects the loss (a scalar tensor or float), got "
+                            f"{type(loss).__name__}")
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(f"guard.step expects a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+        if self.sync:
+            applied = self._step_sync(loss)
+        else:
+            applied = self._step_deferred(loss)
+        self.last_step_applied = applied
+        self.step_count += 1
+        if self.step_count % self.sample_every == 0:
+            self.sampler.arm()
+        return applied
+
+    @property
+    def lr_scale(self) -> float:
+        """The Guard's current learning-rate multiplier (1.0 = the scheduled LR)."""
+        return self.lr.scale
+
+    def summary(self) -> str:
+        """A human-readable account of the run so far."""
+        lines = [f"trainguard summary: {self.step_count} steps, {self.applied_steps} updates applied"]
+        if not self.findings and not self.actions:
+            lines.append("  no findings, no interventions")
+        by_kind: dict[str, list[Finding]] = {}
+        for f in self.findings:
+            by_kind.setdefault(f.kind, []).append(f)
+        for kind, fs in by_kind.items():
+            wheres = sorted({f.where for f in fs if f.where})
+            at = f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "") if wheres else ""
+            lines.append(f"  finding {kind}: {len(fs)}x, first at step {fs[0].step}{at}")
+            lines.append(f"    {fs[0].message}")
+        acts = Counter(a.kind for a in self.actions)
+        for kind, n in acts.items():
+            first = next(a for a in self.actions if a.kind == kind)
+            lines.append(f"  action {kind}: {n}x, first at step {first.step} ({first.reason})")
+        if self.counts.get("scaler_overflow"):
+            lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
+                         f"{self.counts['scaler_overflow']}")
+        if self.lr.scale != 1.0:
+            lines.append(f"  learning-rate scale now {self.lr.scale:.3g} of the schedule")
+        kinds = [k for k in by_kind if k in SEVERE_KINDS or k == "plateau"]
+        if kinds:
+            lines.append("  what to change:")
+            for k in kinds:
+                for r in REMEDIES.get(k, ())[:2]:
+                    lines.append(f"    - ({k}) {r}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Flush the sinks (prints the summary on the console) and remove hooks."""
+        if self._closed:
+            return
+        if not self.sync and self._pending is not None:
+            self._drain_pending()
+        self._closed = True
+        self.sampler.disarm()
+        if self._capture is not None:
+            self._capture.remove()
+        text = self.summary()
+        for s in self.sinks:
+            s.close(text)
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Guard state (statistics, escalation counters, LR scale, clip statistics) so a
+        resumed run keeps its history. Plain Python values only."""
+        return {
+            "version": 1,
+            "step_count": self.step_count, "applied_steps": self.applied_steps,
+            "rollbacks": self.rollbacks, "counts": dict(self.counts),
+            "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
+            "policy": self.policy.state_dict(), "lr": self.lr.state_dict(),
+            "clip": self.clipper.state_dict() if self.clipper is not None else None,
+            "findings": [f.to_dict() for f in self.findings],
+            "actions": [a.to_dict() for a in self.actions],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("expected a dict from Guard.state_dict() (version 1)")
+        self.step_count = state["step_count"]
+        self.applied_steps = state["applied_steps"]
+        self.rollbacks = state["rollbacks"]
+        self.counts = Counter(state.get("counts", {}))
+        saved = state["detectors"]
+        for d in self.detectors:
+            match = next((s for s in saved if s["type"] == type(d).__name__), None)
+            if match is not None:
+                d.load_state_dict(match["state"])
+        self.policy.load_state_dict(state["policy"])
+        self.lr.load_state_dict(state["lr"])
+        if self.clipper is not None and state.get("clip") is not None:
+            self.clipper.load_state_dict(state["clip"])
+        self.findings = [Finding(**{k: (tuple(v) if k in ("locations", "remedies") else v)
+                                    for k, v in f.items()}) for f in state.get("findings", [])]
+        self.actions = [Action(**a) for a in state.get("actions", [])]
+
+    # ------------------------------------------------------------------ internals
+    def _emit_finding(self, f: Finding) -> None:
+        self.findings.append(f)
+        for s in self.sinks:
+            s.on_finding(f)
+
+    def _act(self, kind: str, reason: str, **detail: Any) -> Action:
+        a = Action(kind=kind, step=self.step_count, reason=reason, detail=detail)
+        self.actions.append(a)
+        for s in self.sinks:
+            s.on_action(a)
+        return a
+
+    def _event(self, kind: str, **data: Any) -> None:
+        self.counts[kind] += 1
+        for s in self.sinks:
+            s.on_event(kind, self.step_count, data)
+
+    def _scaler_ready(self) -> bool:
+        """Unscale the gradients if the user has not; False if the scaler is disabled."""
+        sc = self.scaler
+        if sc is None or not getattr(sc, "is_enabled", lambda: True)():
+            return False
+        states = getattr(sc, "_per_optimizer_states", None)
+        stage = states[id(self.optimizer)]["stage"] if states is not None else None
+        if stage is None or getattr(stage, "name", "") == "READY":
+            sc.unscale_(self.optimizer)
+        return True
+
+    def _extra_tensors(self, scaled: bool) -> tuple[list[torch.Tensor], list[str], dict]:
+        extra: list[torch.Tensor] = []
+        names: list[str] = []
+        if scaled and getattr(self.scaler, "_scale", None) is not None:
+            extra.append(self.scaler._scale.detach().float().reshape(1))
+            names.append("__scale__")
+        acts = self.sampler.collect()
+        for name, (kind, t) in acts.items():
+            extra.append(t)
+            names.append(name)
+        return extra, names, {n: k for n, (k, _) in acts.items()}
+
+    @staticmethod
+    def _unpack_extra(vals: np.ndarray, names: list[str], kinds: dict) -> tuple[float | None, dict | None]:
+        scale = None
+        acts: dict[str, dict] = {}
+        i = 0
+        for n in names:
+            if n == "__scale__":
+                scale = float(vals[i])
+                i += 1
+                continue
+            dead, sat, q, units = vals[i:i + 4]
+            i += 4
+            acts[n] = {"kind": kinds[n], "dead_fraction": None if math.isnan(dead) else float(dead),
+                       "saturated_fraction": None if math.isnan(sat) else float(sat),
+                       "second_moment": float(q), "units": int(units)}
+        return scale, (acts or None)
+
+    def _current_lr(self) -> float | None:
+        try:
+            lr = self.optimizer.param_groups[0]["lr"]
+            return float(lr) * self.lr.scale
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+
+    def _measure(self, loss: torch.Tensor | float) -> tuple[StepStats, list, bool]:
+        scaled = self._scaler_ready()
+        extra, names, kinds = self._extra_tensors(scaled)
+        with_params = self.step_count % self.param_norm_every == 0
+        gn, idx, pn, ev, lv = self.probe.measure(loss, with_params=with_params, extra=extra)
+        scale, acts = self._unpack_extra(ev, names, kinds)
+        stats = build_stats(self.step_count, self.probe, gn, idx, pn, float(lv[0]),
+                            lr=self._current_lr(), loss_scale=scale, activations=acts,
+                            optimizer=self._opt_kind)
+        if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
+            stats.scaler_overflow = True
+        grads = [p.grad for p in self.probe.params if p.grad is not None]
+        return stats, grads, scaled
+
+    def _step_sync(self, loss: torch.Tensor | float) -> bool:
+        if not self.snapshots.snaps and self.rollbacks == 0:
+            self.snapshots.take(self.step_count)  # before any update: the last-resort rollback
+        stats, grads, scaled = self._measure(loss)
+        self.history.append(stats)
+        findings = [f for d in self.detectors for f in d.update(stats)]
+        if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
+            self._event("scaler_overflow", loss_scale=stats.loss_scale)
+        findings = self._locate(findings, stats)
+        for f in findings:
+            self._emit_finding(f)
+        plan = self.policy.decide(findings, self.step_count)
+        severe = any(f.severe for f in findings)
+        if severe:
+            self._last_severe = self.step_count
+        applied = self._execute(plan, stats, grads, scaled)
+        self.lr.tick(troubled=severe)
+        self._after_step(stats, applied, severe)
+        return applied
+
+    def _locate(self, findings: list[Finding], stats: StepStats) -> list[Finding]:
+        if self._capture is None or not any(f.kind == "nonfinite" for f in findings):
+            if self._capture is not None:
+                self._capture.release()
+            return findings
+        try:
+            out = [self._capture.refine(f, self.model, stats) if f.kind == "nonfinite" else f
+                   for f in findings]
+        except Exception as e:  # locating must never break training
+            self._event("locate_failed", error=f"{type(e).__name__}: {e}")
+            out = findings
+        self._capture.release()
+        return out
+
+    def _halt(self, reason: str, finding: Finding | None) -> None:
+        self._act("halt", reason)
+        story = self._story(reason, finding)
+        for s in self.sinks:
+            s.close(self.summary())
+        self._closed = True
+        self.sampler.disarm()
+        raise TrainingUnstable(story, self.findings, self.actions)
+
+    def _story(self, reason: str, finding: Finding | None) -> str:
+        lines = [f"trainguard halted training at step {self.step_count}: {reason}."]
+        if finding is not None:
+            at = f" in {finding.where}" if finding.where else ""
+            lines.append(f"What happened: {finding.kind}{at}: {finding.message}")
+        kinds = Counter(f.kind for f in self.findings)
+        if kinds:
+            lines.append("Findings so far: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
+        acts = Counter(a.kind for a in self.actions if a.kind != "halt")
+        if acts:
+            lines.append("Repairs tried: " + ", ".join(f"{k} x{n}" for k, n in acts.items())
+                         + f"; learning-rate scale reached {self.lr.scale:.3g}")
+        kind = finding.kind if finding is not None else None
+        rem = finding.remedies if finding is not None else REMEDIES.get(kind or "", ())
+        if rem:
+            lines.append("What to change:")
+            lines.extend(f"  - {r}" for r in rem)
+        return "\n".join(lines)
+
+    def _finish_scaler_step(self, scaled: bool) -> None:
+        """Close the scaler's per-step bookkeeping when no optimizer step is taken."""
+        if scaled:
+            self.scaler.update()
+
+    def _execute(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], scaled: bool) -> bool:
+        kinds = plan.kinds()
+        by = dict(plan.actions)
+        if "halt" in kinds:
+            f = by["halt"]
+            self._halt(f"{f.kind} is configured to halt the run (policy.halt_on)", f)
+        skip = False
+        if "rollback" in kinds:
+            f = by["rollback"]
+            snap = self.snapshots.pick(before_step=self.step_count - 1)
+            if snap is None:
+                self._finish_scaler_step(scaled)
+                self._halt("a rollback was needed but no snapshot is held", f)
+            if self.rollbacks >= self.policy.max_rollbacks:
+                self._finish_scaler_step(scaled)
+                self._halt(f"{self.rollbacks} rollbacks did not stabilise the run "
+                           f"(policy.max_rollbacks={self.policy.max_rollbacks})", f)
+            self._finish_scaler_step(scaled)
+            scaled = False
+            self.snapshots.restore(snap)
+            self.rollbacks += 1
+            for d in self.detectors:
+                d.reset()
+            self._act("rollback", f"{f.kind}: restored the snapshot of step {snap.step}",
+                      to_step=snap.step, finding=f.kind)
+            skip = True
+        if "lr_backoff" in kinds:
+            f = by["lr_backoff"]
+            if not self.lr.can_backoff():
+                self._finish_scaler_step(scaled)
+                self._halt(f"the learning rate is already down to {self.lr.scale:.3g} of its "
+                           f"schedule (policy.min_lr_scale={self.policy.min_lr_scale:g})", f)
+            before, after = self.lr.backoff()
+            self._act("lr_backoff", f"{f.kind}: learning-rate scale {before:.3g} -> {after:.3g}",
+                      before=before, after=after, finding=f.kind)
+        if skip:
+            return False
+        if "skip" in kinds:
+            f = by["skip"]
+            if stats.scaler_overflow:
+                pass  # the scaler skips by itself below
+            else:
+                self._finish_scaler_step(scaled)
+                self._act("skip", f"{f.kind}: update not applied (parameters, optimizer "
+                                  "moments and step counters untouched)", finding=f.kind)
+                return False
+        self._clip(plan, stats, grads)
+        return self._apply(scaled, stats)
+
+    def _clip(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor]) -> None:
+        if not stats.grads_finite:
+            return
+        norm = stats.grad_norm
+        thr = math.inf
+        reason = ""
+        if self.clipper is not None and not isinstance(self.clipper, AGC):
+            coef = self.clipper.coefficient(norm)
+            if coef < 1.0:
+                thr, reason = norm * coef, f"{self.clipper.name} clipping"
+        by = dict(plan.actions)
+        if "clip" in by:
+            f = by["clip"]
+            ref = f.evidence.get("median")
+            if isinstance(ref, (int, float)) and ref > 0 and 2 * ref < thr:
+                thr, reason = 2 * ref, f"{f.kind}: clipped to 2x the median norm"
+            elif not reason:
+                reason = f"{f.kind}: clipped by {self.clipper.name if self.clipper else 'policy'}"
+        if isinstance(self.clipper, AGC):
+            n = self.clipper.apply(self.probe.params)
+            if n:
+                self._act("clip", f"agc: {n} units clipped to {self.clipper.clip_factor} of "
+                                  "their weight norm", units=n)
+        if thr < norm:
+            scale_grads(grads, thr / (norm + 1e-6))
+            self._act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}",
+                      norm=norm, threshold=thr)
+
+    def _apply(self, scaled: bool, stats: StepStats) -> bool:
+        sample = stats.activations is not None
+        before = [p.detach().clone() for p in self.probe.params] if sample else None
+        with self.lr.applied(self.optimizer):
+            if scaled:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        if stats.scaler_overflow:
+            return False
+        if before is not None:
+            with torch.no_grad():
+                diffs = torch._foreach_sub([p.detach() for p in self.probe.params], before)
+                dn = torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float32)).cpu().numpy()
+                bn = torch.stack(torch._foreach_norm(before, 2, dtype=torch.float32)).cpu().numpy()
+            idx = np.arange(len(dn))
+            gd, gb = self.probe.group_norms(dn, idx), self.probe.group_norms(bn, idx)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                stats.update_ratios = np.where(gb > 0, gd / gb, np.nan).tolist()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return True
+
+    def _after_step(self, stats: StepStats, applied: bool, severe: bool) -> None:
+        if applied:
+            self.applied_steps += 1
+        quiet = self.step_count - self._last_severe > 10
+        if applied and quiet and (self.step_count + 1) % self.snapshots.every == 0:
+            self.snapshots.take(self.step_count + 1)
+        if self.sinks and (self.step_count % self.log_every == 0 or severe or stats.activations):
+            for s in self.sinks:
+                s.on_stats(stats)
+
+    # ------------------------------------------------------------------ sync=False
+    def _step_deferred(self, loss: torch.Tensor | float) -> bool:
+        from .deferred import deferred_step
+        return deferred_step(self, loss)
+
+    def _drain_pending(self) -> None:
+        from .deferred import drain
+        drain(self)
+
+    def __repr__(self) -> str:
+        return (f"Guard(model={type(self.model).__name__}, optimizer={type(self.optimizer).__name__}, "
+                f"clip={self.clipper!r}, sync={self.sync}, policy={self.policy!r})")

@@ -1,0 +1,144 @@
+"""The escalation policy: which remedy answers which finding, in one readable table.
+
+Each finding kind has a ladder. The n-th occurrence of a kind within the last ``window``
+steps takes the n-th rung; the last rung repeats. A rung may combine actions with "+".
+Kinds without a ladder (vanishing_gradient, dead_units, saturation, plateau) are structural:
+no online remedy fixes them, so the Guard reports them with prescriptions and acts only if
+the user lists them in ``halt_on``.
+
+Repairs run out, and the Guard halts, when a rollback is needed but more than
+``max_rollbacks`` were already made or no snapshot exists, or a learning-rate backoff would
+take the LR below ``min_lr_scale`` of its scheduled value.
+
+    DEFAULT_LADDER
+      nonfinite       skip -> skip -> rollback+lr_backoff (repeats)
+      loss_spike      skip -> skip -> rollback+lr_backoff (repeats)
+      grad_explosion  clip -> clip -> clip -> clip+lr_backoff (repeats)
+      divergence      rollback+lr_backoff (repeats)
+
+Sources: skip-then-rollback follows PaLM (Chowdhery 2022: restart ~100 steps before a spike
+and skip the batches) and OLMo-core's skip-step optimizers; clipping for exploding gradients
+follows Pascanu 2013; the LR backoff on divergence follows the curvature limit eta < 2/lambda
+(Cohen 2021).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from .types import ACTION_KINDS, FINDING_KINDS, Finding
+
+DEFAULT_LADDER: dict[str, tuple[str, ...]] = {
+    "nonfinite": ("skip", "skip", "rollback+lr_backoff"),
+    "loss_spike": ("skip", "skip", "rollback+lr_backoff"),
+    "grad_explosion": ("clip", "clip", "clip", "clip+lr_backoff"),
+    "divergence": ("rollback+lr_backoff",),
+}
+
+# Order in which planned actions are carried out within one step.
+_ORDER = {"halt": 0, "rollback": 1, "lr_backoff": 2, "skip": 3, "clip": 4}
+
+
+@dataclass
+class Plan:
+    """The actions for one step, each with the finding that motivates it."""
+
+    actions: list[tuple[str, Finding]] = field(default_factory=list)
+
+    def kinds(self) -> set[str]:
+        return {a for a, _ in self.actions}
+
+    def __bool__(self) -> bool:
+        return bool(self.actions)
+
+
+class Policy:
+    """Maps findings to actions through per-kind escalation ladders.
+
+    Args:
+        ladder: kind -> sequence of rungs ("skip", "clip+lr_backoff", ...); merged over
+            :data:`DEFAULT_LADDER` (give a kind an empty tuple to only report it).
+        window: steps over which occurrences of a kind are counted (default 100).
+        halt_on: finding kinds that halt the run at once (default none).
+        max_rollbacks: rollbacks allowed in the whole run before halting (default 8).
+        lr_backoff: factor applied to the LR scale on each backoff (default 0.5).
+        min_lr_scale: smallest LR scale before the Guard gives up (default 1/1024).
+    """
+
+    def __init__(self, ladder: Mapping[str, Sequence[str]] | None = None, *, window: int = 100,
+                 halt_on: Iterable[str] = (), max_rollbacks: int = 8, lr_backoff: float = 0.5,
+                 min_lr_scale: float = 1 / 1024) -> None:
+        merged = dict(DEFAULT_LADDER)
+        for kind, rungs in (ladder or {}).items():
+            merged[kind] = tuple(rungs)
+        for kind, rungs in merged.items():
+            for rung in rungs:
+                for a in rung.split("+"):
+                    if a not in ACTION_KINDS:
+                        raise ValueError(f"ladder[{kind!r}] has unknown action {a!r}; "
+                                         f"expected one of {ACTION_KINDS}")
+        self.halt_on = frozenset(halt_on)
+        unknown = self.halt_on - set(FINDING_KINDS)
+        if unknown:
+            raise ValueError(f"halt_on has unknown finding kinds {sorted(unknown)}; "
+                             f"expected some of {FINDING_KINDS}")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if not 0 < lr_backoff < 1:
+            raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff!r}")
+        if not 0 < min_lr_scale < 1:
+            raise ValueError(f"min_lr_scale must be in (0, 1), got {min_lr_scale!r}")
+        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be a non-negative integer, got {max_rollbacks!r}")
+        self.ladder = merged
+        self.window = window
+        self.max_rollbacks = max_rollbacks
+        self.lr_backoff = lr_backoff
+        self.min_lr_scale = min_lr_scale
+        self._seen: dict[str, deque[int]] = {}
+
+    @classmethod
+    def monitor_only(cls) -> "Policy":
+        """Report findings, never act (no clip, skip, backoff, rollback or halt)."""
+        return cls({k: () for k in DEFAULT_LADDER})
+
+    def decide(self, findings: Sequence[Finding], step: int) -> Plan:
+        plan = Plan()
+        for f in findings:
+            if f.kind in self.halt_on:
+                plan.actions.append(("halt", f))
+                continue
+            rungs = self.ladder.get(f.kind, ())
+            if not rungs:
+                continue
+            seen = self._seen.setdefault(f.kind, deque())
+            while seen and seen[0] <= step - self.window:
+                seen.popleft()
+            seen.append(step)
+            rung = rungs[min(len(seen), len(rungs)) - 1]
+            if f.kind == "nonfinite" and f.origin == "parameters" and "rollback" not in rung:
+                rung = "rollback+lr_backoff"  # a skip cannot repair corrupted weights
+            for a in rung.split("+"):
+                if a not in {k for k, _ in plan.actions}:
+                    plan.actions.append((a, f))
+        plan.actions.sort(key=lambda af: _ORDER[af[0]])
+        return plan
+
+    def state_dict(self) -> dict:
+        return {"seen": {k: list(v) for k, v in self._seen.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seen = {k: deque(v) for k, v in state.get("seen", {}).items()}
+
+    def describe(self) -> str:
+        lines = [f"{k:<15} " + " -> ".join(v) + " (repeats)" for k, v in self.ladder.items() if v]
+        if self.halt_on:
+            lines.append(f"halt at once on: {', '.join(sorted(self.halt_on))}")
+        lines.append(f"halt when: more than {self.max_rollbacks} rollbacks, no snapshot, "
+                     f"or LR scale below {self.min_lr_scale:g}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (f"Policy(window={self.window}, max_rollbacks={self.max_rollbacks}, "
+                f"lr_backoff={self.lr_backoff}, halt_on={sorted(self.halt_on)})")

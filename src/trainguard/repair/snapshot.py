@@ -1,0 +1,137 @@
+"""In-memory snapshots for rollback: model parameters and buffers, optimizer state, GradScaler
+state and RNG states, copied tensor by tensor (no pickling, no state_dict collectives, so the
+same code serves plain, DDP and FSDP2 models: each rank copies its own shard).
+
+Cadence and memory: a snapshot is taken every ``every`` steps (default 100) when the last
+``quiet`` steps had no severe finding; ``keep`` (default 2) are held, on ``device`` ("cpu" by
+default). Memory per snapshot = parameters + buffers + optimizer state (Adam: about 3x the
+parameter bytes). Buffers are reused between snapshots, so steady-state cost is one copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..stats import _local
+
+
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["cpu"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+@dataclass
+class Snapshot:
+    step: int
+    params: list[torch.Tensor]
+    buffers: list[torch.Tensor]
+    optim: list[dict[str, Any]]
+    scaler: dict[str, Any] | None
+    rng: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    restores: int = 0
+
+    def nbytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in self.params + self.buffers)
+        for st in self.optim:
+            n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+        return n
+
+
+def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    src = _local(src.detach())
+    if dst is not None and dst.shape == src.shape and dst.dtype == src.dtype:
+        dst.copy_(src)
+        return dst
+    return src.to(device, copy=True)
+
+
+class SnapshotStore:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                 scaler: Any = None, *, every: int = 100, keep: int = 2, device: str = "cpu") -> None:
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"snapshot_every must be a positive integer, got {every!r}")
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"snapshots (how many to keep) must be a positive integer, got {keep!r}")
+        self.model, self.optimizer, self.params, self.scaler = model, optimizer, params, scaler
+        self.every, self.keep, self.device = every, keep, device
+        self.snaps: list[Snapshot] = []
+        self._spare: Snapshot | None = None
+
+    @torch.no_grad()
+    def take(self, step: int, extra: dict[str, Any] | None = None) -> Snapshot:
+        reuse = self._spare if len(self.snaps) >= self.keep else None
+        if len(self.snaps) >= self.keep:
+            reuse = self.snaps.pop(0)
+        bufs = [b for b in self.model.buffers()]
+        params = [_copy_into(reuse.params[i] if reuse and i < len(reuse.params) else None, p, self.device)
+                  for i, p in enumerate(self.params)]
+        buffers = [_copy_into(reuse.buffers[i] if reuse and i < len(reuse.buffers) else None, b, self.device)
+                   for i, b in enumerate(bufs)]
+        optim = []
+        for i, p in enumerate(self.params):
+            st = self.optimizer.state.get(p, {})
+            old = reuse.optim[i] if reuse and i < len(reuse.optim) else {}
+            optim.append({k: (_copy_into(old.get(k) if isinstance(old.get(k), torch.Tensor) else None, v, self.device)
+                              if isinstance(v, torch.Tensor) else v) for k, v in st.items()})
+        snap = Snapshot(step=step, params=params, buffers=buffers, optim=optim,
+                        scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                        rng=_rng_state(), extra=dict(extra or {}))
+        self.snaps.append(snap)
+        return snap
+
+    def pick(self, before_step: int) -> Snapshot | None:
+        """The newest snapshot taken at or before ``before_step`` (else the oldest held)."""
+        if not self.snaps:
+            return None
+        older = [s for s in self.snaps if s.step <= before_step]
+        return older[-1] if older else self.snaps[0]
+
+    @torch.no_grad()
+    def restore(self, snap: Snapshot) -> None:
+        for p, saved in zip(self.params, snap.params):
+            _local(p.data).copy_(saved)
+        for b, saved in zip(self.model.buffers(), snap.buffers):
+            _local(b).copy_(saved)
+        for p, saved in zip(self.params, snap.optim):
+            cur = self.optimizer.state.get(p)
+            new: dict[str, Any] = {}
+            for k, v in saved.items():
+                if isinstance(v, torch.Tensor):
+                    tgt = cur.get(k) if cur else None
+                    if isinstance(tgt, torch.Tensor) and tgt.shape == v.shape and tgt.dtype == v.dtype:
+                        _local(tgt).copy_(v)
+                        new[k] = tgt
+                    else:
+                        dev = v.device if k == "step" and v.device.type == "cpu" else _local(p).device
+                        new[k] = v.to(dev, copy=True)
+                else:
+                    new[k] = v
+            if new:
+                self.optimizer.state[p] = new
+            elif p in self.optimizer.state:
+                del self.optimizer.state[p]
+        if self.scaler is not None and snap.scaler is not None:
+            self.scaler.load_state_dict(snap.scaler)
+        _set_rng_state(snap.rng)
+        snap.restores += 1
+        # everything newer than the restored snapshot describes the abandoned trajectory
+        self.snaps = [s for s in self.snaps if s.step <= snap.step]
+
+    def drop(self, snap: Snapshot) -> None:
+        if snap in self.snaps and len(self.snaps) > 1:
+            self.snaps.remove(snap)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.snaps)

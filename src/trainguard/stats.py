@@ -1,0 +1,233 @@
+"""The probe: the only code that reads tensors on every step.
+
+Per step, on the device, with fused foreach kernels: the loss, every gradient's L2 norm
+(``torch._foreach_norm``) and every parameter's L2 norm, stacked into one vector and moved
+to the host in **one** transfer. Non-finite values show up as non-finite norms, so no extra
+``isfinite`` pass is needed. Grouping per module, the global norm and all decisions happen
+on the host with numpy over a few hundred floats.
+
+On sampled steps (every ``sample_every`` steps, and the first) forward hooks on activation
+modules add per-layer dead/saturated fractions and activation second moments to the same
+vector, and a parameter copy taken before the update gives the update-to-weight ratio.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .types import StepStats
+
+_ACTIVATION_KINDS: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+    nn.Hardtanh: "hardtanh", nn.Hardsigmoid: "hardsigmoid", nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu", nn.ELU: "elu", nn.SELU: "selu", nn.GELU: "gelu", nn.SiLU: "silu",
+    nn.CELU: "celu", nn.Softplus: "softplus", nn.Mish: "mish",
+}
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The activation family of a module (``"relu"``, ``"tanh"``, ...) or None."""
+    for cls in type(module).__mro__:
+        if cls in _ACTIVATION_KINDS:
+            return _ACTIVATION_KINDS[cls]
+    return None
+
+
+def unit_dim(t: torch.Tensor) -> int:
+    """The dimension that indexes units: features for (N, C) and (N, T, C), channels for
+    (N, C, H, W) and (N, C, D, H, W)."""
+    return 1 if t.dim() in (2, 4, 5) else t.dim() - 1
+
+
+def _activation_stats(kind: str, out: torch.Tensor) -> torch.Tensor:
+    """[dead_fraction, saturated_fraction, second_moment, units] computed on the device."""
+    o = out.detach()
+    if o.dim() < 2 or o.numel() == 0:
+        nan = torch.tensor(math.nan, device=o.device)
+        return torch.stack([nan, nan, nan, torch.zeros((), device=o.device)])
+    d = unit_dim(o)
+    of = o.float()
+    units = o.shape[d]
+    reduce_dims = [i for i in range(o.dim()) if i != d]
+    if kind in ("relu", "relu6"):
+        dead = (of.amax(dim=reduce_dims) <= 0).float().mean()
+    else:
+        dead = torch.tensor(math.nan, device=o.device)
+    if kind in ("sigmoid", "hardsigmoid"):
+        sat = ((of < 0.01) | (of > 0.99)).float().mean()
+    elif kind in ("tanh", "hardtanh"):
+        sat = (of.abs() > 0.99).float().mean()
+    else:
+        sat = torch.tensor(math.nan, device=o.device)
+    return torch.stack([dead, sat, of.square().mean(), torch.tensor(float(units), device=o.device)])
+
+
+class ActivationSampler:
+    """Forward hooks on activation modules, armed only for the next forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.targets = [(name, m, k) for name, m in model.named_modules()
+                        if (k := activation_kind(m)) is not None]
+        self._handles: list[Any] = []
+        self.results: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def arm(self) -> None:
+        if self._handles or not self.targets:
+            return
+        self.results = {}
+        for name, mod, kind in self.targets:
+            self._handles.append(mod.register_forward_hook(self._hook(name, kind)))
+
+    def _hook(self, name: str, kind: str) -> Callable:
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and name not in self.results and torch.is_grad_enabled():
+                self.results[name] = (kind, _activation_stats(kind, out))
+        return hook
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def collect(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """Take the statistics gathered since the last arm() and stop listening."""
+        self.disarm()
+        res, self.results = self.results, {}
+        return res
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    name = type(optimizer).__name__.lower()
+    for k in ("adamw", "adam", "rmsprop", "adagrad", "sgd", "lion"):
+        if k in name:
+            return k
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+class Probe:
+    """Measures one step. Construction fixes the parameter order and module grouping."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 sharded: bool = False, process_group: Any = None) -> None:
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for name, p in model.named_parameters():
+            if id(p) in in_opt and id(p) not in seen and p.requires_grad:
+                seen.add(id(p))
+                self.params.append(p)
+                names.append(name)
+        for g in optimizer.param_groups:  # optimizer params that the model does not own
+            for p in g["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    self.params.append(p)
+                    names.append(f"param{len(names)}")
+        if not self.params:
+            raise ValueError("the optimizer holds no trainable parameter of the model: "
+                             "expected Guard(model, optimizer) with optimizer built on "
+                             "model.parameters()")
+        self.param_names = names
+        self.modules: list[str] = []
+        index: dict[str, int] = {}
+        group = []
+        for n in names:
+            mod = n.rsplit(".", 1)[0] if "." in n else "(root)"
+            mod = mod.replace("_fsdp_wrapped_module.", "").replace("module.", "", 1) \
+                if mod.startswith(("module.", "_fsdp")) else mod
+            if mod not in index:
+                index[mod] = len(self.modules)
+                self.modules.append(mod)
+            group.append(index[mod])
+        self.group = np.asarray(group, dtype=np.int64)
+        self.sharded = sharded
+        self.process_group = process_group
+        self.device = self.params[0].device
+
+    # -- measurement ----------------------------------------------------------------
+    def grads(self) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Existing gradients and the indices of their parameters."""
+        gs, idx = [], []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                gs.append(_local(p.grad))
+                idx.append(i)
+        return gs, np.asarray(idx, dtype=np.int64)
+
+    def measure(self, loss: torch.Tensor | float, *, with_params: bool,
+                extra: Sequence[torch.Tensor] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Returns (grad_norms per param, grads index, param_norms or None, extra values,
+        [loss]) after one host transfer (and one all-reduce when distributed)."""
+        with torch.no_grad():
+            gs, idx = self.grads()
+            parts: list[torch.Tensor] = []
+            if gs:
+                parts.extend(torch._foreach_norm(gs, 2, dtype=torch.float32))
+            if with_params:
+                parts.extend(torch._foreach_norm([_local(p.detach()) for p in self.params], 2,
+                                                 dtype=torch.float32))
+            if isinstance(loss, torch.Tensor):
+                lt = loss.detach().float().reshape(()).to(self.device)
+            else:
+                lt = torch.tensor(float(loss), device=self.device)
+            parts.extend(e.float().reshape(-1).to(self.device) for e in extra)
+            parts = [p.reshape(-1).to(self.device) for p in parts]
+            vec = torch.cat(parts + [lt.reshape(1)]) if parts else lt.reshape(1)
+            vec = self._reduce(vec, n_norms=len(gs) + (len(self.params) if with_params else 0))
+            host = vec.cpu().numpy().astype(np.float64)
+        ng = len(gs)
+        gn = host[:ng]
+        pn = host[ng:ng + len(self.params)] if with_params else None
+        off = ng + (len(self.params) if with_params else 0)
+        return gn, idx, pn, host[off:-1], host[-1:]
+
+    def _reduce(self, vec: torch.Tensor, n_norms: int) -> torch.Tensor:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return vec
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return vec
+        # Squared norms add over disjoint shards (FSDP); DDP gradients are identical on all
+        # ranks, so averaging keeps them. Non-finite values propagate through the sum, so a
+        # NaN on one rank is seen by every rank: all ranks take the same decision.
+        v = vec.clone()
+        if self.sharded:
+            v[:n_norms] = v[:n_norms].square()
+        dist.all_reduce(v, group=self.process_group)
+        if self.sharded:
+            v[:n_norms] = v[:n_norms].sqrt()
+        else:
+            v[:n_norms] = v[:n_norms] / world
+        v[n_norms:] = v[n_norms:] / world
+        return v
+
+    def group_norms(self, per_param: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Per-module L2 norms from per-parameter norms (NaN/Inf propagate)."""
+        out = np.zeros(len(self.modules))
+        if len(idx):
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.add.at(out, self.group[idx], np.square(per_param))
+        return np.sqrt(out)
+
+
+def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
+                pn: np.ndarray | None, loss: float, **kw: Any) -> StepStats:
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.sqrt(np.sum(np.square(gn)))) if len(gn) else 0.0
+        pgroups = probe.group_norms(pn, np.arange(len(pn))) if pn is not None else None
+        ptotal = float(np.sqrt(np.sum(np.square(pn)))) if pn is not None else None
+    return StepStats(step=step, loss=float(loss), grad_norm=total, modules=probe.modules,
+                     grad_norms=probe.group_norms(gn, idx).tolist(),
+                     param_norms=pgroups.tolist() if pgroups is not None else None,
+                     param_norm=ptotal, **kw)
