@@ -406,7 +406,8 @@ class Guard:
         if scaled:
             self.scaler.update()
 
-    def _execute(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], scaled: bool) -> bool:
+    def _late_remedies(self, plan: Plan, scaled: bool) -> bool:
+        """halt, rollback and lr_backoff; True when the update must not be applied."""
         kinds = plan.kinds()
         by = dict(plan.actions)
         if "halt" in kinds:
@@ -441,8 +442,13 @@ class Guard:
             before, after = self.lr.backoff()
             self._act("lr_backoff", f"{f.kind}: learning-rate scale {before:.3g} -> {after:.3g}",
                       before=before, after=after, finding=f.kind)
-        if skip:
+        return skip
+
+    def _execute(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], scaled: bool) -> bool:
+        if self._late_remedies(plan, scaled):
             return False
+        kinds = plan.kinds()
+        by = dict(plan.actions)
         if "skip" in kinds:
             f = by["skip"]
             if stats.scaler_overflow:

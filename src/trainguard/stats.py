@@ -127,6 +127,10 @@ class Probe:
                 seen.add(id(p))
                 self.params.append(p)
                 names.append(name)
+        if not self.params:
+            raise ValueError("the optimizer holds no trainable parameter of the model: "
+                             "expected Guard(model, optimizer) with the optimizer built on "
+                             "model.parameters()")
         for g in optimizer.param_groups:  # optimizer params that the model does not own
             for p in g["params"]:
                 if id(p) not in seen:
@@ -164,10 +168,11 @@ class Probe:
                 idx.append(i)
         return gs, np.asarray(idx, dtype=np.int64)
 
-    def measure(self, loss: torch.Tensor | float, *, with_params: bool,
-                extra: Sequence[torch.Tensor] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
-        """Returns (grad_norms per param, grads index, param_norms or None, extra values,
-        [loss]) after one host transfer (and one all-reduce when distributed)."""
+    def measure_device(self, loss: torch.Tensor | float, *, with_params: bool,
+                       extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, np.ndarray, int]:
+        """Everything for one step stacked in one device vector (all-reduced when
+        distributed): [grad norms..., param norms..., extra..., loss]. Returns
+        (vector, index of the parameters that have gradients, number of norms)."""
         with torch.no_grad():
             gs, idx = self.grads()
             parts: list[torch.Tensor] = []
@@ -177,19 +182,31 @@ class Probe:
                 parts.extend(torch._foreach_norm([_local(p.detach()) for p in self.params], 2,
                                                  dtype=torch.float32))
             if isinstance(loss, torch.Tensor):
-                lt = loss.detach().float().reshape(()).to(self.device)
+                lt = loss.detach().float().reshape(1).to(self.device)
             else:
-                lt = torch.tensor(float(loss), device=self.device)
+                lt = torch.tensor([float(loss)], device=self.device)
+            n_norms = len(parts)
+            parts = [p.reshape(1).to(self.device) for p in parts]
             parts.extend(e.float().reshape(-1).to(self.device) for e in extra)
-            parts = [p.reshape(-1).to(self.device) for p in parts]
-            vec = torch.cat(parts + [lt.reshape(1)]) if parts else lt.reshape(1)
-            vec = self._reduce(vec, n_norms=len(gs) + (len(self.params) if with_params else 0))
-            host = vec.cpu().numpy().astype(np.float64)
-        ng = len(gs)
+            vec = torch.cat(parts + [lt]) if parts else lt
+            vec = self._reduce(vec, n_norms=n_norms)
+        return vec, idx, n_norms
+
+    def split(self, host: np.ndarray, idx: np.ndarray, with_params: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        ng = len(idx)
         gn = host[:ng]
         pn = host[ng:ng + len(self.params)] if with_params else None
         off = ng + (len(self.params) if with_params else 0)
         return gn, idx, pn, host[off:-1], host[-1:]
+
+    def measure(self, loss: torch.Tensor | float, *, with_params: bool,
+                extra: Sequence[torch.Tensor] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Returns (grad_norms per param, grads index, param_norms or None, extra values,
+        [loss]) after one host transfer (and one all-reduce when distributed)."""
+        vec, idx, _ = self.measure_device(loss, with_params=with_params, extra=extra)
+        host = vec.cpu().numpy().astype(np.float64)
+        return self.split(host, idx, with_params)
 
     def _reduce(self, vec: torch.Tensor, n_norms: int) -> torch.Tensor:
         import torch.distributed as dist

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+# Two CPU cores on CI: keep each test process to one intra-op thread for stable timings.
+torch.set_num_threads(1)
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture
+def digits():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    return torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
