@@ -30,7 +30,7 @@ from .repair.clip import AGC, make_clipper, scale_grads
 from .repair.lr import LRController
 from .repair.snapshot import SnapshotStore
 from .report.base import Sink
-from .stats import ActivationSampler, Probe, StepStats, build_stats, optimizer_kind
+from .stats import ActivationSampler, Probe, StepStats, _local, build_stats, optimizer_kind
 from .types import REMEDIES, SEVERE_KINDS, Action, Finding, TrainingUnstable
 
 
@@ -491,7 +491,8 @@ class Guard:
 
     def _apply(self, scaled: bool, stats: StepStats) -> bool:
         sample = stats.activations is not None
-        before = [p.detach().clone() for p in self.probe.params] if sample else None
+        params = [_local(p.detach()) for p in self.probe.params]
+        before = [p.clone() for p in params] if sample else None
         with self.lr.applied(self.optimizer):
             if scaled:
                 self.scaler.step(self.optimizer)
@@ -502,9 +503,11 @@ class Guard:
             return False
         if before is not None:
             with torch.no_grad():
-                diffs = torch._foreach_sub([p.detach() for p in self.probe.params], before)
-                dn = torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float32)).cpu().numpy()
-                bn = torch.stack(torch._foreach_norm(before, 2, dtype=torch.float32)).cpu().numpy()
+                diffs = list(torch._foreach_sub(params, before))
+                n = len(params)
+                v = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=torch.float32))
+                v = self.probe._reduce(v, n_norms=2 * n).cpu().numpy()
+                dn, bn = v[:n], v[n:]
             idx = np.arange(len(dn))
             gd, gb = self.probe.group_norms(dn, idx), self.probe.group_norms(bn, idx)
             with np.errstate(divide="ignore", invalid="ignore"):

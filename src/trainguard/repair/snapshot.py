@@ -110,7 +110,8 @@ class SnapshotStore:
             for k, v in saved.items():
                 if isinstance(v, torch.Tensor):
                     tgt = cur.get(k) if cur else None
-                    if isinstance(tgt, torch.Tensor) and tgt.shape == v.shape and tgt.dtype == v.dtype:
+                    if (isinstance(tgt, torch.Tensor) and _local(tgt).shape == v.shape
+                            and tgt.dtype == v.dtype):
                         _local(tgt).copy_(v)
                         new[k] = tgt
                     else:
