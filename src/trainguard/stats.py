@@ -155,18 +155,20 @@ class Probe:
             group.append(index[mod])
         self.group = np.asarray(group, dtype=np.int64)
         self.sharded = sharded
+        # fp32 tensors take the fused norm's fastest path; anything else accumulates in fp32
+        self._fp32 = all(p.dtype == torch.float32 for p in self.params)
+        self._all_idx = np.arange(len(self.params), dtype=np.int64)
         self.process_group = process_group
         self.device = self.params[0].device
 
     # -- measurement ----------------------------------------------------------------
     def grads(self) -> tuple[list[torch.Tensor], np.ndarray]:
         """Existing gradients and the indices of their parameters."""
-        gs, idx = [], []
-        for i, p in enumerate(self.params):
-            if p.grad is not None:
-                gs.append(_local(p.grad))
-                idx.append(i)
-        return gs, np.asarray(idx, dtype=np.int64)
+        gs = [p.grad for p in self.params]
+        if all(g is not None for g in gs):
+            return ([_local(g) for g in gs] if self.sharded else gs), self._all_idx
+        idx = [i for i, g in enumerate(gs) if g is not None]
+        return [_local(gs[i]) for i in idx], np.asarray(idx, dtype=np.int64)
 
     def measure_device(self, loss: torch.Tensor | float, *, with_params: bool,
                        extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, np.ndarray, int]:
@@ -175,20 +177,22 @@ class Probe:
         (vector, index of the parameters that have gradients, number of norms)."""
         with torch.no_grad():
             gs, idx = self.grads()
+            kw = {} if self._fp32 else {"dtype": torch.float32}
             parts: list[torch.Tensor] = []
+            n_norms = len(gs) + (len(self.params) if with_params else 0)
             if gs:
-                parts.extend(torch._foreach_norm(gs, 2, dtype=torch.float32))
+                parts.append(torch.stack(torch._foreach_norm(gs, 2, **kw)))
             if with_params:
-                parts.extend(torch._foreach_norm([_local(p.detach()) for p in self.params], 2,
-                                                 dtype=torch.float32))
+                parts.append(torch.stack(torch._foreach_norm(
+                    [_local(p.detach()) for p in self.params], 2, **kw)))
             if isinstance(loss, torch.Tensor):
-                lt = loss.detach().float().reshape(1).to(self.device)
+                lt = loss.detach().float().reshape(1)
             else:
-                lt = torch.tensor([float(loss)], device=self.device)
-            n_norms = len(parts)
-            parts = [p.reshape(1).to(self.device) for p in parts]
+                lt = torch.tensor([float(loss)])
+            parts = [p.to(self.device) for p in parts]
             parts.extend(e.float().reshape(-1).to(self.device) for e in extra)
-            vec = torch.cat(parts + [lt]) if parts else lt
+            parts.append(lt.to(self.device))
+            vec = torch.cat(parts) if len(parts) > 1 else parts[0]
             vec = self._reduce(vec, n_norms=n_norms)
         return vec, idx, n_norms
 
@@ -231,11 +235,12 @@ class Probe:
 
     def group_norms(self, per_param: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Per-module L2 norms from per-parameter norms (NaN/Inf propagate)."""
-        out = np.zeros(len(self.modules))
-        if len(idx):
-            with np.errstate(over="ignore", invalid="ignore"):
-                np.add.at(out, self.group[idx], np.square(per_param))
-        return np.sqrt(out)
+        if not len(idx):
+            return np.zeros(len(self.modules))
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = np.bincount(self.group[idx], weights=np.square(per_param),
+                             minlength=len(self.modules))
+            return np.sqrt(sq)
 
 
 def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,

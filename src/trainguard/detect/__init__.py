@@ -4,6 +4,7 @@ One module per mechanism family; each documents its rule, thresholds and sources
 """
 from .base import Detector
 from .gradients import VanishingGradientDetector
+from .gradient_flow import ZeroGradientDetector
 from .nonfinite import NonFiniteDetector
 from .progress import DivergenceDetector, PlateauDetector
 from .spikes import GradExplosionDetector, LossSpikeDetector
@@ -14,9 +15,10 @@ def default_detectors() -> list[Detector]:
     """One detector per finding kind, with the documented default thresholds."""
     return [NonFiniteDetector(), LossSpikeDetector(), GradExplosionDetector(),
             VanishingGradientDetector(), DeadUnitsDetector(), SaturationDetector(),
-            DivergenceDetector(), PlateauDetector()]
+            DivergenceDetector(), PlateauDetector(), ZeroGradientDetector()]
 
 
 __all__ = ["Detector", "NonFiniteDetector", "LossSpikeDetector", "GradExplosionDetector",
            "VanishingGradientDetector", "DeadUnitsDetector", "SaturationDetector",
-           "DivergenceDetector", "PlateauDetector", "default_detectors"]
+           "DivergenceDetector", "PlateauDetector", "ZeroGradientDetector",
+           "default_detectors"]

@@ -50,8 +50,10 @@ class DivergenceDetector(Detector):
         self.reported_at = -1
 
     def reset(self) -> None:
+        # after a rollback the smoothed loss restarts from the restored state's losses
         self.recent.clear()
         self.above = 0
+        self.ema = None
 
     def update(self, s: StepStats) -> list[Finding]:
         if not s.loss_finite or s.scaler_overflow:
@@ -109,6 +111,13 @@ class PlateauDetector(Detector):
         self.best_step = 0
         self.initial: float | None = None
         self.seen = 0
+        self.reported = False
+
+    def reset(self) -> None:
+        # after a rollback: smooth afresh, and give the restored run a full patience window
+        self.ema = None
+        self.best = math.inf
+        self.best_step = self.seen
         self.reported = False
 
     def update(self, s: StepStats) -> list[Finding]:

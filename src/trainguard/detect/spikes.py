@@ -14,13 +14,18 @@ Loss spike, after ``min_history`` = 20 steps, when all three hold:
     training (median of the first 20 losses): a jump must matter at the scale of the task.
   Losses that are not all positive fall back to ``z`` = 7 on the raw values (OLMo 2).
 
-Gradient explosion, after ``min_history`` = 20 steps, when all three hold:
+Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
   * ``log(norm)`` is more than ``z`` = 4 standard deviations above the window's mean;
   * ``norm > ratio * median`` with ratio = 10: Pascanu et al. 2013 report clipping
     thresholds from half to ten times the average norm still converge, so beyond ten times
     the norm is outside ordinary noise;
   * ``norm`` exceeds the gradient scale at the start of training (median of the first 20
-    norms), so a memorised run's tiny gradients waking up is not called an explosion.
+    norms), so a memorised run's tiny gradients waking up is not called an explosion;
+  * ``norm > jump * previous norm`` with jump = 2: explosions are sudden (Pascanu's "cliffs";
+    a bad batch; GD past the curvature limit grows the norm ~7x per step at eta = 8/lambda),
+    whereas edge-of-stability growth in full-batch GD is gradual (measured: at most 1.3x per
+    step while the norm rose 100x over 25 steps and the loss then self-stabilised, Cohen
+    2021) and must stay silent.
   The finding names the module whose norm grew most against its own running average.
 
 Calibration: ``python bench/calibrate_detectors.py`` replays 10 healthy runs (digits MLP,
@@ -56,6 +61,7 @@ class _LogJump(Detector):
 
     def reset(self) -> None:
         self.history.clear()
+        self._sums = None
 
     def _track_initial(self, v: float) -> None:
         if self.initial is None:
@@ -64,27 +70,75 @@ class _LogJump(Detector):
                 self.initial = float(np.median(self._first))
                 self._first = []
 
+    def _log_moments(self) -> tuple[float, float] | None:
+        """Mean and std of log(history) from running sums (O(1) per step); None if some
+        value is not positive. Sums are rebuilt when the window changed under them."""
+        sums = getattr(self, "_sums", None)
+        if sums is None or sums[3] != len(self.history):
+            a = np.fromiter(self.history, dtype=float)
+            if a.min() <= 0:
+                self._sums = None
+                return None
+            la = np.log(a)
+            sums = [float(la.sum()), float((la * la).sum()), int((a <= 0).sum()), len(a)]
+            self._sums = sums
+        n = sums[3]
+        if sums[2] or n == 0:
+            return None
+        mu = sums[0] / n
+        return mu, math.sqrt(max(sums[1] / n - mu * mu, 0.0))
+
+    def _push(self, v: float) -> None:
+        sums = getattr(self, "_sums", None)
+        if sums is not None:
+            if len(self.history) == self.history.maxlen:
+                old = self.history[0]
+                if old > 0:
+                    lo = math.log(old)
+                    sums[0] -= lo
+                    sums[1] -= lo * lo
+                else:
+                    sums[2] -= 1
+                sums[3] -= 1
+            if v > 0:
+                lv = math.log(v)
+                sums[0] += lv
+                sums[1] += lv * lv
+            else:
+                sums[2] += 1
+            sums[3] += 1
+        self.history.append(v)
+        self._steps = getattr(self, "_steps", 0) + 1
+        if self._steps % 1000 == 0:
+            self._sums = None  # rebuild now and then against floating-point drift
+
     def _judge(self, v: float) -> tuple[bool, dict]:
         """Is ``v`` a jump? Returns (verdict, evidence); updates the history."""
         self._track_initial(v)
         if len(self.history) < self.min_history:
-            self.history.append(v)
+            self._push(v)
             return False, {}
-        a = np.fromiter(self.history, dtype=float)
-        med = float(np.median(a))
-        if v > 0 and a.min() > 0:
-            la = np.log(a)
-            mu, sd = float(la.mean()), float(la.std())
-            z = (math.log(v) - mu) / sd if sd > 0 else (math.inf if math.log(v) > mu else 0.0)
-            cap = math.exp(mu + self.z * sd)
-            jump = z > self.z and v > self.ratio * med and self._floor_ok(v, med)
+        mom = self._log_moments() if v > 0 else None
+        if mom is not None:
+            mu, sd = mom
+            lv = math.log(v)
+            z = (lv - mu) / sd if sd > 0 else (math.inf if lv > mu else 0.0)
+            if z <= self.z:  # the common case: no median needed
+                self._push(v)
+                return False, {}
+            med = float(np.median(np.fromiter(self.history, dtype=float)))
+            cap = math.exp(min(mu + self.z * sd, 700.0))
+            jump = v > self.ratio * med and self._floor_ok(v, med)
         else:
+            a = np.fromiter(self.history, dtype=float)
+            med = float(np.median(a))
             mu, sd = float(a.mean()), float(a.std())
             z = (v - mu) / sd if sd > 0 else (math.inf if v > mu else 0.0)
             cap = mu + 7.0 * sd
             jump = z > 7.0
-        self.history.append(min(v, cap) if jump else v)
-        return jump, {"median": med, "z": z, "window": len(a), "initial": self.initial}
+        n = len(self.history)
+        self._push(min(v, cap) if jump else v)
+        return jump, {"median": med, "z": z, "window": n, "initial": self.initial}
 
     def _floor_ok(self, v: float, med: float) -> bool:
         return True
@@ -123,8 +177,10 @@ class GradExplosionDetector(_LogJump):
     _state = _LogJump._state + ("module_log_ema",)
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 10.0,
-                 min_history: int = 20, ema: float = 0.9) -> None:
+                 min_history: int = 20, ema: float = 0.9, jump: float = 2.0) -> None:
         super().__init__(window, z, ratio, min_history)
+        check_positive("jump", jump)
+        self.jump = jump
         if not 0 < ema < 1:
             raise ValueError(f"ema must be in (0, 1), got {ema!r}")
         self.ema = ema
@@ -135,7 +191,9 @@ class GradExplosionDetector(_LogJump):
         self.module_log_ema = None
 
     def _floor_ok(self, v: float, med: float) -> bool:
-        return self.initial is None or v > self.initial
+        prev = self.history[-1] if self.history else None
+        sudden = prev is None or v > self.jump * prev
+        return sudden and (self.initial is None or v > self.initial)
 
     def _worst_module(self, s: StepStats) -> tuple[str, float]:
         if not s.modules or self.module_log_ema is None:

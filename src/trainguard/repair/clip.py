@@ -31,13 +31,15 @@ class AdaptiveClip:
     them. Log space because small-batch gradient norms are multiplicatively noisy. ``z`` = 4
     (ZClip uses 2.5 on raw norms) clipped 3 of 15,000 steps of 10 healthy runs in
     ``bench/calibrate_detectors.py`` and 0 at z = 5; any real explosion is orders of magnitude
-    past it. ``max_norm`` optionally adds a fixed ceiling.
+    past it. A clip also needs a sudden jump, ``jump`` = 2x the previous step's norm: a
+    gradual rise (edge-of-stability growth in full-batch GD, at most 1.3x per step measured)
+    is left alone, see detect/spikes.py. ``max_norm`` optionally adds a fixed ceiling.
     """
 
     name = "adaptive"
 
     def __init__(self, z: float = 4.0, alpha: float = 0.97, warmup: int = 25,
-                 max_norm: float | None = None) -> None:
+                 max_norm: float | None = None, jump: float = 2.0) -> None:
         if not z > 0 or not 0 < alpha < 1:
             raise ValueError(f"AdaptiveClip expects z > 0 and 0 < alpha < 1; got z={z!r}, "
                              f"alpha={alpha!r}")
@@ -46,6 +48,8 @@ class AdaptiveClip:
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"max_norm must be positive or None, got {max_norm!r}")
         self.z, self.alpha, self.warmup, self.max_norm = z, alpha, warmup, max_norm
+        self.jump = jump
+        self.last = math.nan  # previous step's norm
         self.mean = 0.0  # of log(norm)
         self.var = 0.0
         self.count = 0
@@ -62,7 +66,11 @@ class AdaptiveClip:
         if not math.isfinite(norm) or norm <= 0:
             return 1.0
         thr = self.threshold()
-        coef = thr / norm if norm > thr else 1.0
+        sudden = not (self.last > 0) or norm > self.jump * self.last
+        if self.max_norm is not None and norm > self.max_norm:
+            sudden = True  # the fixed ceiling always holds
+        coef = thr / norm if norm > thr and sudden else 1.0
+        self.last = norm
         self._observe(math.log(min(norm, thr)))
         return coef
 
@@ -80,11 +88,13 @@ class AdaptiveClip:
         self.var = self.alpha * (self.var + (1 - self.alpha) * d * d)
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count, "warm": list(self._warm)}
+        return {"mean": self.mean, "var": self.var, "count": self.count, "warm": list(self._warm),
+                "last": self.last}
 
     def load_state_dict(self, s: dict) -> None:
         self.mean, self.var, self.count = s["mean"], s["var"], s["count"]
         self._warm = list(s.get("warm", []))
+        self.last = s.get("last", math.nan)
 
     def __repr__(self) -> str:
         return f"AdaptiveClip(z={self.z}, alpha={self.alpha}, warmup={self.warmup}, max_norm={self.max_norm})"
