@@ -1,0 +1,166 @@
+"""Every finding kind from a small real training run, and healthy runs that stay silent."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import trainguard as tg
+
+INTERVENTIONS = {"skip", "rollback", "lr_backoff", "halt"}
+
+
+def fit(model, opt, batches, steps, guard=None, loss_fn=nn.functional.cross_entropy, mode="guard"):
+    losses = []
+    for t in range(steps):
+        x, y = batches(t)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+    return losses
+
+
+def digits_batches(X, y, bs, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+
+    def get(t):
+        idx = torch.randint(0, len(X), (bs,), generator=gen)
+        return X[idx], y[idx]
+    return get
+
+
+def kinds(g):
+    return {f.kind for f in g.findings}
+
+
+def test_vanishing_gradient_deep_sigmoid(digits):
+    X, y = digits
+    torch.manual_seed(0)  # PyTorch's default Linear init is U(+-1/sqrt(fan_in)), the pre-2010 init
+    layers = [nn.Linear(64, 64), nn.Sigmoid()]
+    for _ in range(9):
+        layers += [nn.Linear(64, 64), nn.Sigmoid()]
+    m = nn.Sequential(*layers, nn.Linear(64, 10))
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = tg.Guard(m, o, console=False)
+    fit(m, o, digits_batches(X, y, 64), 40, g)
+    f = next(f for f in g.findings if f.kind == "vanishing_gradient")
+    assert f.step < 40 and f.where == "0"  # the input-side layer
+    assert f.evidence["ratio"] < 1e-4
+    assert not {a.kind for a in g.actions} & INTERVENTIONS  # structural: reported, not "repaired"
+
+
+def test_vanishing_forward_signal_relu_xavier_depth30():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(30):
+        lin = nn.Linear(128, 128)
+        nn.init.xavier_normal_(lin.weight, gain=0.5)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+    m = nn.Sequential(*layers, nn.Linear(128, 1))
+    o = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, o, console=False)
+    x = torch.randn(256, 128)
+    fit(m, o, lambda t: (x, x[:, :1]), 2, g, loss_fn=nn.functional.mse_loss)
+    f = next(f for f in g.findings if f.kind == "vanishing_gradient")
+    assert f.step == 0 and f.evidence["ratio"] < 1e-4
+
+
+def test_dead_units_killed_layer(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        m[2].bias.fill_(-50.0)  # every unit of the second ReLU is dead on every input
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = tg.Guard(m, o, console=False)
+    fit(m, o, digits_batches(X, y, 32), 3, g)
+    f = next(f for f in g.findings if f.kind == "dead_units")
+    assert f.step == 0 and f.where == "3"
+    assert f.evidence["layers"]["3"]["dead_fraction"] == 1.0
+
+
+def test_saturation_sigmoid_large_init(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Sigmoid(), nn.Linear(64, 10))
+    with torch.no_grad():
+        m[0].weight.normal_(0, 8.0)
+    o = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = tg.Guard(m, o, console=False, sample_every=5)
+    fit(m, o, digits_batches(X, y, 64), 12, g)
+    f = next(f for f in g.findings if f.kind == "saturation")
+    assert f.where == "1" and f.evidence["layers"]["1"]["saturated_fraction"] >= 0.75
+
+
+def test_divergence_gd_past_curvature_limit_is_repaired():
+    from trainguard.demo import run_one
+    res = run_one(True, k=8.0, steps=150, seed=0, console=False)
+    g = res["guard"]
+    f = next(f for f in g.findings if f.kind == "divergence")
+    assert f.step <= 6
+    acts = [a.kind for a in g.actions]
+    assert "rollback" in acts and "lr_backoff" in acts
+    assert math.isfinite(res["losses"][-1]) and res["losses"][-1] < 0.1
+
+
+def test_plateau_when_nothing_is_learned(digits):
+    X, y = digits
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 10))
+    o = torch.optim.SGD(m.parameters(), lr=1e-6)
+    g = tg.Guard(m, o, console=False)
+    fit(m, o, digits_batches(X, y, 64), 160, g)
+    f = next(f for f in g.findings if f.kind == "plateau")
+    assert f.severity == "info" and not f.severe
+    assert not g.actions
+
+
+def _assert_silent(g):
+    assert not [f for f in g.findings if f.severe], [str(f) for f in g.findings]
+    assert not {a.kind for a in g.actions} & INTERVENTIONS
+
+
+def test_healthy_cnn(digits):
+    X, y = digits
+    Xi = X.view(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+    o = torch.optim.Adam(m.parameters(), lr=3e-3)
+    g = tg.Guard(m, o, console=False)
+    fit(m, o, digits_batches(Xi, y, 32), 300, g)
+    _assert_silent(g)
+    with torch.no_grad():
+        assert (m(Xi).argmax(1) == y).float().mean() > 0.9
+
+
+def test_healthy_linear_regression_full_batch_gd():
+    torch.manual_seed(0)
+    X = torch.randn(500, 10)
+    w = torch.randn(10, 1)
+    Y = X @ w + 0.1 * torch.randn(500, 1)
+    m = nn.Linear(10, 1)
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = tg.Guard(m, o, console=False)
+    losses = fit(m, o, lambda t: (X, Y), 300, g, loss_fn=nn.functional.mse_loss)
+    _assert_silent(g)
+    assert losses[-1] < 0.02
+
+
+@pytest.mark.parametrize("bs", [1, 2])
+def test_healthy_noisy_small_batch_sgd(digits, bs):
+    X, y = digits
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    o = torch.optim.SGD(m.parameters(), lr=0.02)
+    g = tg.Guard(m, o, console=False)
+    fit(m, o, digits_batches(X, y, bs), 1500, g)
+    _assert_silent(g)
+    with torch.no_grad():
+        assert (m(X).argmax(1) == y).float().mean() > 0.85
