@@ -73,7 +73,7 @@ def run_one(guarded: bool, k: float, steps: int, seed: int, console: bool) -> di
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(Xtr), Y)
             loss.backward()
-            v = float(loss)
+            v = float(loss.detach())
             losses.append(v)
             if not math.isfinite(v) and first_nan is None:
                 first_nan = t

@@ -29,7 +29,7 @@ from .base import Detector, check_positive
 
 class DivergenceDetector(Detector):
     kind = "divergence"
-    _state = ("recent", "ema", "best", "initial", "above", "seen", "reported_at")
+    _state = ("recent", "lastp", "ema", "best", "initial", "above", "seen", "reported_at")
 
     def __init__(self, fast_steps: int = 4, fast_factor: float = 1e4, factor: float = 4.0,
                  patience: int = 10, warmup: int = 50, smoothing: float = 0.9) -> None:
@@ -42,6 +42,7 @@ class DivergenceDetector(Detector):
         self.fast_steps, self.fast_factor, self.factor = fast_steps, fast_factor, factor
         self.patience, self.warmup, self.smoothing = patience, warmup, smoothing
         self.recent: deque[float] = deque(maxlen=fast_steps + 1)
+        self.lastp: deque[float] = deque(maxlen=patience)
         self.ema: float | None = None
         self.best: float | None = None
         self.initial: float | None = None
@@ -52,6 +53,7 @@ class DivergenceDetector(Detector):
     def reset(self) -> None:
         # after a rollback the smoothed loss restarts from the restored state's losses
         self.recent.clear()
+        self.lastp.clear()
         self.above = 0
         self.ema = None
 
@@ -60,6 +62,7 @@ class DivergenceDetector(Detector):
             return []
         loss = s.loss
         self.recent.append(loss)
+        self.lastp.append(loss)
         self.seen += 1
         self.ema = loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * loss
         if self.initial is None:
@@ -77,7 +80,8 @@ class DivergenceDetector(Detector):
             return out
         self.best = self.ema if self.best is None else min(self.best, self.ema)
         lost = (self.ema - self.best) > 0.5 * (self.initial - self.best) if self.initial > self.best else False
-        if self.best > 0 and self.ema > self.factor * self.best and lost:
+        med = sorted(self.lastp)[len(self.lastp) // 2]
+        if self.best > 0 and self.ema > self.factor * self.best and med > self.factor * self.best and lost:
             self.above += 1
         else:
             self.above = 0
