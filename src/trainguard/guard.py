@@ -149,6 +149,8 @@ class Guard:
         self._last_severe = -10**9
         self._opt_kind = optimizer_kind(optimizer)
         self._pending: tuple | None = None  # sync=False: last step's device stats
+        self._post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
+        self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._closed = False
         self.sampler.arm()  # the first forward is probed
 
@@ -335,7 +337,8 @@ class Guard:
         scale, acts = self._unpack_extra(ev, names, kinds)
         stats = build_stats(self.step_count, self.probe, gn, idx, pn, float(lv[0]),
                             lr=self._current_lr(), loss_scale=scale, activations=acts,
-                            optimizer=self._opt_kind)
+                            optimizer=self._opt_kind, optimizer_state=self._post)
+        self._post = None
         if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
             stats.scaler_overflow = True
         if not with_params and not (stats.loss_finite and stats.grads_finite):
@@ -521,9 +524,50 @@ class Guard:
             gd, gb = self.probe.group_norms(dn, idx), self.probe.group_norms(bn, idx)
             with np.errstate(divide="ignore", invalid="ignore"):
                 stats.update_ratios = np.where(gb > 0, gd / gb, np.nan).tolist()
+            self._post = self._optimizer_state(params, diffs)
         if self.scheduler is not None:
             self.scheduler.step()
         return True
+
+    @torch.no_grad()
+    def _optimizer_state(self, params: list[torch.Tensor], diffs: list[torch.Tensor]) -> dict[str, float] | None:
+        """On sampled steps: Adam's epsilon dominance and 16-bit update swamping (one transfer)."""
+        counts: list[torch.Tensor] = []
+        eps_val = None
+        for p, lp, d in zip(self.probe.params, params, diffs):
+            g = p.grad
+            if g is None:
+                continue
+            g = _local(g)
+            z = torch.zeros((), device=lp.device)
+            if lp.dtype in (torch.float16, torch.bfloat16):
+                nz = g != 0
+                counts += [nz.sum().float(), (nz & (d == 0)).sum().float()]
+            else:
+                counts += [z, z]
+            st = self.optimizer.state.get(p, {})
+            grp = self._group_of.get(id(p))
+            v, step = st.get("exp_avg_sq"), st.get("step")
+            if v is not None and step is not None and grp is not None and "eps" in grp and "betas" in grp:
+                eps_val = float(grp["eps"])
+                b2 = float(grp["betas"][1])
+                t = float(step)
+                vh = _local(v).float() / max(1 - b2 ** t, 1e-12)
+                seen = vh > 0
+                counts += [seen.sum().float(), (seen & (vh.sqrt() < eps_val)).sum().float()]
+            else:
+                counts += [z, z]
+        if not counts:
+            return None
+        c = self.probe._reduce(torch.stack([x.to(self.probe.device) for x in counts]), n_norms=0)
+        c = c.cpu().numpy().reshape(-1, 4).sum(axis=0)
+        out: dict[str, float] = {}
+        if c[0] > 0:
+            out["swamped_fraction"] = float(c[1] / c[0])
+        if c[2] > 0:
+            out["eps_dominated_fraction"] = float(c[3] / c[2])
+            out["eps"] = eps_val if eps_val is not None else math.nan
+        return out or None
 
     def _after_step(self, stats: StepStats, applied: bool, severe: bool) -> None:
         if applied:

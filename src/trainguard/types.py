@@ -105,6 +105,10 @@ class StepStats:
     activations: dict[str, dict[str, Any]] | None = None
     #: optimizer kind, e.g. "sgd", "adam" (for remedies that depend on it)
     optimizer: str | None = None
+    #: sampled after the previous sampled update: "eps_dominated_fraction" (Adam-family:
+    #: coordinates with 0 < sqrt(v_hat) < eps), "swamped_fraction" (16-bit parameters whose
+    #: non-zero gradient left the stored weight unchanged), "eps"
+    optimizer_state: dict[str, float] | None = None
 
     @property
     def loss_finite(self) -> bool:

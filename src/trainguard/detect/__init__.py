@@ -6,6 +6,7 @@ from .base import Detector
 from .gradients import VanishingGradientDetector
 from .gradient_flow import ZeroGradientDetector
 from .nonfinite import NonFiniteDetector
+from .optimizer import OptimizerStallDetector
 from .progress import DivergenceDetector, PlateauDetector
 from .spikes import GradExplosionDetector, LossSpikeDetector
 from .units import DeadUnitsDetector, SaturationDetector
@@ -15,10 +16,11 @@ def default_detectors() -> list[Detector]:
     """One detector per finding kind, with the documented default thresholds."""
     return [NonFiniteDetector(), LossSpikeDetector(), GradExplosionDetector(),
             VanishingGradientDetector(), DeadUnitsDetector(), SaturationDetector(),
-            DivergenceDetector(), PlateauDetector(), ZeroGradientDetector()]
+            DivergenceDetector(), PlateauDetector(), ZeroGradientDetector(),
+            OptimizerStallDetector()]
 
 
 __all__ = ["Detector", "NonFiniteDetector", "LossSpikeDetector", "GradExplosionDetector",
            "VanishingGradientDetector", "DeadUnitsDetector", "SaturationDetector",
-           "DivergenceDetector", "PlateauDetector", "ZeroGradientDetector",
+           "DivergenceDetector", "PlateauDetector", "ZeroGradientDetector", "OptimizerStallDetector",
            "default_detectors"]
