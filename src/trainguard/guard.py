@@ -317,6 +317,11 @@ class Guard:
                 continue
             dead, sat, q, units = vals[i:i + 4]
             i += 4
+            if kinds[n] == "softmax":  # attention: one-hot row fraction and max |logit|
+                acts[n] = {"kind": "softmax", "dead_fraction": None,
+                           "saturated_fraction": None if math.isnan(sat) else float(sat),
+                           "second_moment": None, "max_logit": float(q), "units": int(units)}
+                continue
             acts[n] = {"kind": kinds[n], "dead_fraction": None if math.isnan(dead) else float(dead),
                        "saturated_fraction": None if math.isnan(sat) else float(sat),
                        "second_moment": float(q), "units": int(units)}

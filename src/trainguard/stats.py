@@ -66,21 +66,108 @@ def _activation_stats(kind: str, out: torch.Tensor) -> torch.Tensor:
     return torch.stack([dead, sat, of.square().mean(), torch.tensor(float(units), device=o.device)])
 
 
+def _softmax_stats(x: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Attention-shaped softmax inputs (ndim >= 3, last two dims equal: query x key):
+    [nan, fraction of rows that are one-hot (max prob > 0.99, rows with >= 2 keys),
+    max |logit|, rows]. Other softmaxes (a classifier's output) return None."""
+    if x.dim() < 3 or x.shape[-1] != x.shape[-2] or dim not in (-1, x.dim() - 1):
+        return None
+    xf = x.detach().float()
+    p = torch.softmax(xf, dim=-1)
+    valid = (p > 0).sum(-1) >= 2
+    onehot = (p.amax(-1) > 0.99) & valid
+    nv = valid.sum()
+    frac = torch.where(nv > 0, onehot.sum() / nv.clamp_min(1), torch.tensor(math.nan, device=x.device))
+    fin = torch.isfinite(xf)
+    maxlogit = torch.where(fin, xf, torch.zeros_like(xf)).abs().amax()
+    return torch.stack([torch.tensor(math.nan, device=x.device), frac.float(), maxlogit,
+                        nv.float()])
+
+
+class _SoftmaxSpy(torch.overrides.TorchFunctionMode):
+    """Sees every softmax call of one forward pass (sampled steps only)."""
+
+    def __init__(self, sampler: "ActivationSampler") -> None:
+        super().__init__()
+        self.sampler = sampler
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _SOFTMAX_FUNCS and args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
+            if isinstance(dim, int):
+                # torch calls made here do not re-enter the mode (it is off inside its handler)
+                self.sampler._softmax(args[0], dim)
+        return out
+
+
+_SOFTMAX_FUNCS = {torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
+
+
 class ActivationSampler:
-    """Forward hooks on activation modules, armed only for the next forward pass."""
+    """Forward hooks on activation modules (and a softmax spy for attention), armed only for
+    the next forward pass."""
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.targets = [(name, m, k) for name, m in model.named_modules()
                         if (k := activation_kind(m)) is not None]
         self._handles: list[Any] = []
         self.results: dict[str, tuple[str, torch.Tensor]] = {}
+        self._stack: list[str] = []
+        self._spy: _SoftmaxSpy | None = None
+        self._in_spy = False
 
     def arm(self) -> None:
-        if self._handles or not self.targets:
+        if self._handles:
             return
         self.results = {}
         for name, mod, kind in self.targets:
             self._handles.append(mod.register_forward_hook(self._hook(name, kind)))
+        # module attribution for softmax calls, and the spy around the root forward
+        for name, mod in self.model.named_modules():
+            self._handles.append(mod.register_forward_pre_hook(self._push(name)))
+            self._handles.append(mod.register_forward_hook(self._pop))
+        self._handles.append(self.model.register_forward_pre_hook(self._enter_spy))
+        self._handles.append(self.model.register_forward_hook(self._exit_spy))
+
+    def _push(self, name: str) -> Callable:
+        def hook(_mod: nn.Module, _inp: Any) -> None:
+            self._stack.append(name)
+        return hook
+
+    def _pop(self, _mod: nn.Module, _inp: Any, _out: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def _enter_spy(self, _mod: nn.Module, _inp: Any) -> None:
+        if self._spy is None and torch.is_grad_enabled():
+            self._spy = _SoftmaxSpy(self)
+            self._spy.__enter__()
+
+    def _exit_spy(self, _mod: nn.Module, _inp: Any, _out: Any) -> None:
+        if self._spy is not None:
+            spy, self._spy = self._spy, None
+            spy.__exit__(None, None, None)
+
+    def _softmax(self, x: torch.Tensor, dim: int) -> None:
+        if self._in_spy:
+            return
+        self._in_spy = True
+        try:
+            st = _softmax_stats(x, dim)
+        finally:
+            self._in_spy = False
+        if st is None:
+            return
+        where = (self._stack[-1] if self._stack else "") or "(root)"
+        key = f"{where}.softmax"
+        n = 1
+        while key in self.results:
+            n += 1
+            key = f"{where}.softmax{n}"
+        self.results[key] = ("softmax", st)
 
     def _hook(self, name: str, kind: str) -> Callable:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
@@ -92,6 +179,9 @@ class ActivationSampler:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._stack = []
+        if self._spy is not None:
+            self._exit_spy(self.model, None, None)
 
     def collect(self) -> dict[str, tuple[str, torch.Tensor]]:
         """Take the statistics gathered since the last arm() and stop listening."""

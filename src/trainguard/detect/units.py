@@ -11,7 +11,13 @@ Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample o
 
 Saturated (sigmoid: output < 0.01 or > 0.99; tanh: |output| > 0.99, the definitions of
 mechanisms.md §2.11): a layer with ``saturated >= 0.75`` of its outputs saturated on
-``patience`` = 2 consecutive probes. Glorot & Bengio 2010 saw the top sigmoid layer driven to
+``patience`` = 2 consecutive probes.
+
+Saturated attention (softmax over a query x key tensor, seen on sampled steps): at least
+``attention`` = 0.9 of the rows with two or more keys are one-hot (max probability > 0.99) on
+``patience`` = 2 probes: attention-logit growth, entropy collapsed to ~0 (Dehghani et al.
+2023, ViT-22B; Wortsman et al. 2023 reproduce it in small models at high LR; Zhai et al.
+2023). Trained heads can be sharp, so the bar is nearly all rows, not a majority. Glorot & Bengio 2010 saw the top sigmoid layer driven to
 saturation early in training; healthy tanh nets sit well below (6.6% even in the chaotic
 phase at init, mechanisms.md §2.10).
 """
@@ -69,11 +75,12 @@ class SaturationDetector(Detector):
     kind = "saturation"
     _state = ("streaks", "reported")
 
-    def __init__(self, saturated: float = 0.75, patience: int = 2) -> None:
-        if not 0 < saturated <= 1:
-            raise ValueError(f"saturated must be in (0, 1], got {saturated!r}")
+    def __init__(self, saturated: float = 0.75, patience: int = 2, attention: float = 0.9) -> None:
+        for name, v in (("saturated", saturated), ("attention", attention)):
+            if not 0 < v <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         check_positive("patience", patience, integer=True)
-        self.saturated, self.patience = saturated, patience
+        self.saturated, self.patience, self.attention = saturated, patience, attention
         self.streaks: dict[str, int] = {}
         self.reported: list[str] = []
 
@@ -82,19 +89,36 @@ class SaturationDetector(Detector):
             return []
         hits = []
         for name, a in s.activations.items():
-            if a.get("kind") not in SATURATING_KINDS or a.get("saturated_fraction") is None:
+            kind = a.get("kind")
+            if (kind not in SATURATING_KINDS and kind != "softmax") or a.get("saturated_fraction") is None:
                 continue
             frac = float(a["saturated_fraction"])
-            self.streaks[name] = self.streaks.get(name, 0) + 1 if frac >= self.saturated else 0
+            bar = self.attention if kind == "softmax" else self.saturated
+            self.streaks[name] = self.streaks.get(name, 0) + 1 if frac >= bar else 0
             if self.streaks[name] >= self.patience and name not in self.reported:
-                hits.append((name, frac, a.get("kind")))
+                hits.append((name, frac, kind, a.get("max_logit")))
         if not hits:
             return []
         self.reported.extend(h[0] for h in hits)
-        name, frac, kind = hits[0]
+        name, frac, kind, maxlogit = hits[0]
+        if kind == "softmax":
+            module = name.rsplit(".softmax", 1)[0]
+            return [Finding(
+                kind="saturation", step=s.step, where=module,
+                locations=tuple(h[0].rsplit(".softmax", 1)[0] for h in hits),
+                message=(f"{frac:.0%} of the attention rows in {module} are one-hot (max |logit| "
+                         f"{maxlogit:.3g}): attention logits have grown until the softmax "
+                         "saturated, its gradient vanishes and attention entropy collapsed"),
+                evidence={"attention": True, "layers": {h[0]: {"one_hot_fraction": h[1],
+                                                               "max_logit": h[3]} for h in hits}},
+                remedies=("add qk-layernorm (LayerNorm/RMSNorm on queries and keys; Dehghani 2023)",
+                          "lower the learning rate or soft-cap the attention logits (tanh)",
+                          "z-loss / weight decay on the attention projections"),
+            )]
         return [Finding(
             kind="saturation", step=s.step, where=name, locations=tuple(h[0] for h in hits),
             message=(f"{frac:.0%} of the {kind} outputs of {name} are saturated, where the "
                      "derivative is near 0: gradients through it vanish"),
-            evidence={"layers": {h[0]: {"saturated_fraction": h[1], "kind": h[2]} for h in hits}},
+            evidence={"layers": {h[0]: {"saturated_fraction": h[1], "kind": h[2]} for h in hits
+                                 if h[2] != "softmax"}},
         )]
