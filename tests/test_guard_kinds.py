@@ -164,3 +164,40 @@ def test_healthy_noisy_small_batch_sgd(digits, bs):
     _assert_silent(g)
     with torch.no_grad():
         assert (m(X).argmax(1) == y).float().mean() > 0.85
+
+
+class _Attn(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.scale = scale
+
+    def forward(self, x):
+        a = (self.q(x) @ self.k(x).transpose(-1, -2)) * self.scale
+        return (a.softmax(-1) @ x).mean(1)
+
+
+class _Net(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.attn = _Attn(scale)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.attn(x))
+
+
+@pytest.mark.parametrize("scale,saturated", [(300.0, True), (0.3, False)])
+def test_attention_saturation_from_softmax_calls(scale, saturated):
+    torch.manual_seed(0)
+    m = _Net(scale)
+    o = torch.optim.SGD(m.parameters(), lr=1e-4)
+    g = tg.Guard(m, o, console=False, sample_every=1)
+    x = torch.randn(16, 12, 8)
+    fit(m, o, lambda t: (x, x[:, 0, :1]), 4, g, loss_fn=nn.functional.mse_loss)
+    sat = [f for f in g.findings if f.kind == "saturation"]
+    if saturated:
+        assert sat and sat[0].where == "attn" and sat[0].evidence["attention"]
+        assert "qk-layernorm" in sat[0].remedies[0]
+    else:
+        assert not sat
