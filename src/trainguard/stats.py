@@ -74,7 +74,7 @@ def _softmax_stats(x: torch.Tensor, dim: int) -> torch.Tensor | None:
         return None
     xf = x.detach().float()
     p = torch.softmax(xf, dim=-1)
-    valid = (p > 0).sum(-1) >= 2
+    valid = torch.isfinite(xf).sum(-1) >= 2  # rows with two or more unmasked keys
     onehot = (p.amax(-1) > 0.99) & valid
     nv = valid.sum()
     frac = torch.where(nv > 0, onehot.sum() / nv.clamp_min(1), torch.tensor(math.nan, device=x.device))
