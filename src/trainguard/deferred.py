@@ -116,12 +116,7 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
     backup = getattr(guard, "_backup", None) or _Backup()
     guard._backup = backup
     pairs = backup.save(guard) if not scaled else []
-    with guard.lr.applied(guard.optimizer):
-        if scaled:
-            guard.scaler.step(guard.optimizer)
-            guard.scaler.update()
-        else:
-            guard.optimizer.step()
+    guard._optimizer_step(scaled)
     if not scaled:
         backup.select(guard, pairs, ok)
     if vec.device.type == "cuda":

@@ -506,16 +506,20 @@ class Guard:
             self._act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}",
                       norm=norm, threshold=thr)
 
-    def _apply(self, scaled: bool, stats: StepStats) -> bool:
-        sample = stats.activations is not None
-        params = [_local(p.detach()) for p in self.probe.params]
-        before = [p.clone() for p in params] if sample else None
+    def _optimizer_step(self, scaled: bool) -> None:
+        """The user's update, at the Guard's LR scale (through the scaler under fp16)."""
         with self.lr.applied(self.optimizer):
             if scaled:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
+
+    def _apply(self, scaled: bool, stats: StepStats) -> bool:
+        sample = stats.activations is not None
+        params = [_local(p.detach()) for p in self.probe.params]
+        before = [p.clone() for p in params] if sample else None
+        self._optimizer_step(scaled)
         if stats.scaler_overflow:
             return False
         if before is not None:
