@@ -1,9 +1,11 @@
 """Per-step overhead of the Guard against the bare loop and peer tools, measured side by side.
 
-    python bench/overhead.py [--rounds 15] [--block 40] [--threads 1] [--width 512] [--json PATH]
+    python bench/overhead.py [--model mlp|cnn] [--rounds 15] [--block 40] [--threads 1] [--json PATH]
 
-Every variant trains its own copy of the same seeded model (an MLP on a 256-sample batch,
-Adam) whose bare step takes well over 5 ms on one CPU thread. Variants run in blocks of
+Every variant trains its own copy of the same seeded model whose bare step takes well over
+5 ms on one CPU thread: ``--model mlp`` (an MLP on a 256-sample batch: few FLOPs per weight,
+the worst case for a probe that reads every gradient) or ``--model cnn`` (a small CNN on
+3x32x32 inputs, batch 32). Adam. Variants run in blocks of
 ``--block`` steps, interleaved round-robin for ``--rounds`` rounds after a warm-up, so slow
 drifts of the machine hit every variant alike; each block's time is divided by the bare
 block of the same round and the median ratio over rounds is reported.
@@ -16,6 +18,7 @@ per-parameter ``.item()`` norm logging (what wandb.watch-style loggers do), and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,91 +33,63 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import trainguard as tg  # noqa: E402
 
 
-def make(width: int, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make(model: str, width: int, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                      nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    if model == "mlp":
+        m = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    else:  # a small CIFAR-shaped CNN
+        m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(128, 10))
     return m, torch.optim.Adam(m.parameters(), lr=1e-3)
 
 
-def variants(width: int) -> dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]]:
-    def bare():
-        m, o = make(width)
+def _loop(model: str, width: int, *, guard: dict | None = None,
+          after_backward: Callable[[nn.Module, list], None] | None = None,
+          anomaly: bool = False) -> Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]:
+    """One training-step function per variant; everything but the marked part is identical."""
+    def build():
+        m, o = make(model, width)
+        g = tg.Guard(m, o, console=False, **guard) if guard is not None else None
+        log: list = []
 
         def step(x, y):
             o.zero_grad()
-            loss = nn.functional.cross_entropy(m(x), y)
-            loss.backward()
-            o.step()
-        return step
-
-    def guard(**kw: Any):
-        def build():
-            m, o = make(width)
-            g = tg.Guard(m, o, console=False, **kw)
-
-            def step(x, y):
-                o.zero_grad()
+            ctx = torch.autograd.detect_anomaly() if anomaly else contextlib.nullcontext()
+            with ctx:
                 loss = nn.functional.cross_entropy(m(x), y)
                 loss.backward()
+            if after_backward is not None:
+                after_backward(m, log)
+            if g is not None:
                 g.step(loss)
-            return step
-        return build
-
-    def anomaly():
-        m, o = make(width)
-
-        def step(x, y):
-            o.zero_grad()
-            with torch.autograd.detect_anomaly():
-                loss = nn.functional.cross_entropy(m(x), y)
-                loss.backward()
-            o.step()
+            else:
+                o.step()
         return step
+    return build
 
-    def clip():
-        m, o = make(width)
 
-        def step(x, y):
-            o.zero_grad()
-            loss = nn.functional.cross_entropy(m(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            o.step()
-        return step
+def _item_logging(m: nn.Module, log: list) -> None:
+    for p in m.parameters():
+        log.append(p.grad.norm().item())
+    del log[:-1000]
 
-    def item_logging():
-        m, o = make(width)
-        log: list[float] = []
 
-        def step(x, y):
-            o.zero_grad()
-            loss = nn.functional.cross_entropy(m(x), y)
-            loss.backward()
-            for p in m.parameters():
-                log.append(p.grad.norm().item())
-            log.append(loss.item())
-            del log[:-1000]
-            o.step()
-        return step
-
-    out = {"bare": bare, "guard": guard(), "guard sync=False": guard(sync=False),
-           "detect_anomaly": anomaly, "clip_grad_norm_": clip, "per-param .item()": item_logging}
+def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]]:
+    out = {
+        "bare": _loop(model, width),
+        "guard": _loop(model, width, guard={}),
+        "guard sync=False": _loop(model, width, guard={"sync": False}),
+        "detect_anomaly": _loop(model, width, anomaly=True),
+        "clip_grad_norm_": _loop(model, width, after_backward=lambda m, log: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
+        "per-param .item()": _loop(model, width, after_backward=_item_logging),
+    }
     try:
         from zclip import ZClip  # type: ignore
-
-        def zclip():
-            m, o = make(width)
-            z = ZClip()
-
-            def step(x, y):
-                o.zero_grad()
-                loss = nn.functional.cross_entropy(m(x), y)
-                loss.backward()
-                z.step(m)
-                o.step()
-            return step
-        out["ZClip"] = zclip
+        z = ZClip()
+        out["ZClip"] = _loop(model, width, after_backward=lambda m, log: z.step(m))
     except Exception:  # noqa: BLE001 - optional peer
         pass
     return out
@@ -125,15 +100,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--block", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None, help="default 256 (mlp), 32 (cnn)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    import warnings
+    warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+    batch = a.batch or (256 if a.model == "mlp" else 32)
     gen = torch.Generator().manual_seed(0)
-    xs = torch.randn(a.block, a.batch, 64, generator=gen)
-    ys = torch.randint(0, 10, (a.block, a.batch), generator=gen)
-    steps = {name: build() for name, build in variants(a.width).items()}
+    shape = (64,) if a.model == "mlp" else (3, 32, 32)
+    xs = torch.randn(a.block, batch, *shape, generator=gen)
+    ys = torch.randint(0, 10, (a.block, batch), generator=gen)
+    steps = {name: build() for name, build in variants(a.model, a.width).items()}
     for fn in steps.values():  # warm-up
         for i in range(10):
             fn(xs[i], ys[i])
@@ -150,10 +130,11 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     bare = times["bare"]
     ms = statistics.median(bare) / a.block * 1e3
-    print(f"model: MLP 64-{a.width}x3-10, batch {a.batch}, Adam, {a.threads} thread(s); "
+    desc = f"MLP 64-{a.width}x3-10" if a.model == "mlp" else "CNN 3x32x32, 32-64-128 channels"
+    print(f"model: {desc}, batch {batch}, Adam, {a.threads} thread(s); "
           f"bare step {ms:.2f} ms (median); {a.rounds} interleaved rounds of {a.block} steps")
     print(f"{'variant':<22}{'ms/step':>10}{'ratio to bare (median)':>26}")
-    result = {"bare_ms": ms, "ratios": {}}
+    result = {"model": a.model, "batch": batch, "threads": a.threads, "bare_ms": ms, "ratios": {}}
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, bare))
         result["ratios"][name] = ratio

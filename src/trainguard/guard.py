@@ -353,8 +353,7 @@ class Guard:
             with np.errstate(over="ignore", invalid="ignore"):
                 stats.param_norms = self.probe.group_norms(pn, self.probe._all_idx).tolist()
                 stats.param_norm = float(np.sqrt(np.sum(np.square(pn))))
-        grads = [p.grad for p in self.probe.params if p.grad is not None]
-        return stats, grads, scaled
+        return stats, self.probe.last_grads, scaled
 
     def _step_sync(self, loss: torch.Tensor | float) -> bool:
         if not self.snapshots.snaps and self.rollbacks == 0:

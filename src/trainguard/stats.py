@@ -245,11 +245,16 @@ class Probe:
             group.append(index[mod])
         self.group = np.asarray(group, dtype=np.int64)
         self.sharded = sharded
+        self._world_size: int | None = None
         # fp32 tensors take the fused norm's fastest path; anything else accumulates in fp32
         self._fp32 = all(p.dtype == torch.float32 for p in self.params)
         self._all_idx = np.arange(len(self.params), dtype=np.int64)
+        self._one_per_module = bool(np.array_equal(self.group, self._all_idx))
         self.process_group = process_group
         self.device = self.params[0].device
+        self._world()
+        self._one_device = all(p.device == self.device for p in self.params)
+        self.last_grads: list[torch.Tensor] = []
 
     # -- measurement ----------------------------------------------------------------
     def grads(self) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -267,23 +272,25 @@ class Probe:
         (vector, index of the parameters that have gradients, number of norms)."""
         with torch.no_grad():
             gs, idx = self.grads()
+            self.last_grads = gs
             kw = {} if self._fp32 else {"dtype": torch.float32}
-            parts: list[torch.Tensor] = []
             n_norms = len(gs) + (len(self.params) if with_params else 0)
-            if gs:
-                parts.append(torch.stack(torch._foreach_norm(gs, 2, **kw)))
-            if with_params:
-                parts.append(torch.stack(torch._foreach_norm(
-                    [_local(p.detach()) for p in self.params], 2, **kw)))
             if isinstance(loss, torch.Tensor):
-                lt = loss.detach().float().reshape(1)
+                lt = loss.detach().reshape(()).float()
             else:
-                lt = torch.tensor([float(loss)])
-            parts = [p.to(self.device) for p in parts]
-            parts.extend(e.float().reshape(-1).to(self.device) for e in extra)
-            parts.append(lt.to(self.device))
-            vec = torch.cat(parts) if len(parts) > 1 else parts[0]
-            vec = self._reduce(vec, n_norms=n_norms)
+                lt = torch.tensor(float(loss), device=self.device)
+            norms = list(torch._foreach_norm(gs, 2, **kw)) if gs else []
+            if with_params:
+                norms.extend(torch._foreach_norm([_local(p.detach()) for p in self.params], 2, **kw))
+            if not extra and self._one_device:
+                vec = torch.stack(norms + [lt])  # the common step: one stack, nothing else
+            else:
+                parts = [torch.stack(norms).to(self.device)] if norms else []
+                parts.extend(e.float().reshape(-1).to(self.device) for e in extra)
+                parts.append(lt.reshape(1).to(self.device))
+                vec = torch.cat(parts)
+            if self._world_size != 1:
+                vec = self._reduce(vec, n_norms=n_norms)
         return vec, idx, n_norms
 
     def split(self, host: np.ndarray, idx: np.ndarray, with_params: bool
@@ -302,13 +309,20 @@ class Probe:
         host = vec.cpu().numpy().astype(np.float64)
         return self.split(host, idx, with_params)
 
+    def _world(self) -> int:
+        """World size when distributed (checked once: the Guard is built after
+        init_process_group), else 1."""
+        if self._world_size is None:
+            import torch.distributed as dist
+            self._world_size = (dist.get_world_size(self.process_group)
+                                if dist.is_available() and dist.is_initialized() else 1)
+        return self._world_size
+
     def _reduce(self, vec: torch.Tensor, n_norms: int) -> torch.Tensor:
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return vec
-        world = dist.get_world_size(self.process_group)
+        world = self._world()
         if world == 1:
             return vec
+        import torch.distributed as dist
         # Squared norms add over disjoint shards (FSDP); DDP gradients are identical on all
         # ranks, so averaging keeps them. Non-finite values propagate through the sum, so a
         # NaN on one rank is seen by every rank: all ranks take the same decision.
@@ -336,10 +350,15 @@ class Probe:
 def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
                 pn: np.ndarray | None, loss: float, **kw: Any) -> StepStats:
     with np.errstate(over="ignore", invalid="ignore"):
-        total = float(np.sqrt(np.sum(np.square(gn)))) if len(gn) else 0.0
-        pgroups = probe.group_norms(pn, np.arange(len(pn))) if pn is not None else None
+        gsq = np.square(gn)
+        total = math.sqrt(float(gsq.sum())) if len(gn) else 0.0
+        if len(probe.modules) == len(idx) and idx is probe._all_idx and probe._one_per_module:
+            groups = np.sqrt(gsq)  # one parameter tensor per module: no grouping needed
+        else:
+            groups = probe.group_norms(gn, idx)
+        pgroups = probe.group_norms(pn, probe._all_idx) if pn is not None else None
         ptotal = float(np.sqrt(np.sum(np.square(pn)))) if pn is not None else None
     return StepStats(step=step, loss=float(loss), grad_norm=total, modules=probe.modules,
-                     grad_norms=probe.group_norms(gn, idx).tolist(),
+                     grad_norms=groups.tolist(),
                      param_norms=pgroups.tolist() if pgroups is not None else None,
                      param_norm=ptotal, **kw)
