@@ -20,7 +20,8 @@ def train_digits(X, y, *, guarded, steps=300, opt="sgd", lr=0.1, bs=32, seed=0, 
                  guard_kwargs=None, model=None, hook=None):
     m = model if model is not None else mlp(seed)
     o = {"sgd": lambda: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
-         "adam": lambda: torch.optim.Adam(m.parameters(), lr=lr)}[opt]()
+         "adam": lambda: torch.optim.Adam(m.parameters(), lr=lr),
+         "adam_fused": lambda: torch.optim.Adam(m.parameters(), lr=lr, fused=True)}[opt]()
     g = tg.Guard(m, o, console=False, **(guard_kwargs or {})) if guarded else None
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []
@@ -57,8 +58,8 @@ def test_healthy_run_is_identical_to_bare(digits, opt, lr, bs):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("sync", [True, False])
-def test_nonfinite_step_is_a_true_skip(digits, sync):
+@pytest.mark.parametrize("sync,fused", [(True, False), (False, False), (False, True)])
+def test_nonfinite_step_is_a_true_skip(digits, sync, fused):
     X, y = digits
     snap = {}
 
@@ -70,8 +71,9 @@ def test_nonfinite_step_is_a_true_skip(digits, sync):
             snap["after"] = [p.detach().clone() for p in m.parameters()]
             snap["state_after"] = [{k: v.clone() for k, v in o.state[p].items()} for p in m.parameters()]
 
-    m, o, g, acc, _ = train_digits(X, y, guarded=True, opt="adam", lr=1e-3, steps=60,
-                                   inject={40}, hook=hook, guard_kwargs={"sync": sync})
+    m, o, g, acc, _ = train_digits(X, y, guarded=True, opt="adam_fused" if fused else "adam",
+                                   lr=1e-3, steps=60, inject={40}, hook=hook,
+                                   guard_kwargs={"sync": sync})
     nf = [f for f in g.findings if f.kind == "nonfinite"]
     assert [f.step for f in nf] == [40]
     assert [a.kind for a in g.actions if a.step == 40] == ["skip"]

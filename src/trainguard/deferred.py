@@ -16,8 +16,11 @@ At step t+1 the host reads step t's vector, runs the detectors and the policy, a
 what can still be applied: rollback, LR backoff and halt. A loss spike is therefore seen one
 step late and cannot be skipped; non-finite values always are.
 
-Cost: the backup copies parameters and optimizer state every step (memory traffic of about
-one extra optimizer step), the price of an exact skip without a sync.
+Cost: optimizers that implement GradScaler's in-kernel skip (``_step_supports_amp_scaling``:
+``fused=True`` Adam, AdamW, SGD, on CPU and CUDA) receive the flag as ``found_inf`` and skip
+exactly with no copy. Any other optimizer pays a backup of parameters and optimizer state
+every step (memory traffic of about one extra optimizer step), the price of an exact skip
+without a sync.
 """
 from __future__ import annotations
 
@@ -113,12 +116,25 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
         elif isinstance(clipper, AGC):
             clipper.apply(guard.probe.params)
-    backup = getattr(guard, "_backup", None) or _Backup()
-    guard._backup = backup
-    pairs = backup.save(guard) if not scaled else []
-    guard._optimizer_step(scaled)
-    if not scaled:
-        backup.select(guard, pairs, ok)
+    opt = guard.optimizer
+    if not scaled and getattr(opt, "_step_supports_amp_scaling", False):
+        # fused optimizers skip inside their kernel, step counters included (the GradScaler
+        # protocol): an exact device-side skip without any backup copy
+        opt.grad_scale = None
+        opt.found_inf = (~ok).float().to(guard.probe.device)
+        try:
+            guard._optimizer_step(False)
+        finally:
+            del opt.grad_scale
+            del opt.found_inf
+        guard._backup = None
+    else:
+        backup = getattr(guard, "_backup", None) or _Backup()
+        guard._backup = backup
+        pairs = backup.save(guard) if not scaled else []
+        guard._optimizer_step(scaled)
+        if not scaled:
+            backup.select(guard, pairs, ok)
     if vec.device.type == "cuda":
         host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
         host.copy_(vec, non_blocking=True)
@@ -157,7 +173,8 @@ def drain(guard: "Guard") -> None:
         for f in findings:
             guard._emit_finding(f)
         if not ok and not stats.scaler_overflow:
-            guard._backup.undo_late()
+            if guard._backup is not None:
+                guard._backup.undo_late()
             guard._act("skip", "non-finite values: update discarded on the device (parameters, "
                                "optimizer moments and step counters untouched)", finding="nonfinite")
         if guard.clipper is not None and not isinstance(guard.clipper, AGC) and ok:
