@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import trainguard as tg  # noqa: E402
 
 
-def make(model: str, width: int, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make(model: str, width: int, seed: int = 0, fused: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     if model == "mlp":
         m = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
@@ -43,15 +43,15 @@ def make(model: str, width: int, seed: int = 0) -> tuple[nn.Module, torch.optim.
                           nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(128, 10))
-    return m, torch.optim.Adam(m.parameters(), lr=1e-3)
+    return m, torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused or None)
 
 
 def _loop(model: str, width: int, *, guard: dict | None = None,
           after_backward: Callable[[nn.Module, list], None] | None = None,
-          anomaly: bool = False) -> Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]:
+          anomaly: bool = False, fused: bool = False) -> Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]:
     """One training-step function per variant; everything but the marked part is identical."""
     def build():
-        m, o = make(model, width)
+        m, o = make(model, width, fused=fused)
         g = tg.Guard(m, o, console=False, **guard) if guard is not None else None
         log: list = []
 
@@ -82,6 +82,8 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
         "bare": _loop(model, width),
         "guard": _loop(model, width, guard={}),
         "guard sync=False": _loop(model, width, guard={"sync": False}),
+        "bare (fused Adam)": _loop(model, width, fused=True),
+        "guard sync=False, fused": _loop(model, width, guard={"sync": False}, fused=True),
         "detect_anomaly": _loop(model, width, anomaly=True),
         "clip_grad_norm_": _loop(model, width, after_backward=lambda m, log: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
         "per-param .item()": _loop(model, width, after_backward=_item_logging),
