@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .repair.clip import AGC
+from .remedies.clip import AGC
 from .stats import _local, build_stats
 
 if TYPE_CHECKING:  # pragma: no cover

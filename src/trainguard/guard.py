@@ -26,9 +26,9 @@ from torch import nn
 
 from .detect import Detector, default_detectors
 from .policy import Plan, Policy
-from .repair.clip import AGC, make_clipper, scale_grads
-from .repair.lr import LRController
-from .repair.snapshot import SnapshotStore
+from .remedies.clip import AGC, make_clipper, scale_grads
+from .remedies.lr import LRController
+from .remedies.snapshot import SnapshotStore
 from .report.base import Sink
 from .stats import ActivationSampler, Probe, StepStats, _local, build_stats, optimizer_kind
 from .types import REMEDIES, SEVERE_KINDS, Action, Finding, TrainingUnstable

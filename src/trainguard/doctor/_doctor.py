@@ -1,0 +1,277 @@
+"""``doctor()``: diagnose a model before (or instead of) a long training run."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..types import Finding
+from ._common import (DoctorInputError, LossFn, clone_model, clone_optimizer, freeze_dropout,
+                      lr_of, model_device, preserved_rng, probe_batch, train_steps, trainable,
+                      validate_inputs)
+from .curvature import Curvature, optimizer_limit, sharpness
+from .lr_range import RangeTest, range_test
+from .noise import NOISE_LR_FACTOR, noise_scale
+from .precision import (HEADROOM_WARN_BITS, SWAMPING_FRACTION, UNDERFLOW_FRACTION, audit)
+from .prescribe import prescribe
+from .propagation import findings_from, measure, residual_blocks, verdicts
+from .report import DoctorReport
+
+#: LR this many times the curvature limit is beyond the catapult range: divergent phase
+#: η > η_max ≈ 4/λ₀ = 2×(2/λ₀) (Lewkowycz 2020, mechanisms §3.5). Between 1× and 2× the
+#: run may catapult (benign), reported as info.
+CATAPULT_FACTOR = 2.0
+#: Above this multiple of the limit even ReLU nets diverge: η_max ≈ 12/λ₀ empirically for
+#: ReLU nets (Lewkowycz 2020 [M], mechanisms §3.5) = 6 × (2/λ₀).
+RELU_CATAPULT_FACTOR = 6.0
+#: Trial losses "improve" when the mean of the last quarter is below the mean of the first.
+#: Suggested LR = this fraction of the curvature limit for (S)GD: leaves room for
+#: progressive sharpening (λ_max rises to 2/η during training, Cohen 2021, §3.2).
+LIMIT_SAFETY = 0.5
+#: Suggested LR ≤ the range test's divergence LR / 4 (Smith 2017: base_lr = max_lr/3 or /4, §3.6).
+RANGE_DIVISOR = 4.0
+#: A learning rate this many times below the suggestion is reported (info) as too low.
+LR_TOO_LOW_FACTOR = 100.0
+#: Trial losses: the run diverges in the first steps when the loss rises above this multiple
+#: of its initial value (the range test's 4× rule, §3.6) or becomes non-finite.
+DIVERGE_FACTOR = 4.0
+#: Adam epsilon trap: fraction of coordinates with √v̂ < ε above which ε dominates the update
+#: (mechanisms §1 row 10; heuristic 50 %).
+EPS_FRACTION = 0.5
+
+
+def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.optim.Optimizer | None = None,
+           *, steps: int = 20, lr_range: bool = True, precision: bool = True, noise: bool = True,
+           max_batches: int = 32, probe_size: int = 256, range_steps: int = 100,
+           seed: int = 0) -> DoctorReport:
+    """Diagnose ``model`` trained with ``loss_fn(model(x), y)`` on ``data`` (an iterable of
+    ``(x, y)`` batches; at most ``max_batches`` are read) by ``optimizer`` (default: plain SGD,
+    lr 0.01).
+
+    Everything runs on copies: the model's parameters, buffers, gradients and mode, the
+    optimizer's state and the global RNG states are unchanged afterwards.
+
+    ``steps``: optimizer steps taken on a copy before the second propagation measurement
+    (and, for Adam, to populate the preconditioner). Set ``lr_range``, ``precision`` or
+    ``noise`` to False to skip those parts.
+    """
+    t0 = time.perf_counter()
+    batches = validate_inputs(model, loss_fn, data, optimizer, max_batches)
+    if steps < 0:
+        raise DoctorInputError(f"steps must be ≥ 0, got {steps}")
+    device = model_device(model)
+    lr = lr_of(optimizer)
+    kind, c_limit, pre = optimizer_limit(optimizer)
+    findings: list[Finding] = []
+    with preserved_rng():
+        torch.manual_seed(seed)
+        probe = probe_batch(batches, probe_size)
+
+        # -- 1. signal propagation at init, curvature at init ---------------------------
+        m = clone_model(model)
+        freeze_dropout(m)
+        init_stats, loss0 = measure(m, loss_fn, probe, device, seed=seed)
+        for p in m.parameters():
+            p.grad = None
+        if not math.isfinite(loss0):
+            findings.append(Finding("nonfinite", 0, f"the loss on the probe batch is {loss0} at "
+                                    "initialisation", severity="error", origin="forward",
+                                    evidence={"loss": loss0}))
+        opt_c = clone_optimizer(optimizer, model, m)
+        curv: Curvature | None = None
+        has_state = optimizer is not None and len(optimizer.state) > 0
+        if math.isfinite(loss0) and (not pre or has_state):
+            curv = sharpness(m, loss_fn, probe, device, optimizer, lr, opt_for_P=opt_c, seed=seed)
+        ns = None
+        if noise and math.isfinite(loss0):
+            ns = noise_scale(m, loss_fn, batches, device)
+        # -- trial steps on the copy ----------------------------------------------------
+        losses = train_steps(m, opt_c, loss_fn, batches, steps, device) if steps else []
+        grad_norms = []
+        after_stats = None
+        finite_params = all(torch.isfinite(p).all() for p in m.parameters())
+        if losses and finite_params:
+            after_stats, _ = measure(m, loss_fn, probe, device, seed=seed)
+            gl = [p.grad.flatten() for p in trainable(m) if p.grad is not None]
+            gn = float(torch.linalg.vector_norm(torch.cat(gl))) if gl else math.nan
+            grad_norms = [gn] if math.isfinite(gn) and gn > 0 else []
+            for p in m.parameters():
+                p.grad = None
+            if pre and curv is None:
+                curv = sharpness(m, loss_fn, probe, device, optimizer, lr, opt_for_P=opt_c, seed=seed)
+        if curv is None and pre and math.isfinite(loss0):
+            curv = sharpness(clone_model(model), loss_fn, probe, device, None, lr, seed=seed)
+            curv.optimizer = kind
+            curv.note = "preconditioner unavailable (no steps); limit from the raw Hessian"
+        if losses:
+            l0, bad = losses[0], [v for v in losses if not math.isfinite(v)]
+            if bad or (len(losses) > 3 and losses[-1] > DIVERGE_FACTOR * max(l0, 1e-12)):
+                findings.append(Finding(
+                    "divergence", len(losses),
+                    f"the loss went from {l0:.4g} to {losses[-1]:.4g} in {len(losses)} trial steps "
+                    f"at lr {lr:.3g}", severity="error",
+                    evidence={"losses": losses[:50], "lr": lr}))
+        # Adam epsilon trap
+        if pre and optimizer is not None:
+            tot, small = 0, 0
+            for g in opt_c.param_groups:
+                eps = float(g.get("eps", 1e-8))
+                for p in g["params"]:
+                    st = opt_c.state.get(p, {})
+                    if "exp_avg_sq" in st:
+                        step = st.get("step", 1)
+                        step = float(step.item() if isinstance(step, torch.Tensor) else step)
+                        b2 = float(g.get("betas", (0.9, 0.999))[1])
+                        v = (st["exp_avg_sq"].float() / (1 - b2 ** max(step, 1.0))).sqrt()
+                        live = v[v > 0]  # exact zeros are dead units, not the eps trap
+                        tot += live.numel()
+                        small += int((live < eps).sum())
+            if tot and small / tot > EPS_FRACTION:
+                findings.append(Finding(
+                    "adam_epsilon", steps, f"{small / tot:.0%} of coordinates have √v̂ below eps: "
+                    "eps, not the gradient, sets the step size", severity="warning",
+                    evidence={"fraction": small / tot}))
+        del m, opt_c
+
+        layers = verdicts(init_stats, after_stats)
+        findings.extend(findings_from(layers, model))
+
+        # -- 2. LR range test ------------------------------------------------------------
+        rt: RangeTest | None = None
+        if lr_range and math.isfinite(loss0):
+            m2 = clone_model(model)
+            o2 = clone_optimizer(optimizer, model, m2, fresh=True)
+            rt = range_test(m2, o2, loss_fn, batches, device, steps=range_steps,
+                            start_lr=min(1e-7, lr / 1e4), end_lr=max(10.0, lr * 100))
+            del m2, o2
+
+        # -- 3. precision ---------------------------------------------------------------
+        pa = None
+        if precision and math.isfinite(loss0):
+            m3 = clone_model(model)
+            freeze_dropout(m3)
+            o3 = clone_optimizer(optimizer, model, m3)
+            pa = audit(m3, o3, loss_fn, probe, device)
+            del m3, o3
+
+    # -- learning rate verdicts ----------------------------------------------------------
+    max_stable = curv.max_stable_lr if curv is not None else math.nan
+    cands = []
+    if curv is not None and not curv.preconditioned and math.isfinite(max_stable):
+        cands.append(LIMIT_SAFETY * max_stable)
+    if rt is not None and math.isfinite(rt.lr_diverge):
+        cands.append(rt.lr_diverge / RANGE_DIVISOR)
+    if not cands and rt is not None and math.isfinite(rt.lr_min_loss) and rt.lr_min_loss < rt.lrs[-1] / 2:
+        # the sweep never diverged but the loss turned up before its end: fastai's
+        # "LR at the minimum / 10" (mechanisms §3.6)
+        cands.append(rt.lr_min_loss / 10)
+    suggested = min(cands) if cands else lr
+    warmup = 0
+    if curv is not None and math.isfinite(max_stable):
+        ratio = lr / max_stable if max_stable > 0 else math.inf
+        ev = {"lr": lr, "max_stable_lr": max_stable, "lambda_max": curv.lambda_max,
+              "eta_lambda": lr * curv.lambda_max, "threshold": curv.threshold,
+              "preconditioned": curv.preconditioned}
+        diverged = any(f.kind in ("divergence", "nonfinite") for f in findings)
+        improving = _improving(losses)
+        if not curv.preconditioned and ratio > 1:
+            if diverged or ratio > RELU_CATAPULT_FACTOR or (ratio > CATAPULT_FACTOR and not improving):
+                findings.append(Finding(
+                    "lr_too_high", 0, f"lr {lr:.3g} is {ratio:.1f}× the curvature limit "
+                    f"{max_stable:.3g} = {curv.threshold:.3g}/λ_max (λ_max {curv.lambda_max:.4g}, "
+                    f"{kind})" + (": the trial run diverged" if diverged else
+                                  ": the top direction diverges geometrically"),
+                    severity="error", evidence=ev))
+            else:
+                findings.append(Finding(
+                    "lr_too_high", 0, f"lr {lr:.3g} is {ratio:.1f}× the curvature limit "
+                    f"{max_stable:.3g}, but the trial steps still reduce the loss: catapult / "
+                    "edge-of-stability regime, usually benign (Lewkowycz 2020, Cohen 2021)",
+                    severity="info", evidence=ev))
+                warmup = max(warmup, 100)
+    if rt is not None and math.isfinite(rt.lr_diverge) and lr >= rt.lr_diverge and \
+            not any(f.kind == "lr_too_high" and f.severity == "error" for f in findings):
+        findings.append(Finding(
+            "lr_too_high", 0, f"lr {lr:.3g} is above the LR range test's divergence point "
+            f"{rt.lr_diverge:.3g}", severity="error",
+            evidence={"lr": lr, "lr_diverge": rt.lr_diverge, "max_stable_lr": max_stable}))
+    if rt is not None and math.isfinite(rt.lr_diverge) and suggested and lr < suggested / LR_TOO_LOW_FACTOR:
+        findings.append(Finding("lr_too_low", 0, f"lr {lr:.3g} is over {LR_TOO_LOW_FACTOR:.0f}× below "
+                                f"the suggested {suggested:.3g}", severity="info",
+                                evidence={"lr": lr, "suggested_lr": suggested}))
+    if pre and optimizer is not None:
+        b2 = float(optimizer.param_groups[0].get("betas", (0.9, 0.999))[1])
+        if any(f.kind in ("lr_too_high", "divergence") for f in findings):
+            warmup = int(round(2 / (1 - b2)))  # Ma & Yarats 2019 rule of thumb, §3.7
+    elif any(f.kind == "lr_too_high" for f in findings) and warmup == 0:
+        warmup = 100
+    if ns is not None and math.isfinite(ns.eps_opt) and ns.eps_opt > 0 and not pre and optimizer is not None \
+            and ns.batch < ns.b_simple and lr > NOISE_LR_FACTOR * ns.eps_opt:
+        stalled = not _improving(losses)
+        findings.append(Finding(
+            "batch_too_small", 0, f"batch {ns.batch} is below the gradient noise scale "
+            f"B_simple≈{ns.b_simple:.0f}: the optimal step at this batch is ε_opt≈{ns.eps_opt:.3g}, "
+            f"lr {lr:.3g} is {lr / ns.eps_opt:.1f}× that"
+            + ("; the trial steps did not reduce the loss" if stalled else
+               "; the trial steps still reduce the loss"),
+            severity="warning" if stalled else "info",
+            evidence=ns.to_dict()))
+    if pa is not None:
+        over = pa.overflow_layers.get("fp16", [])
+        near = [lp.name for lp in pa.layers if lp.name not in over
+                and lp.headroom_bits.get("fp16", math.inf) < HEADROOM_WARN_BITS]
+        if over:
+            findings.append(Finding(
+                "precision_overflow", 0, f"{len(over)} layer(s) produce values above fp16's max "
+                f"65504 (largest |y| {max(lp.amax for lp in pa.layers if lp.name in over):.3g})",
+                where=over[0], locations=tuple(over), severity="warning",
+                evidence={"format": "fp16", "amax": {lp.name: lp.amax for lp in pa.layers if lp.name in over}}))
+        elif near:
+            findings.append(Finding(
+                "precision_overflow", 0, f"{len(near)} layer(s) within {HEADROOM_WARN_BITS:g} bits of "
+                "fp16's max 65504", where=near[0], locations=tuple(near), severity="info",
+                evidence={"format": "fp16", "headroom_bits": {lp.name: lp.headroom_bits["fp16"]
+                                                              for lp in pa.layers if lp.name in near}}))
+        uf = pa.grad_underflow.get("fp16", 0.0)
+        if uf > UNDERFLOW_FRACTION:
+            findings.append(Finding(
+                "precision_underflow", 0, f"{uf:.1%} of non-zero gradients are below 2^-24 and flush "
+                f"to zero in fp16 ({pa.grad_underflow.get('fp16_scaled', 0):.1%} with loss scale 2^16)",
+                severity="info", evidence=dict(pa.grad_underflow)))
+        sens = [n for n in pa.keep_fp32.get("fp16", []) if n not in over]
+        if sens:
+            findings.append(Finding(
+                "precision_sensitive", 0, f"{len(sens)} layer(s) are too sensitive for fp16 "
+                "(own rounding error above 10·√K·u)", where=sens[0], locations=tuple(sens),
+                severity="info", evidence={lp.name: lp.sensitivity for lp in pa.layers if lp.name in sens}))
+        sw = pa.swamping.get("bf16", math.nan)
+        if math.isfinite(sw) and sw > SWAMPING_FRACTION:
+            findings.append(Finding(
+                "precision_swamping", 0, f"{sw:.0%} of one step's updates would be lost to rounding "
+                "with bf16 weights (fp16: "
+                f"{pa.swamping.get('fp16', math.nan):.0%})", severity="info", evidence=dict(pa.swamping)))
+
+    clip = float(np.mean(grad_norms)) if grad_norms else None
+    ctx: dict[str, Any] = {"lr": lr, "optimizer": kind, "suggested_lr": suggested,
+                           "max_stable_lr": max_stable, "warmup_steps": warmup, "clip_norm": clip,
+                           "noise": ns, "residual_blocks": [n for n, _ in residual_blocks(model)],
+                           "precision": pa}
+    order = {"error": 0, "warning": 1, "info": 2}
+    findings.sort(key=lambda f: order.get(f.severity, 3))
+    rx = prescribe(findings, model, ctx)
+    return DoctorReport(findings, rx, max_stable, suggested, warmup, lr, kind,
+                        type(model).__name__, layers, curv, rt, ns, pa, losses,
+                        time.perf_counter() - t0)
+
+
+def _improving(losses: list[float]) -> bool:
+    """True when the trial losses are finite and the last quarter's mean is below the first
+    quarter's."""
+    if len(losses) < 4 or not all(math.isfinite(v) for v in losses):
+        return False
+    q = max(1, len(losses) // 4)
+    return float(np.mean(losses[-q:])) < float(np.mean(losses[:q]))

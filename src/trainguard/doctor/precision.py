@@ -1,0 +1,270 @@
+"""Precision audit: can this model train in fp16 / bf16, and which layers must stay fp32?
+(research/mechanisms.md §6.1–6.6)
+
+On a fixed probe batch:
+
+1. **Shadow run.** An fp64 copy of the model is the reference. For each format (fp16, bf16)
+   the fp32 model is run with every tracked layer's weights rounded to the format and its
+   outputs cast ``y.to(fmt).to(float32)`` (storage emulation: overflow becomes inf exactly as
+   in the format; accumulation stays fp32, as tensor cores and autocast do). Per layer:
+   relative error ‖y − y_ref‖/‖y_ref‖.
+2. **One-layer-at-a-time ablation** (§6.6 recipe 2): only layer l is cast; the relative
+   error of the model output measures that layer's own sensitivity.
+3. **Range.** Per layer amax of the fp64 output and headroom log2(fmt_max/amax).
+4. **Gradient underflow.** Fraction of non-zero weight and activation gradients with
+   |g| < 2^-24 (flushed to zero in fp16), also after GradScaler's initial scale 2^16.
+5. **Update swamping** (§6.6 recipe 4): after one real optimizer step (on a copy), the
+   fraction of non-zero updates Δw with Q(w+Δw) == Q(w), Q = rounding to bf16 / fp16.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._common import Batch, LossFn, loss_of, to_device, trainable
+from .propagation import tracked_modules
+
+#: Largest finite value of each format (mechanisms.md §6.1).
+FORMAT_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38}
+#: Unit roundoff u = 2^-(p) with p mantissa bits + 1 (§6.1: fp16 4.9e-4, bf16 3.9e-3).
+UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+#: Smallest positive fp16 value, 2^-24 = 5.96e-8: smaller gradients flush to zero
+#: (Micikevicius 2018, §6.2).
+FP16_MIN_SUBNORMAL = 2.0 ** -24
+#: GradScaler's initial loss scale 2^16 (PyTorch default, §6.2).
+GRADSCALER_INIT = 2.0 ** 16
+#: Fraction of gradient values that flush to zero in fp16 above which loss scaling is
+#: required: Micikevicius 2018 report ~5 % of a speech model's weight gradients below 2^-24
+#: as the reason for loss scaling (§6.2); we flag at 1 % to keep a margin.
+UNDERFLOW_FRACTION = 0.01
+#: A layer "must stay fp32" when casting it alone makes the model output's relative error
+#: exceed SENSITIVITY_FACTOR·√K·u, K its reduction length (fan-in), u the unit roundoff
+#: (§6.6 recipe 1: e ≫ √K·u flags ill-conditioning; "≫" taken as 10×, heuristic).
+SENSITIVITY_FACTOR = 10.0
+#: Headroom (bits) below which a layer is "near overflow": activations routinely grow by
+#: more than 16× during training (e.g. §6.3: mt5 activations reaching ~1e4 then inf), so
+#: less than 4 bits at initialisation is a warning (heuristic).
+HEADROOM_WARN_BITS = 4.0
+#: Swamping rate above which pure low-precision weights (no fp32 master copy) lose training
+#: signal; §6.4: unit-scale parameters freeze first. Flagged at 10 % (heuristic).
+SWAMPING_FRACTION = 0.10
+
+_DT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LayerPrecision:
+    name: str
+    kind: str
+    amax: float
+    headroom_bits: dict[str, float] = field(default_factory=dict)
+    rel_error: dict[str, float] = field(default_factory=dict)  # all layers cast, vs fp64
+    sensitivity: dict[str, float] = field(default_factory=dict)  # only this layer cast
+    limit: dict[str, float] = field(default_factory=dict)  # sensitivity limit
+    fan_in: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PrecisionAudit:
+    layers: list[LayerPrecision] = field(default_factory=list)
+    output_error: dict[str, float] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    grad_underflow: dict[str, float] = field(default_factory=dict)
+    swamping: dict[str, float] = field(default_factory=dict)
+    overflow_layers: dict[str, list[str]] = field(default_factory=dict)
+    keep_fp32: dict[str, list[str]] = field(default_factory=dict)
+    can_train: dict[str, str] = field(default_factory=dict)  # fmt -> verdict sentence
+    grad_amax: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["layers"] = [lp.to_dict() for lp in self.layers]
+        return d
+
+
+def _round(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    return t.to(dt).to(t.dtype)
+
+
+def _run_collect(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
+                 dtype: torch.dtype, cast: dict[str, torch.dtype]) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """Forward with outputs of the layers in ``cast`` rounded through their format;
+    returns layer outputs (fp64 copies), the model output and the loss."""
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m, _ in tracked_modules(model):
+        def hook(_m, _i, o, name=name):
+            if not isinstance(o, torch.Tensor) or not o.is_floating_point():
+                return None
+            if name in cast:
+                o = _round(o, cast[name])
+            if name not in outs:
+                outs[name] = o.detach().double()
+            return o
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            x, y = batch
+            xx = to_device(x, device, dtype)
+            out = model(xx)
+            yy = to_device(y, device, dtype if isinstance(y, torch.Tensor) and y.is_floating_point() else None)
+            loss = float(loss_fn(out, yy))
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, out.detach().double() if isinstance(out, torch.Tensor) else out, loss
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if a.shape != ref.shape:
+        return math.nan
+    d = (a - ref)
+    if not torch.isfinite(d).all():
+        return math.inf
+    n = float(ref.norm())
+    return float(d.norm()) / n if n > 0 else (0.0 if float(d.norm()) == 0 else math.inf)
+
+
+def audit(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: Batch,
+          device: torch.device, formats: tuple[str, ...] = ("fp16", "bf16"),
+          ablation_max_layers: int = 64) -> PrecisionAudit:
+    """``model`` and ``opt`` are copies owned by the caller (one optimizer step is taken)."""
+    res = PrecisionAudit()
+    names = [(n, k) for n, _, k in tracked_modules(model)]
+    ref_model = copy.deepcopy(model).double()
+    ref_outs, ref_out, ref_loss = _run_collect(ref_model, loss_fn, batch, device, torch.float64, {})
+    del ref_model
+    res.loss["fp64"] = ref_loss
+    fan = {n: (int(m.weight[0].numel()) if isinstance(getattr(m, "weight", None), torch.Tensor)
+               and m.weight.dim() >= 2 else 0) for n, m, _ in tracked_modules(model)}
+    layers = {}
+    for n, k in names:
+        if n not in ref_outs:
+            continue
+        amax = float(ref_outs[n].abs().max()) if ref_outs[n].numel() else 0.0
+        lp = LayerPrecision(n, k, amax, fan_in=fan.get(n, 0))
+        for f in formats:
+            lp.headroom_bits[f] = math.log2(FORMAT_MAX[f] / amax) if amax > 0 else math.inf
+        layers[n] = lp
+    res.layers = list(layers.values())
+
+    params = trainable(model)
+    saved = [p.detach().clone() for p in params]
+    for f in formats:
+        dt = _DT[f]
+        with torch.no_grad():
+            for p in params:
+                p.copy_(_round(p, dt))
+        all_cast = {n: dt for n in layers}
+        outs, out, loss = _run_collect(model, loss_fn, batch, device, torch.float32, all_cast)
+        res.loss[f] = loss
+        res.output_error[f] = _rel(out, ref_out) if isinstance(out, torch.Tensor) else math.nan
+        res.overflow_layers[f] = [n for n, lp in layers.items() if lp.amax > FORMAT_MAX[f]
+                                  or (n in outs and not torch.isfinite(outs[n]).all())]
+        for n, lp in layers.items():
+            lp.rel_error[f] = _rel(outs[n], ref_outs[n]) if n in outs else math.nan
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        # one-layer-at-a-time ablation (weights of that layer rounded too)
+        keep = []
+        mods = {n: m for n, m, _ in tracked_modules(model)}
+        for n, lp in list(layers.items())[:ablation_max_layers]:
+            m = mods.get(n)
+            own = [p for p in m.parameters(recurse=False)] if m is not None else []
+            own_saved = [p.detach().clone() for p in own]
+            with torch.no_grad():
+                for p in own:
+                    p.copy_(_round(p, dt))
+            _, o1, _ = _run_collect(model, loss_fn, batch, device, torch.float32, {n: dt})
+            with torch.no_grad():
+                for p, s in zip(own, own_saved):
+                    p.copy_(s)
+            s_err = _rel(o1, ref_out) if isinstance(o1, torch.Tensor) else math.nan
+            lp.sensitivity[f] = s_err
+            K = max(lp.fan_in, 1)
+            lp.limit[f] = SENSITIVITY_FACTOR * math.sqrt(K) * UNIT_ROUNDOFF[f]
+            if not math.isfinite(s_err) or s_err > lp.limit[f] or n in res.overflow_layers[f]:
+                keep.append(n)
+        res.keep_fp32[f] = keep
+
+    # gradients (fp32 backward) and one real optimizer step for swamping
+    act_grads: list[torch.Tensor] = []
+    handles = []
+    for _, m, _ in tracked_modules(model):
+        def fh(_m, _i, o):
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                o.register_hook(lambda g: act_grads.append(g.detach().abs().flatten()))
+        handles.append(m.register_forward_hook(fh))
+    try:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model, loss_fn, batch, device)
+        if math.isfinite(float(loss.detach())):
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    wg = [p.grad.detach().abs().flatten() for p in params if p.grad is not None]
+    allg = torch.cat(wg + act_grads) if (wg or act_grads) else torch.zeros(0)
+    nz = allg[allg > 0]
+    if nz.numel():
+        res.grad_amax = float(nz.max())
+        res.grad_underflow["fp16"] = float((nz < FP16_MIN_SUBNORMAL).float().mean())
+        scaled = nz * GRADSCALER_INIT
+        res.grad_underflow["fp16_scaled"] = float((scaled < FP16_MIN_SUBNORMAL).float().mean())
+        res.grad_underflow["fp16_scaled_overflow"] = float((scaled > FORMAT_MAX["fp16"]).float().mean())
+        res.grad_underflow["bf16"] = float((nz < 2.0 ** -133).float().mean())
+    before = [p.detach().clone() for p in params]
+    if all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    for f in formats:
+        dt = _DT[f]
+        lost, total = 0, 0
+        for w0, p in zip(before, params):
+            dw = p.detach() - w0
+            mask = dw != 0
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            q0 = w0.to(dt)
+            q1 = (w0 + dw).to(dt)
+            lost += int(((q0 == q1) & mask).sum())
+            total += n
+        res.swamping[f] = lost / total if total else math.nan
+    with torch.no_grad():
+        for p, s in zip(params, before):
+            p.copy_(s)
+
+    for f in formats:
+        over = res.overflow_layers.get(f, [])
+        keep = res.keep_fp32.get(f, [])
+        if f == "fp16":
+            uf = res.grad_underflow.get("fp16", 0.0)
+            if over:
+                res.can_train[f] = (f"no: {len(over)} layer(s) overflow fp16 ({', '.join(over[:3])}"
+                                    f"{'...' if len(over) > 3 else ''}); keep them in fp32 or use bf16")
+            elif keep:
+                res.can_train[f] = (f"with care: keep {len(keep)} sensitive layer(s) in fp32"
+                                    + ("; use GradScaler (loss scaling)" if uf > UNDERFLOW_FRACTION else ""))
+            elif uf > UNDERFLOW_FRACTION:
+                res.can_train[f] = (f"yes with loss scaling: {uf:.1%} of gradients flush to zero "
+                                    "without it (torch.amp.GradScaler)")
+            else:
+                res.can_train[f] = "yes (autocast + GradScaler)"
+        else:
+            if over:
+                res.can_train[f] = f"no: {len(over)} layer(s) overflow bf16"
+            elif keep:
+                res.can_train[f] = f"with care: keep {len(keep)} sensitive layer(s) in fp32"
+            else:
+                res.can_train[f] = "yes (autocast; keep fp32 master weights)"
+    return res

@@ -1,0 +1,348 @@
+"""Signal propagation: per-layer forward and backward statistics on a fixed probe batch
+(research/mechanisms.md §2.11).
+
+Per tracked layer (every leaf module with parameters, and every activation module), in
+forward-call order:
+
+* ``q``        activation second moment mean(h²) of the layer output;
+* ``grad_rms`` RMS of the back-propagated gradient ∂L/∂h at the layer output (tensor hook);
+* ``dead``     fraction of units that are ≤ 0 for every sample of the probe batch (ReLU kinds);
+* ``saturated`` fraction of outputs in the flat region (sigmoid: h<0.01 or h>0.99; tanh: |h|>0.99);
+* ``gain``     Jacobian gain of the layer, Hutchinson estimate sqrt(E‖Jᵀv‖²/n_in / (‖v‖²/n_out))
+  with v ~ N(0, I): 1 for a per-unit isometry, the per-layer χ of mean-field theory (§2.10).
+
+Measured at initialisation and again after a few optimizer steps on a copy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..stats import activation_kind, unit_dim
+from ..types import Finding
+from ._common import Batch, LossFn, loss_of
+
+#: Backward signal ratio ‖∂L/∂h_l‖_rms / ‖∂L/∂h_out‖_rms below which a layer is
+#: "vanishing". AUTOTRAINER's tuned default β1 = 1e-3 for the first/last gradient-norm ratio
+#: (prior-art-academic.md §1.2; its sensitivity study found 100 % precision/recall across a
+#: range of values); mechanisms.md §2.11 suggests ≲1e-4, with healthy nets at 1e-2–1 and a
+#: depth-10 sigmoid net at 1e-9 [C]. 1e-3 sits between healthy and broken by a decade.
+VANISHING_GRAD_RATIO = 1e-3
+
+#: Backward signal ratio above which a layer is "exploding": AUTOTRAINER's β3 = 70
+#: (prior-art-academic.md §1.2, sensitivity range 40–100 with 100 % precision/recall).
+EXPLODING_GRAD_RATIO = 70.0
+
+#: Forward second-moment change, in decades, relative to the first layer of the same kind,
+#: beyond which activations are collapsing / exploding: "flag if log10(q^L/q^1) outside ±2"
+#: (mechanisms.md §2.11, heuristic). Xavier-ReLU at depth 30 gives −9.4 decades, He gives ~0 [C].
+Q_DECADES = 2.0
+
+#: Saturated fraction at which a layer is "saturated": more than half of the outputs sit
+#: where σ' < 0.0099 (sigmoid) or tanh' < 0.02, i.e. the layer passes on at most about half
+#: of its unsaturated gradient signal (heuristic; Glorot 2010 §2.1 describes whole top
+#: layers saturating at 0).
+SATURATED_FRACTION = 0.5
+
+#: A ReLU layer is "dead" when all its units are inactive on the whole probe batch — the
+#: unambiguous signal of mechanisms.md §2.5 — or when its dead fraction rises by at least
+#: DEAD_RISE to at least DEAD_AFTER during the first steps ("a dead fraction that increases
+#: during training", §2.5). A static ~30 % at depth 30 is a normal He-init baseline [C] and is
+#: not flagged.
+DEAD_RISE = 0.2
+DEAD_AFTER = 0.5
+
+_SKIP = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+@dataclass
+class LayerStats:
+    name: str
+    kind: str  # activation kind ("relu", ...) or module type name ("Linear", ...)
+    units: int
+    q: float
+    grad_rms: float
+    dead: float
+    saturated: float
+    gain: float
+    fan_in: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerVerdict:
+    name: str
+    kind: str
+    verdict: str  # "vanishing" | "exploding" | "saturated" | "dead" | "collapsing" | "healthy"
+    flags: list[str] = field(default_factory=list)
+    grad_ratio: float = math.nan
+    q_decades: float = math.nan
+    init: LayerStats | None = None
+    after: LayerStats | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "verdict": self.verdict,
+                "flags": list(self.flags), "grad_ratio": self.grad_ratio,
+                "q_decades": self.q_decades,
+                "init": self.init.to_dict() if self.init else None,
+                "after": self.after.to_dict() if self.after else None}
+
+
+def tracked_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    out = []
+    for name, m in model.named_modules():
+        if any(True for _ in m.children()) or isinstance(m, _SKIP):
+            continue
+        kind = activation_kind(m)
+        has_params = any(True for _ in m.parameters(recurse=False))
+        if kind is None and not has_params:
+            continue
+        out.append((name or "(root)", m, kind or type(m).__name__))
+    return out
+
+
+def _fan_in(m: nn.Module, units: int) -> int:
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() >= 2:
+        return int(w[0].numel())
+    return units
+
+
+def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
+            seed: int = 0) -> tuple[list[LayerStats], float]:
+    """One forward/backward on ``batch`` with hooks; returns per-layer stats and the loss.
+    The model's parameters get .grad populated; the caller works on a copy."""
+    targets = tracked_modules(model)
+    records: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    handles = []
+
+    def make_hook(name: str, mod: nn.Module, kind: str):
+        def hook(_m: nn.Module, inp: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor) or out.dim() < 2 or not out.is_floating_point():
+                return
+            k = counts.get(name, 0)
+            counts[name] = k + 1
+            x = inp[0] if isinstance(inp, tuple) and inp else None
+            rec = {"name": name if k == 0 else f"{name}[{k}]", "kind": kind, "mod": mod,
+                   "out": out, "inp": x if isinstance(x, torch.Tensor) and x.requires_grad else None,
+                   "grad": None}
+            if out.requires_grad:
+                def ghook(g: torch.Tensor, rec=rec) -> None:
+                    rec["grad"] = g.detach()
+                out.register_hook(ghook)
+            records.append(rec)
+        return hook
+
+    for name, m, kind in targets:
+        handles.append(m.register_forward_hook(make_hook(name, m, kind)))
+    try:
+        loss = loss_of(model, loss_fn, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+    lv = float(loss.detach())
+    if loss.requires_grad and math.isfinite(lv):
+        loss.backward(retain_graph=True)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    stats = []
+    for rec in records:
+        o = rec["out"].detach().float()
+        d = unit_dim(o)
+        units = int(o.shape[d])
+        reduce_dims = [i for i in range(o.dim()) if i != d]
+        kind = rec["kind"]
+        q = float(o.square().mean())
+        dead = float((o.amax(dim=reduce_dims) <= 0).float().mean()) if kind in ("relu", "relu6") else math.nan
+        if kind in ("sigmoid", "hardsigmoid"):
+            sat = float(((o < 0.01) | (o > 0.99)).float().mean())
+        elif kind in ("tanh", "hardtanh"):
+            sat = float((o.abs() > 0.99).float().mean())
+        else:
+            sat = math.nan
+        g = rec["grad"]
+        grad_rms = float(g.float().square().mean().sqrt()) if g is not None else math.nan
+        gain = math.nan
+        if rec["inp"] is not None and rec["out"].requires_grad:
+            v = torch.randn(rec["out"].shape, generator=gen).to(rec["out"].device, rec["out"].dtype)
+            try:
+                (jt,) = torch.autograd.grad(rec["out"], rec["inp"], v, retain_graph=True,
+                                            allow_unused=True)
+            except RuntimeError:
+                jt = None
+            if jt is not None:
+                n_out, n_in = v.numel(), jt.numel()
+                den = float(v.float().square().sum()) / n_out
+                gain = math.sqrt(float(jt.float().square().sum()) / n_in / den) if den > 0 else math.nan
+        stats.append(LayerStats(rec["name"], kind, units, q, grad_rms, dead, sat, gain,
+                                _fan_in(rec["mod"], units)))
+        rec.clear()
+    return stats, lv
+
+
+def _log10(x: float) -> float:
+    return math.log10(x) if x > 0 and math.isfinite(x) else (-math.inf if x == 0 else math.nan)
+
+
+def verdicts(init: list[LayerStats], after: list[LayerStats] | None) -> list[LayerVerdict]:
+    """Per-layer verdict from the init measurement (and the after-steps one when given)."""
+    after_by = {s.name: s for s in (after or [])}
+    out: list[LayerVerdict] = []
+    if not init:
+        return out
+    ref_grad = next((s.grad_rms for s in reversed(init) if math.isfinite(s.grad_rms) and s.grad_rms > 0),
+                    math.nan)
+    first_q: dict[str, float] = {}
+    for i, s in enumerate(init):
+        a = after_by.get(s.name)
+        flags: list[str] = []
+        ratio = s.grad_rms / ref_grad if math.isfinite(ref_grad) and ref_grad > 0 else math.nan
+        if math.isfinite(ratio) or ratio == 0:
+            if ratio < VANISHING_GRAD_RATIO:
+                flags.append("vanishing")
+            elif ratio > EXPLODING_GRAD_RATIO:
+                flags.append("exploding")
+        group = "act" if s.kind.islower() else "param"
+        q0 = first_q.setdefault(group, s.q)
+        qd = _log10(s.q) - _log10(q0) if q0 > 0 else math.nan
+        is_last = i == len(init) - 1
+        if not is_last and (math.isfinite(qd) or qd == -math.inf):
+            if qd < -Q_DECADES:
+                flags.append("collapsing")
+            elif qd > Q_DECADES:
+                flags.append("exploding")
+        if not math.isfinite(s.q) or (math.isfinite(s.grad_rms) is False and s.grad_rms == s.grad_rms):
+            flags.append("exploding")
+        sat = max(s.saturated if math.isfinite(s.saturated) else 0.0,
+                  a.saturated if a is not None and math.isfinite(a.saturated) else 0.0)
+        if sat >= SATURATED_FRACTION:
+            flags.append("saturated")
+        if math.isfinite(s.dead):
+            d_after = a.dead if a is not None and math.isfinite(a.dead) else s.dead
+            if s.dead >= 1.0 or d_after >= 1.0 or (d_after - s.dead >= DEAD_RISE and d_after >= DEAD_AFTER):
+                flags.append("dead")
+        order = ("dead", "saturated", "exploding", "vanishing", "collapsing")
+        verdict = next((f for f in order if f in flags), "healthy")
+        out.append(LayerVerdict(s.name, s.kind, verdict, sorted(set(flags), key=order.index),
+                                ratio, qd, s, a))
+    return out
+
+
+def findings_from(layers: list[LayerVerdict], model: nn.Module) -> list[Finding]:
+    """Aggregate the per-layer verdicts into Guard-kind (and doctor-only) findings."""
+    fs: list[Finding] = []
+    acts = sorted({lv.kind for lv in layers if lv.kind.islower()})
+
+    def where_all(flag: str) -> list[LayerVerdict]:
+        return [lv for lv in layers if flag in lv.flags]
+
+    van = [lv for lv in where_all("vanishing")]
+    if van:
+        worst = min(van, key=lambda lv: lv.grad_ratio)
+        chi = _chi(layers)
+        fs.append(Finding(
+            "vanishing_gradient", 0,
+            f"the back-propagated gradient at {worst.name} is {worst.grad_ratio:.2g}× the one at "
+            f"the output ({len(van)} of {len(layers)} layers below {VANISHING_GRAD_RATIO:g}); "
+            f"activations: {', '.join(acts) or 'none'}",
+            where=van[0].name, locations=tuple(lv.name for lv in van), severity="error",
+            evidence={"min_grad_ratio": worst.grad_ratio, "layers": len(van),
+                      "chi_per_layer": chi, "activations": acts}))
+    # the last weight layer of a residual branch is small by design (Fixup/ReZero zero-init;
+    # its output is added to the residual stream), so its own q is not a collapse signal
+    branch_ends = set()
+    for bname, block in residual_blocks(model):
+        ws = [n for n, c in block.named_modules() if isinstance(c, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if ws:
+            branch_ends.add(f"{bname}.{ws[-1]}")
+    col = [lv for lv in where_all("collapsing") if lv.name.split("[")[0] not in branch_ends]
+    if col:
+        worst = min(col, key=lambda lv: lv.q_decades)
+        fs.append(Finding(
+            "activation_collapse", 0,
+            f"activation second moment falls {-worst.q_decades:.1f} decades from the first layer to "
+            f"{worst.name} (limit {Q_DECADES:g}): the forward signal dies with depth",
+            where=col[0].name, locations=tuple(lv.name for lv in col), severity="error",
+            evidence={"q_decades": worst.q_decades, "activations": acts,
+                      "chi_per_layer": _chi(layers)},
+            remedies=("use He init for ReLU, Xavier for tanh/sigmoid (or LSUV)",
+                      "add normalisation (BatchNorm/LayerNorm)")))
+    exq = [lv for lv in layers if "exploding" in lv.flags and math.isfinite(lv.q_decades)
+           and lv.q_decades > Q_DECADES]
+    if exq:
+        worst = max(exq, key=lambda lv: lv.q_decades)
+        fs.append(Finding(
+            "activation_explosion", 0,
+            f"activation second moment grows {worst.q_decades:.1f} decades from the first layer to "
+            f"{worst.name} (limit {Q_DECADES:g})",
+            where=exq[0].name, locations=tuple(lv.name for lv in exq), severity="error",
+            evidence={"q_decades": worst.q_decades, "residual_blocks": len(residual_blocks(model))},
+            remedies=("zero-init the last layer of each residual branch (Fixup/ReZero)",
+                      "add normalisation (pre-LN / BatchNorm)",
+                      "scale residual branches by L^-1/2 (Fixup)")))
+    exg = [lv for lv in layers if "exploding" in lv.flags and math.isfinite(lv.grad_ratio)
+           and lv.grad_ratio > EXPLODING_GRAD_RATIO]
+    if exg:
+        worst = max(exg, key=lambda lv: lv.grad_ratio)
+        fs.append(Finding(
+            "grad_explosion", 0,
+            f"the back-propagated gradient at {worst.name} is {worst.grad_ratio:.2g}× the one at "
+            f"the output (limit {EXPLODING_GRAD_RATIO:g})",
+            where=exg[0].name, locations=tuple(lv.name for lv in exg), severity="error",
+            evidence={"max_grad_ratio": worst.grad_ratio, "chi_per_layer": _chi(layers)}))
+    dead = where_all("dead")
+    if dead:
+        full = [lv for lv in dead if (lv.init and lv.init.dead >= 1.0) or (lv.after and lv.after.dead >= 1.0)]
+        widths = sorted({lv.init.units for lv in dead if lv.init})
+        fs.append(Finding(
+            "dead_units", 0,
+            f"{len(dead)} ReLU layer(s) dead on the whole probe batch"
+            + (f" ({len(full)} 100 % dead: the network output is constant past them)" if full else "")
+            + (f"; layer widths {widths}" if widths else ""),
+            where=dead[0].name, locations=tuple(lv.name for lv in dead), severity="error",
+            evidence={"dead_fraction": {lv.name: (lv.after or lv.init).dead for lv in dead},
+                      "widths": widths, "fully_dead": [lv.name for lv in full]}))
+    sat = where_all("saturated")
+    if sat:
+        fs.append(Finding(
+            "saturation", 0,
+            f"{len(sat)} layer(s) have ≥{SATURATED_FRACTION:.0%} of outputs in the flat region of "
+            f"the activation",
+            where=sat[0].name, locations=tuple(lv.name for lv in sat), severity="warning",
+            evidence={"saturated_fraction": {lv.name: max(
+                x for x in ((lv.init.saturated if lv.init else 0.0),
+                            (lv.after.saturated if lv.after else 0.0)) if math.isfinite(x))
+                for lv in sat}}))
+    return fs
+
+
+def _chi(layers: list[LayerVerdict]) -> float:
+    """Geometric-mean backward gain per tracked layer (output → first layer): the empirical
+    χ of mean-field theory (<1 ordered / vanishing, >1 chaotic / exploding, §2.10). A
+    Linear+activation pair counts as two tracked layers, so χ₁ per block is its square."""
+    rs = [lv.grad_ratio for lv in layers if math.isfinite(lv.grad_ratio) and lv.grad_ratio > 0]
+    if len(rs) < 2:
+        return math.nan
+    return float(rs[0] ** (1.0 / max(1, len(rs) - 1)))
+
+
+def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """User-defined submodules (not torch.nn built-ins, not the root) that contain at least
+    two Linear/Conv layers: candidate residual blocks for Fixup-style zero init."""
+    out = []
+    for name, m in model.named_modules():
+        if not name or type(m).__module__.startswith("torch."):
+            continue
+        lin = [c for c in m.modules() if isinstance(c, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        if len(lin) >= 2:
+            out.append((name, m))
+    # innermost only
+    names = [n for n, _ in out]
+    return [(n, m) for n, m in out if not any(o != n and o.startswith(n + ".") for o in names)]
