@@ -144,6 +144,8 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
         host, event = vec, None
     guard._pending = (guard.step_count, host, event, idx, with_params, names, kinds, scaled,
                       [g for g in grads])
+    if guard._capture is not None:
+        guard._capture.release()  # no replay in this mode: keep no references across steps
     if guard.scheduler is not None:
         guard.scheduler.step()
     return True

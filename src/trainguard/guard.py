@@ -88,7 +88,12 @@ class Guard:
         log_every: write statistics to the log every this many steps (default 10).
         sinks: extra :class:`~trainguard.report.Sink` objects.
         locate: when a non-finite value appears, replay the step to name the first module
-            that produced it (see :mod:`trainguard.locate`).
+            that produced it (see :mod:`trainguard.locate`); healthy steps only keep
+            references to the inputs and the output gradient.
+        locate_dir: write a reproducer bundle there for each located failure
+            (``trainguard replay BUNDLE``).
+        model_factory: ``"module:callable"`` that rebuilds the model, stored in the bundle's
+            manifest so ``trainguard replay`` needs no ``--factory``.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -98,6 +103,7 @@ class Guard:
                  snapshot_every: int = 100, snapshots: int = 2, snapshot_device: str = "cpu",
                  console: bool = True, log: str | None = None, log_every: int = 10,
                  sinks: Iterable[Sink] = (), locate: bool = True,
+                 locate_dir: str | None = None, model_factory: str | None = None,
                  process_group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -135,7 +141,8 @@ class Guard:
         if self.locate_enabled:
             try:
                 from .locate import StepCapture
-                self._capture = StepCapture(model)
+                self._capture = StepCapture(model, optimizer=optimizer, scaler=scaler,
+                                            bundle_dir=locate_dir, model_factory=model_factory)
             except ImportError:  # locate not available
                 self._capture = None
         self.findings: list[Finding] = []
@@ -396,6 +403,8 @@ class Guard:
             s.close(self.summary())
         self._closed = True
         self.sampler.disarm()
+        if self._capture is not None:
+            self._capture.remove()
         raise TrainingUnstable(story, self.findings, self.actions)
 
     def _story(self, reason: str, finding: Finding | None) -> str:

@@ -117,7 +117,7 @@ class Policy:
                 seen.popleft()
             seen.append(step)
             rung = rungs[min(len(seen), len(rungs)) - 1]
-            if f.kind == "nonfinite" and f.origin == "parameters" and "rollback" not in rung:
+            if f.kind == "nonfinite" and f.origin in ("parameters", "optimizer") and "rollback" not in rung:
                 rung = "rollback+lr_backoff"  # a skip cannot repair corrupted weights
             for a in rung.split("+"):
                 if a not in {k for k, _ in plan.actions}:
