@@ -128,8 +128,6 @@ def test_lr_backoff_cooperates_with_scheduler(digits):
     X, y = digits
     m = mlp()
     o = torch.optim.SGD(m.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.99)
-    g = tg.Guard(m, o, console=False, policy=tg.Policy({"nonfinite": ("lr_backoff+skip",)}))
     seen_lrs = []
     orig_step = o.step
 
@@ -138,6 +136,8 @@ def test_lr_backoff_cooperates_with_scheduler(digits):
         return orig_step(*a, **k)
 
     o.step = spy
+    sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.99)
+    g = tg.Guard(m, o, console=False, policy=tg.Policy({"nonfinite": ("lr_backoff+skip",)}))
     for t in range(20):
         o.zero_grad()
         xb = X[:32].clone()
