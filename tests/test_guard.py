@@ -127,15 +127,14 @@ def test_corrupted_parameters_roll_back_to_a_snapshot(digits):
 def test_lr_backoff_cooperates_with_scheduler(digits):
     X, y = digits
     m = mlp()
-    o = torch.optim.SGD(m.parameters(), lr=0.1)
     seen_lrs = []
-    orig_step = o.step
 
-    def spy(*a, **k):
-        seen_lrs.append(o.param_groups[0]["lr"])
-        return orig_step(*a, **k)
+    class SpySGD(torch.optim.SGD):
+        def step(self, closure=None):
+            seen_lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
 
-    o.step = spy
+    o = SpySGD(m.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.99)
     g = tg.Guard(m, o, console=False, policy=tg.Policy({"nonfinite": ("lr_backoff+skip",)}))
     for t in range(20):

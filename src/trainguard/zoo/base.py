@@ -79,6 +79,12 @@ class Scenario:
     #: what the doctor should prescribe when it is not repairable online
     prescription: str = ""
     fast: bool = False  # part of the test-suite subset
+    #: the step at which the pathology starts (detection delay = first detection - onset);
+    #: 0 for faults present from initialisation
+    onset: int = 0
+    #: the healthy reference for the final metric: the threshold of the pass criterion or the
+    #: repaired config's metric (None: the runner looks for a module-level ``THRESHOLD``)
+    reference: float | None = None
 
     def __post_init__(self) -> None:
         if self.category not in ("pathological", "healthy"):
