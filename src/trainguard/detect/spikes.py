@@ -11,7 +11,15 @@ Loss spike, after ``min_history`` = 20 steps, when all three hold:
   * ``loss > ratio * median`` with ratio = 2, the factor Lightning's SpikeDetection and
     llm-foundry's kill-loss-spike callback use;
   * ``loss - median > floor * L0``, floor = 0.1 of the loss scale ``L0`` at the start of
-    training (median of the first 20 losses): a jump must matter at the scale of the task.
+    training (median of the first 20 losses): a jump must matter at the scale of the task;
+  * the spike is sudden, ``loss > jump * previous loss`` with jump = 2.5 (a bad batch, a
+    cliff), or, when it built up over several steps, it reached ``gradual`` = 10x the window
+    median. A gradual rise is curvature-driven: at the edge of stability full-batch GD's loss
+    rose at most 1.96x per step and peaked at 3.6x its median (0.020 -> 0.077 over five
+    steps, then self-stabilised; zoo control ``curvature_edge_of_stability``, seeds 0-1,
+    Cohen 2021), whereas Adam's stale-second-moment spikes rise ~2x per step to 20-50x the
+    converged loss (zoo ``adam_stale_second_moment``; Bai et al. 2025). An order of magnitude
+    separates the two with room on both sides.
   Losses that are not all positive fall back to ``z`` = 7 on the raw values (OLMo 2).
 
 Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
@@ -21,11 +29,17 @@ Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
     the norm is outside ordinary noise;
   * ``norm`` exceeds the gradient scale at the start of training (median of the first 20
     norms), so a memorised run's tiny gradients waking up is not called an explosion;
-  * ``norm > jump * previous norm`` with jump = 2: explosions are sudden (Pascanu's "cliffs";
-    a bad batch; GD past the curvature limit grows the norm ~7x per step at eta = 8/lambda),
-    whereas edge-of-stability growth in full-batch GD is gradual (measured: at most 1.3x per
-    step while the norm rose 100x over 25 steps and the loss then self-stabilised, Cohen
-    2021) and must stay silent.
+  * ``norm > jump * previous norm`` with jump = 3: explosions are sudden (Pascanu's "cliffs";
+    a bad batch; GD past the curvature limit grows the norm ~7x per step at eta = 8/lambda;
+    the zoo's exploding RNN jumps 6-11x), whereas edge-of-stability growth in full-batch GD
+    is gradual and must stay silent (measured: at most 1.3x per step on the demo model, and
+    at most 2.2x per step at the onset of the zoo's ``curvature_edge_of_stability`` control,
+    where the norm rose 40x over six steps and then self-stabilised; Cohen 2021).
+  Explosions in the first ``min_history`` steps are not judged here (no history yet); a loss
+  that blows up there is caught by the divergence detector's fast rule (measured: the zoo's
+  exploding RNN at step 5-10). An early-window variant of this rule was tried and rejected:
+  on GD past the curvature limit it clips first, which holds the loss below the divergence
+  rule's bar and delays the rollback + LR backoff that actually repairs it.
   The finding names the module whose norm grew most against its own running average.
 
 Calibration: ``python bench/calibrate_detectors.py`` replays 10 healthy runs (digits MLP,
@@ -148,13 +162,20 @@ class LossSpikeDetector(_LogJump):
     kind = "loss_spike"
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 2.0,
-                 floor: float = 0.1, min_history: int = 20) -> None:
+                 floor: float = 0.1, min_history: int = 20, jump: float = 2.5,
+                 gradual: float = 10.0) -> None:
         super().__init__(window, z, ratio, min_history)
         check_positive("floor", floor)
+        check_positive("jump", jump)
+        check_positive("gradual", gradual)
         self.floor = floor
+        self.jump = jump
+        self.gradual = gradual
 
     def _floor_ok(self, v: float, med: float) -> bool:
-        return self.initial is None or v - med > self.floor * abs(self.initial)
+        prev = self.history[-1] if self.history else None
+        sudden = prev is None or prev <= 0 or v > self.jump * prev or v > self.gradual * med
+        return sudden and (self.initial is None or v - med > self.floor * abs(self.initial))
 
     def update(self, s: StepStats) -> list[Finding]:
         if not s.loss_finite or s.scaler_overflow:
@@ -177,7 +198,7 @@ class GradExplosionDetector(_LogJump):
     _state = _LogJump._state + ("module_log_ema",)
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 10.0,
-                 min_history: int = 20, ema: float = 0.9, jump: float = 2.0) -> None:
+                 min_history: int = 20, ema: float = 0.9, jump: float = 3.0) -> None:
         super().__init__(window, z, ratio, min_history)
         check_positive("jump", jump)
         self.jump = jump

@@ -1,0 +1,183 @@
+"""Detector rules on synthetic StepStats streams (no torch, milliseconds): every threshold is
+exercised on both sides."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainguard.detect import (DeadUnitsDetector, DivergenceDetector, GradExplosionDetector,
+                               LossSpikeDetector, PlateauDetector, SaturationDetector,
+                               VanishingGradientDetector, ZeroGradientDetector)
+from trainguard.types import StepStats
+
+
+def st(step, loss=1.0, grad=1.0, grads=None, acts=None):
+    grads = grads if grads is not None else [grad, grad]
+    return StepStats(step=step, loss=loss, grad_norm=grad, modules=[f"m{i}" for i in range(len(grads))],
+                     grad_norms=grads, activations=acts)
+
+
+def feed(det, stream):
+    out = []
+    for s in stream:
+        out += det.update(s)
+    return out
+
+
+def noisy(n, center=1.0, spread=0.05, seed=0):
+    r = np.random.RandomState(seed)
+    return list(center * np.exp(spread * r.randn(n)))
+
+
+# ----------------------------------------------------------------------------- loss spikes
+def test_loss_spike_sudden_jump_fires():
+    vals = noisy(40) + [5.0]
+    f = feed(LossSpikeDetector(), [st(i, loss=v) for i, v in enumerate(vals)])
+    assert [x.step for x in f] == [40]
+
+
+def test_loss_spike_gradual_rise_below_jump_is_silent():
+    # edge-of-stability shape: each step < 2.5x the previous one, total 4x
+    vals = noisy(40, spread=0.01) + [1.5, 2.6, 4.0]
+    assert feed(LossSpikeDetector(), [st(i, loss=v) for i, v in enumerate(vals)]) == []
+    # the same rise with a smaller jump factor is reported
+    assert feed(LossSpikeDetector(jump=1.5), [st(i, loss=v) for i, v in enumerate(vals)])
+
+
+def test_loss_spike_gradual_rise_past_ten_times_median_fires():
+    # stale-second-moment shape: ~2x per step up to 16x the median
+    vals = [1.0] * 20 + noisy(70, center=0.01, spread=0.01) + [0.02, 0.04, 0.08, 0.16]
+    f = feed(LossSpikeDetector(), [st(i, loss=v) for i, v in enumerate(vals)])
+    assert [x.step for x in f] == [93]
+    assert feed(LossSpikeDetector(gradual=20.0), [st(i, loss=v) for i, v in enumerate(vals)]) == []
+
+
+def test_loss_spike_ratio_and_floor():
+    base = noisy(40, spread=0.01)
+    # 1.8x the median: above z but below ratio 2
+    assert feed(LossSpikeDetector(jump=1.1), [st(i, loss=v) for i, v in enumerate(base + [1.8])]) == []
+    # tiny absolute jump relative to the initial loss scale (floor 0.1 * L0)
+    small = [1.0] * 20 + list(0.001 * np.exp(0.01 * np.random.RandomState(1).randn(70))) + [0.05]
+    assert feed(LossSpikeDetector(), [st(i, loss=v) for i, v in enumerate(small)]) == []
+    big = small[:-1] + [0.5]
+    assert feed(LossSpikeDetector(), [st(i, loss=v) for i, v in enumerate(big)])
+
+
+def test_loss_spike_needs_history():
+    vals = [1.0] * 10 + [100.0]
+    assert feed(LossSpikeDetector(), [st(i, loss=v) for i, v in enumerate(vals)]) == []
+
+
+# ----------------------------------------------------------------------------- gradient explosion
+def test_grad_explosion_sudden_fires_gradual_silent():
+    base = noisy(40)
+    f = feed(GradExplosionDetector(), [st(i, grad=v) for i, v in enumerate(base + [50.0])])
+    assert len(f) == 1 and f[0].kind == "grad_explosion"
+    # 2.2x per step (the measured edge-of-stability onset) never passes jump = 3
+    ramp = base + [2.2 ** k for k in range(1, 7)]
+    assert feed(GradExplosionDetector(), [st(i, grad=v) for i, v in enumerate(ramp)]) == []
+    assert feed(GradExplosionDetector(jump=2.0), [st(i, grad=v) for i, v in enumerate(ramp)])
+
+
+def test_grad_explosion_ratio_threshold():
+    base = noisy(40, spread=0.01)
+    assert feed(GradExplosionDetector(), [st(i, grad=v) for i, v in enumerate(base + [8.0])]) == []
+    assert feed(GradExplosionDetector(), [st(i, grad=v) for i, v in enumerate(base + [12.0])])
+
+
+def test_grad_explosion_below_initial_scale_is_silent():
+    # a memorised run's tiny gradients waking up: 30x the recent median but below the start
+    vals = [10.0] * 20 + noisy(40, center=0.01, spread=0.01) + [0.3]
+    assert feed(GradExplosionDetector(), [st(i, grad=v) for i, v in enumerate(vals)]) == []
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_divergence_fast_blowup_fires():
+    vals = [1.0, 0.9, 0.8, 5.0, 200.0, 9000.0, 1e5]
+    f = feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(vals)])
+    assert f and f[0].evidence["trigger"] == "fast"
+
+
+def test_divergence_fast_rule_needs_loss_above_first_loss():
+    # small-batch noise near convergence: 1e4x in four rises but still below the first loss
+    vals = [2.3] + [0.01] * 60 + [1e-4, 1e-3, 0.01, 0.1, 1.38]
+    assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(vals)]) == []
+    vals2 = vals[:-1] + [3.0]
+    assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(vals2)])
+
+
+def test_divergence_fast_factor_threshold():
+    vals = [1.0, 2.0, 4.0, 8.0, 16.0]  # 16x in four steps: far below 1e4
+    assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(vals)]) == []
+
+
+def test_divergence_slow_rule():
+    down = list(np.linspace(2.0, 0.1, 100))
+    up = [1.8] * 30
+    f = feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(down + up)])
+    assert f and f[0].evidence["trigger"] == "slow"
+    mild = [0.3] * 30  # 3x the best, below factor 4
+    assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(down + mild)]) == []
+
+
+# ----------------------------------------------------------------------------- plateau
+def test_plateau_fires_when_stuck_above_half_initial():
+    f = feed(PlateauDetector(), [st(i, loss=2.3) for i in range(200)])
+    assert f and f[0].kind == "plateau" and not f[0].severe
+    conv = feed(PlateauDetector(), [st(i, loss=2.3 * 0.97 ** i) for i in range(200)])
+    assert conv == []
+
+
+# ----------------------------------------------------------------------------- vanishing gradients
+def test_vanishing_backward_ratio_with_patience():
+    bad = [st(i, grads=[1e-6, 1.0]) for i in range(25)]
+    f = feed(VanishingGradientDetector(), bad)
+    assert len(f) == 1 and f[0].step == 19
+    ok = [st(i, grads=[1e-3, 1.0]) for i in range(25)]
+    assert feed(VanishingGradientDetector(), ok) == []
+    short = [st(i, grads=[1e-6, 1.0]) for i in range(10)]
+    assert feed(VanishingGradientDetector(), short) == []
+
+
+def _acts(q0, q1):
+    return {"a0": {"kind": "relu", "dead_fraction": 0.0, "saturated_fraction": None,
+                   "second_moment": q0, "units": 8},
+            "a1": {"kind": "relu", "dead_fraction": 0.0, "saturated_fraction": None,
+                   "second_moment": q1, "units": 8}}
+
+
+def test_vanishing_forward_ratio():
+    assert feed(VanishingGradientDetector(), [st(0, acts=_acts(1.0, 1e-6))])
+    assert feed(VanishingGradientDetector(), [st(0, acts=_acts(1.0, 1e-3))]) == []
+
+
+def test_zero_gradient_detector():
+    f = feed(ZeroGradientDetector(), [st(i, grads=[0.0, 0.5]) for i in range(20)])
+    assert len(f) == 1 and f[0].kind == "vanishing_gradient"
+    assert feed(ZeroGradientDetector(), [st(i, grads=[1e-12, 0.5]) for i in range(30)]) == []
+
+
+# ----------------------------------------------------------------------------- units
+def _dead(frac):
+    return {"h": {"kind": "relu", "dead_fraction": frac, "saturated_fraction": None,
+                  "second_moment": 1.0, "units": 64}}
+
+
+def test_dead_units_full_and_rise():
+    assert feed(DeadUnitsDetector(), [st(0, acts=_dead(1.0))])
+    assert feed(DeadUnitsDetector(), [st(0, acts=_dead(0.98))]) == []
+    assert feed(DeadUnitsDetector(), [st(0, acts=_dead(0.1)), st(50, acts=_dead(0.7))])
+    assert feed(DeadUnitsDetector(), [st(0, acts=_dead(0.3)), st(50, acts=_dead(0.65))]) == []
+
+
+def _sat(frac):
+    return {"s": {"kind": "sigmoid", "dead_fraction": None, "saturated_fraction": frac,
+                  "second_moment": 0.5, "units": 64}}
+
+
+def test_saturation_threshold_and_patience():
+    assert feed(SaturationDetector(), [st(0, acts=_sat(0.8)), st(50, acts=_sat(0.8))])
+    assert feed(SaturationDetector(), [st(0, acts=_sat(0.8))]) == []
+    assert feed(SaturationDetector(), [st(0, acts=_sat(0.7)), st(50, acts=_sat(0.7))]) == []
