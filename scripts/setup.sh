@@ -15,6 +15,10 @@ if [ "${1:-}" = "--test" ]; then
   extras="all,test"
 fi
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# peer baselines for the zoo and bench/overhead.py (optional; they need nothing beyond torch,
+# so --no-deps keeps pip from touching the pinned torch)
+.venv/bin/python -m pip install -q --no-deps zclip==1.0.0 autoclip==0.2.1 \
+  || echo "setup: zclip/autoclip not installed; the zoo and benchmarks will skip them" >&2
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   # Debian's Chromium, for the doctor report's headless-browser test
   if [ "$(id -u)" = 0 ]; then
