@@ -37,30 +37,14 @@ def _model(seed: int) -> nn.Module:
                          nn.Linear(128, 10))
 
 
-def top_hessian_eigenvalue(model: nn.Module, loss_fn: Any, iters: int = 30, seed: int = 0) -> float:
-    """lambda_max of the loss Hessian by power iteration on Hessian-vector products."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss = loss_fn(model)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen) for p in params]
-    lam = 0.0
-    for _ in range(iters):
-        norm = math.sqrt(sum(float((x * x).sum()) for x in v))
-        v = [x / norm for x in v]
-        hv = torch.autograd.grad(grads, params, v, retain_graph=True)
-        lam = float(sum((a * b).sum() for a, b in zip(hv, v)))
-        v = [h.detach() for h in hv]
-    return lam
-
-
 def run_one(guarded: bool, k: float, steps: int, seed: int, console: bool) -> dict[str, Any]:
     import trainguard as tg
+    from trainguard.doctor.curvature import top_hessian_eigenvalue
 
     Xtr, ytr, Xte, yte = _data()
     Y = nn.functional.one_hot(ytr, 10).float()
     model = _model(seed)
-    lam = top_hessian_eigenvalue(model, lambda m: nn.functional.mse_loss(m(Xtr), Y))
+    lam = top_hessian_eigenvalue(model, lambda: nn.functional.mse_loss(model(Xtr), Y))
     lr = k / lam
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     guard = tg.Guard(model, opt, console=console) if guarded else None

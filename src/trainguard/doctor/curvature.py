@@ -182,3 +182,23 @@ def directional_curvature(model: nn.Module, loss_fn: LossFn, batch: Batch, devic
     hd = hvp(direction)
     dd = _dot(direction, direction)
     return _dot(direction, hd) / dd if dd > 0 else math.nan
+
+
+def top_hessian_eigenvalue(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
+                           iters: int = 30, seed: int = 0) -> float:
+    """lambda_max of the loss Hessian by plain power iteration on Hessian-vector products
+    (Pearlmutter 1994; research/mechanisms.md section 3.3). ``loss_fn()`` computes the loss
+    on a fixed batch; one graph with ``create_graph=True`` serves every iteration. Used by
+    the demo and the zoo to place learning rates at a multiple of 2/lambda."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen) for p in params]
+    lam = 0.0
+    for _ in range(iters):
+        norm = math.sqrt(sum(float((x * x).sum()) for x in v))
+        v = [x / norm for x in v]
+        hv = torch.autograd.grad(grads, params, v, retain_graph=True)
+        lam = float(sum((a * b).sum() for a, b in zip(hv, v)))
+        v = [h.detach() for h in hv]
+    return lam

@@ -104,7 +104,6 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
     lr = ctx.get("lr")
     sug = ctx.get("suggested_lr")
     style = init_style(model)
-    fully_dead = any(f.kind == "dead_units" and f.evidence.get("fully_dead") for f in findings)
     for f in findings:
         k = f.kind
         if k in ("vanishing_gradient", "activation_collapse", "saturation"):
@@ -171,7 +170,7 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                     "(leave the chaotic phase: σ_w²=1 is critical for tanh)", lins,
                     "χ₁=1: gradients neither explode nor vanish (Schoenholz 2017, Pennington 2017, "
                     "mechanisms §2.10)", "init:orthogonal", bonus=0.6)
-                add(f, f"re-initialise with Xavier init", lins, "Glorot 2010 (mechanisms §2.1)",
+                add(f, "re-initialise with Xavier init", lins, "Glorot 2010 (mechanisms §2.1)",
                     "init:xavier", bonus=0.3)
             if not _has_norm(model):
                 add(f, "add nn.LayerNorm after each hidden weight layer", lins[:-1],

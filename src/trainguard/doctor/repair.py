@@ -26,7 +26,7 @@ from torch import nn
 from ..stats import activation_kind
 from ._common import (Batch, DoctorInputError, LossFn, clone_optimizer, cycle, loss_of, lr_of,
                       model_device, preserved_rng, probe_batch, set_lr, train_steps)
-from .propagation import residual_blocks, tracked_modules
+from .propagation import residual_blocks
 
 #: Every remedy ``repair`` can apply (and that a random baseline draws from).
 REMEDY_MENU = (

@@ -5,7 +5,6 @@ nothing is downloaded.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Callable, Iterator
 
 import numpy as np
@@ -13,19 +12,8 @@ import torch
 from torch import nn
 
 from ..base import RunResult
-
-
-def seed_all(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    return torch.Generator().manual_seed(seed)
-
-
-@lru_cache(maxsize=1)
-def _digits_np() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+from ._common_b import _digits_np, seed_all  # noqa: E402,F401  (shared with part B)
+from ...doctor.curvature import top_hessian_eigenvalue  # noqa: E402,F401  (one implementation)
 
 
 def digits(n_test: int = 397) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,22 +93,3 @@ def below(threshold: float) -> Callable[[RunResult], bool]:
         return finite_run(r) and r.metric < threshold
     passed.threshold = threshold  # type: ignore[attr-defined]
     return passed
-
-
-def top_hessian_eigenvalue(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
-                           iters: int = 30, seed: int = 0) -> float:
-    """lambda_max of the loss Hessian by power iteration on Hessian-vector products
-    (Pearlmutter 1994; research/mechanisms.md section 3.3)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    g = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=g) for p in params]
-    lam = 0.0
-    for _ in range(iters):
-        nv = math.sqrt(sum(float((t * t).sum()) for t in v))
-        v = [t / nv for t in v]
-        loss = loss_fn()
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(grads, v)), params)
-        lam = sum(float((h * t).sum()) for h, t in zip(hv, v))
-        v = [h.detach() for h in hv]
-    return lam

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import RunResult, Scenario, Setup, register
+from ..base import Scenario, Setup, register
 from ._common_a import below, digits, eval_mse, minibatches, seed_all, top_hessian_eigenvalue
 
 N_TRAIN = 512

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..base import RunResult, Scenario, Setup, register
-from ._common_b import digits, eval_ce, finite_run, minibatches, mlp, seed_all
+from ._common_b import digits, eval_ce, minibatches, mlp, seed_all
 
 BAD_STEP = 120
 THRESHOLD = 0.3

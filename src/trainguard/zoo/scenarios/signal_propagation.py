@@ -12,12 +12,11 @@ the repaired configs of each docstring reach 0.1-0.3).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..base import RunResult, Scenario, Setup, register
+from ..base import Scenario, Setup, register
 from ._common_a import below, digits, eval_ce, eval_mse, linears, minibatches, mlp, seed_all
 
 THRESHOLD = 1.0
