@@ -1,6 +1,7 @@
 """Structural repair vs a random-remedy baseline (AUTOTRAINER-style comparison).
 
     python bench/doctor_repair.py [--seeds 3] [--steps 400] [--json out.json]
+    python bench/doctor_repair.py --zoo [--seeds 2] [--zoo-max-steps 500] [--json out.json]
 
 For every structural scenario and seed: train the broken configuration (baseline), then
 * ``repair``   : tg.repair — remedies in the order the diagnosis ranks them;
@@ -9,8 +10,10 @@ For every structural scenario and seed: train the broken configuration (baseline
   stop-on-resolve rule), i.e. an equal-budget random search (Kim et al. ICST'23).
 A run is *repaired* when the scenario's pass criterion holds for the kept model. Time is
 reported relative to one training run of the scenario (AUTOTRAINER: 97 % repaired, 2.21×).
-Uses the zoo's scenarios when ``trainguard.zoo.base.REGISTRY`` has them (names below);
-otherwise the small cases defined here.
+Without ``--zoo`` it runs the small cases defined here. ``--zoo`` runs the same comparison on
+the zoo's structural scenarios (see :func:`zoo_cases`): registered pathological scenarios with
+``repairable_online=False`` from the ``signal_*`` / ``curvature_*`` modules, each for its own
+number of steps (capped by ``--zoo-max-steps``), judged by the scenario's own ``passed``.
 """
 from __future__ import annotations
 
@@ -135,6 +138,12 @@ class Case:
     higher_is_better: bool
     passed: Callable[[float], bool]
     criterion: str
+    #: steps for this case (None: the --steps argument)
+    steps: int | None = None
+    #: judge(metric, losses of the kept model) -> passed; overrides ``passed`` when set
+    judge: Callable[[float, list[float]], bool] | None = None
+    #: per-seed case factory (zoo): model_fn, data etc. are rebuilt for each seed
+    per_seed: Callable[[int], "Case"] | None = None
 
 
 def _acc(Xt, yt):
@@ -210,14 +219,101 @@ def _gd_past_limit(X, y):
     return lambda p: torch.optim.SGD(p, lr=lr)
 
 
-def run(seeds: int, steps: int, only: list[str] | None = None) -> dict:
+ZOO_MODULE_PREFIXES = ("signal_", "curvature_")
+
+
+def zoo_cases(max_steps: int = 500) -> tuple[list[Case], list[tuple[str, str]]]:
+    """The zoo's structural scenarios as Cases (one factory per scenario, built per seed).
+
+    model_fn = ``scenario.build(seed).model``; optimizer_fn rebuilds an optimizer of the same
+    class with ``param_groups[0]``'s hyperparameters; data = the first ``min(setup.steps,
+    max_steps)`` batches of ``setup.batches()`` (repair reads at most ``steps`` batches and
+    cycles them; with as many batches as steps every step sees a fresh batch, as in the zoo);
+    metric = ``setup.evaluate``. Repaired = ``scenario.passed`` on a RunResult built from the
+    kept model's metric and training losses. Returns (cases, skipped [(name, reason)])."""
+    import inspect
+    import itertools
+
+    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
+    from trainguard.zoo.base import REGISTRY, RunResult
+
+    out: list[Case] = []
+    skipped: list[tuple[str, str]] = []
+    for sc in REGISTRY.values():
+        mod = sc.build.__module__.rsplit(".", 1)[-1]
+        if not (sc.category == "pathological" and not sc.repairable_online
+                and mod.startswith(ZOO_MODULE_PREFIXES)):
+            continue
+        try:
+            probe = sc.build(0)
+            unsupported = [k for k in ("scheduler", "scaler", "autocast", "forward")
+                           if getattr(probe, k) is not None]
+            if unsupported:
+                skipped.append((sc.name, f"Setup uses {', '.join(unsupported)}, which repair() "
+                                         "cannot reproduce"))
+                continue
+            if len(probe.optimizer.param_groups) != 1:
+                skipped.append((sc.name, "optimizer has several param groups"))
+                continue
+        except Exception as e:  # noqa: BLE001
+            skipped.append((sc.name, f"build failed: {type(e).__name__}: {e}"))
+            continue
+
+        def judge(metric: float, losses: list[float], sc=sc) -> bool:
+            return bool(sc.passed(RunResult(mode="repair", losses=list(losses), metric=metric,
+                                            seconds=0.0, finished=True)))
+
+        def per_seed(seed: int, sc=sc, judge=judge) -> Case:
+            setup = sc.build(seed)
+            opt_cls = type(setup.optimizer)
+            accepted = set(inspect.signature(opt_cls.__init__).parameters) - {"self", "params"}
+            hyper = {k: v for k, v in setup.optimizer.param_groups[0].items()
+                     if k != "params" and k in accepted}
+            n = min(setup.steps, max_steps)
+            return Case(sc.name, sc.mechanism, lambda: sc.build(seed).model,
+                        lambda p: opt_cls(p, **hyper), setup.loss_fn,
+                        list(itertools.islice(setup.batches(), n)), setup.evaluate,
+                        setup.higher_is_better, lambda v: judge(v, []), sc.criterion,
+                        steps=n, judge=judge)
+
+        out.append(Case(sc.name, sc.mechanism, None, None, None, [], None,  # type: ignore[arg-type]
+                        probe.higher_is_better, lambda v, judge=judge: judge(v, []), sc.criterion,
+                        steps=min(probe.steps, max_steps), judge=judge, per_seed=per_seed))
+    return out, skipped
+
+
+def _kept_losses(res) -> list[float]:
+    """Training losses of the model repair kept ([] for the baseline, which repair does not
+    record; its metric is already NaN when its loss went non-finite)."""
+    for t in res.trials:
+        if res.remedy and t.remedy == res.remedy and t.error is None:
+            return t.losses
+    return []
+
+
+def _passed(case: Case, metric: float, losses: list[float]) -> bool:
+    return case.judge(metric, losses) if case.judge is not None else case.passed(metric)
+
+
+def run(seeds: int, steps: int, only: list[str] | None = None, zoo: bool = False,
+        zoo_max_steps: int = 500) -> dict:
     rows = []
-    for ci, case in enumerate(cases()):
-        if only and case.name not in only:
+    skipped: list[tuple[str, str]] = []
+    if zoo:
+        all_cases, skipped = zoo_cases(zoo_max_steps)
+        for name, why in skipped:
+            print(f"skipped {name}: {why}", flush=True)
+    else:
+        all_cases = cases()
+    for ci, case0 in enumerate(all_cases):
+        if only and case0.name not in only:
             continue
         for seed in range(seeds):
-            rng = np.random.default_rng(1000 + 97 * ci + seed)  # a different draw per case and seed
-            common = dict(steps=steps, metric=case.metric, higher_is_better=case.higher_is_better,
+            case = case0.per_seed(seed) if case0.per_seed is not None else case0
+            # a different draw per case and seed (another stream for the zoo)
+            rng = np.random.default_rng((2000 if zoo else 1000) + 97 * ci + seed)
+            n_steps = case.steps or steps
+            common = dict(steps=n_steps, metric=case.metric, higher_is_better=case.higher_is_better,
                           seed=seed)
             r = repair(case.model_fn, case.optimizer_fn, case.loss_fn, case.data, **common)
             k = max(1, len(r.trials))
@@ -227,10 +323,10 @@ def run(seeds: int, steps: int, only: list[str] | None = None) -> dict:
             rk = repair(case.model_fn, case.optimizer_fn, case.loss_fn, case.data,
                         plan=list(rng.permutation(menu)[:k]), max_trials=k, **common)
             base = r.baseline_seconds
-            row = {"case": case.name, "seed": seed, "baseline": r.baseline_metric,
-                   "baseline_pass": case.passed(r.baseline_metric)}
+            row = {"case": case.name, "seed": seed, "steps": n_steps, "baseline": r.baseline_metric,
+                   "baseline_pass": _passed(case, r.baseline_metric, [])}
             for tag, res in (("repair", r), ("random1", r1), ("randomk", rk)):
-                row[tag] = {"metric": res.metric, "pass": case.passed(res.metric),
+                row[tag] = {"metric": res.metric, "pass": _passed(case, res.metric, _kept_losses(res)),
                             "gain": _gain(res.metric, res.baseline_metric, case.higher_is_better),
                             "time_x": res.time_ratio,
                             "trials": len(res.trials), "remedy": res.remedy, "changes": res.changes}
@@ -248,7 +344,8 @@ def run(seeds: int, steps: int, only: list[str] | None = None) -> dict:
             "mean_gain": float(np.nanmean([r[tag]["gain"] for r in rows])),
             "time_x": float(np.nanmean([r[tag]["time_x"] for r in rows])),
             "n_broken": len(broken), "n": len(rows)}
-    return {"rows": rows, "summary": summ, "seeds": seeds, "steps": steps}
+    return {"rows": rows, "summary": summ, "seeds": seeds, "steps": steps, "zoo": zoo,
+            "skipped": skipped}
 
 
 def _gain(m: float, b: float, higher: bool) -> float:
@@ -267,9 +364,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--json")
+    ap.add_argument("--zoo", action="store_true",
+                    help="run on the zoo's structural scenarios instead of the cases defined here")
+    ap.add_argument("--zoo-max-steps", type=int, default=500,
+                    help="cap on a zoo scenario's own step count (with --zoo)")
     a = ap.parse_args()
     t = time.perf_counter()
-    res = run(a.seeds, a.steps, a.only)
+    res = run(a.seeds, a.steps, a.only, zoo=a.zoo, zoo_max_steps=a.zoo_max_steps)
     print()
     print(f"{'':10s} {'repair rate':>12s} {'mean gain':>10s} {'time ×':>8s}")
     for tag, s in res["summary"].items():
