@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..stats import activation_kind
-from ._common import (Batch, DoctorInputError, LossFn, clone_optimizer, cycle, loss_of, lr_of,
-                      model_device, preserved_rng, probe_batch, set_lr, train_steps)
+from ._common import (Batch, DoctorInputError, LossFn, clone_optimizer, lr_of, model_device,
+                      preserved_rng, probe_batch, set_lr, train_steps)
 from .propagation import residual_blocks
 
 #: Every remedy ``repair`` can apply (and that a random baseline draws from).
@@ -310,19 +310,7 @@ def _build_opt(optimizer_fn: Callable, model: nn.Module, over: dict[str, Any]) -
 def _train(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batches: Sequence[Batch],
            steps: int, device: torch.device) -> list[float]:
     model.train()
-    losses = []
-    it = cycle(batches)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_of(model, loss_fn, next(it), device)
-        v = float(loss.detach())
-        losses.append(v)
-        if not math.isfinite(v):
-            break
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return losses
+    return train_steps(model, opt, loss_fn, list(batches), steps, device)
 
 
 def _tail(losses: list[float], frac: float = 0.1) -> float:
