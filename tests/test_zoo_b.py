@@ -39,14 +39,9 @@ def first(r, kind: str):
     return next((f for f in r.findings if f.kind == kind), None)
 
 
-def test_part_b_scenarios_are_registered_and_complete():
-    for name in PART_B:
-        s = REGISTRY[name]
-        assert s.category == "pathological"
-        assert s.mechanism and s.source and s.criterion
-        assert s.expected and set(s.expected) <= set(tg.FINDING_KINDS)
-        if not s.repairable_online:
-            assert s.prescription
+def test_part_b_scenarios_are_registered():
+    # completeness of every scenario is checked once, in tests/test_zoo.py
+    assert all(REGISTRY[n].category == "pathological" for n in PART_B)
     assert sum(REGISTRY[n].fast for n in PART_B) >= 3
 
 

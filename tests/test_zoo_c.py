@@ -20,14 +20,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def test_part_c_scenarios_are_registered_and_complete():
-    for name in PART_C:
-        s = REGISTRY[name]
-        assert s.category == "pathological"
-        assert s.mechanism and s.source and s.criterion
-        assert s.expected and set(s.expected) <= set(tg.FINDING_KINDS)
-        if not s.repairable_online:
-            assert s.prescription
+def test_part_c_scenarios_are_registered():
+    # completeness of every scenario is checked once, in tests/test_zoo.py
+    assert all(REGISTRY[n].category == "pathological" for n in PART_C)
 
 
 @pytest.mark.slow
