@@ -93,6 +93,7 @@ def variants():
     yield "grad_explosion jump 3->2", lambda: [GradExplosionDetector(jump=2.0)]
     yield "grad_explosion ratio 10->5", lambda: [GradExplosionDetector(ratio=5.0)]
     yield "divergence factor 4->2", lambda: [DivergenceDetector(factor=2.0)]
+    yield "divergence fast 1e4->1e3", lambda: [DivergenceDetector(fast_factor=1e3)]
 
 
 def main() -> None:

@@ -122,6 +122,32 @@ def test_divergence_slow_rule():
     assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(down + mild)]) == []
 
 
+def test_divergence_windowed_fast_rule_catches_a_non_monotone_runaway():
+    # the zoo's exploding RNN after a rollback (seed 0): 1.9e4x over nine steps, with a dip,
+    # never 1e4x within four consecutive rises; the old rules missed it until the run was lost
+    vals = [1.49, 0.785, 1.259, 1.051, 0.269, 0.195, 0.578, 0.522, 4.47, 15.06, 27.65, 36.22,
+            299.1, 1199.3, 3794.6]
+    f = feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(vals)])
+    assert [x.step for x in f] == [14] and f[0].evidence["trigger"] == "fast"
+    # one bad batch 1e4x above a converged loss, back down at once: not a runaway
+    one = [2.3] + [1e-4] * 30 + [5.0, 1e-4, 1e-4]
+    assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(one)]) == []
+    # two high steps, but the last below the first loss of the run: near-convergence noise
+    two = [2.3] + [1e-4] * 30 + [0.5, 1.5]
+    assert feed(DivergenceDetector(), [st(i, loss=v) for i, v in enumerate(two)]) == []
+    assert feed(DivergenceDetector(fast_factor=1e5), [st(i, loss=v) for i, v in enumerate(vals)]) == []
+
+
+def test_divergence_slow_rule_when_the_run_never_improved():
+    # bug: a run whose loss never beat its first value had "no progress to give back", so the
+    # slow rule could not fire however far the loss climbed (zoo RNN seed 0: 1.5 -> 2e5)
+    vals = [1.5] + [30.0] * 60 + [200.0] * 20
+    f = feed(DivergenceDetector(fast_window=1), [st(i, loss=v) for i, v in enumerate(vals)])
+    assert f and f[0].evidence["trigger"] == "slow"
+    flat = [1.5] + [30.0] * 80  # high but steady: not 4x its best
+    assert feed(DivergenceDetector(fast_window=1), [st(i, loss=v) for i, v in enumerate(flat)]) == []
+
+
 # ----------------------------------------------------------------------------- plateau
 def test_plateau_fires_when_stuck_above_half_initial():
     f = feed(PlateauDetector(), [st(i, loss=2.3) for i in range(200)])
@@ -170,6 +196,23 @@ def test_dead_units_full_and_rise():
     assert feed(DeadUnitsDetector(), [st(0, acts=_dead(0.98))]) == []
     assert feed(DeadUnitsDetector(), [st(0, acts=_dead(0.1)), st(50, acts=_dead(0.7))])
     assert feed(DeadUnitsDetector(), [st(0, acts=_dead(0.3)), st(50, acts=_dead(0.65))]) == []
+
+
+def test_dead_units_cause_and_healthy_step():
+    born = feed(DeadUnitsDetector(), [st(0, acts=_dead(1.0))])
+    assert born[0].evidence["cause"] == "born_dead" and "healthy_step" not in born[0].evidence
+    d = DeadUnitsDetector()
+    f = feed(d, [st(0, acts=_dead(0.1)), st(50, acts=_dead(0.2)), st(100, acts=_dead(1.0))])
+    assert f[0].evidence["cause"] == "killed" and f[0].evidence["healthy_step"] == 50
+    assert feed(d, [st(150, acts=_dead(1.0))]) == []  # reported once
+    d.reset()  # a rollback restored older weights: a second kill is reported again
+    f2 = feed(d, [st(151, acts=_dead(0.2)), st(156, acts=_dead(0.9))])
+    assert f2 and f2[0].evidence["healthy_step"] == 151
+    # born-dead layers stay reported across rollbacks
+    b = DeadUnitsDetector()
+    feed(b, [st(0, acts=_dead(1.0))])
+    b.reset()
+    assert feed(b, [st(1, acts=_dead(1.0))]) == []
 
 
 def _sat(frac):

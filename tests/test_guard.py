@@ -321,6 +321,10 @@ def test_bad_input_is_rejected_clearly():
         tg.Policy({"nonfinite": ("explode",)})
     with pytest.raises(ValueError, match="unknown finding kinds"):
         tg.Policy(halt_on=("boom",))
+    with pytest.raises(ValueError, match="names no finding kind"):
+        tg.Policy({"dead_unit:killed": ("skip",)})
+    with pytest.raises(ValueError, match="sequence of rungs"):
+        tg.Policy({"nonfinite": "skip"})
     g = tg.Guard(m, o, console=False)
     with pytest.raises(ValueError, match="scalar loss"):
         g.step(torch.ones(3))

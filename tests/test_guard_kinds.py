@@ -85,6 +85,47 @@ def test_dead_units_killed_layer(digits):
     assert f.evidence["layers"]["3"]["dead_fraction"] == 1.0
 
 
+def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits):
+    """A large negative bias shift at step 60 (the dying-ReLU "killed during training"
+    emulation of research/mechanisms.md Z4) kills the hidden ReLU layer; the probe at step 100
+    names it (cause "killed", alive at the probe of step 50), and the Guard rolls back to a
+    snapshot from before the kill (not the one of step 100, taken after it), backs off the
+    LR, and the layer trains alive to the end."""
+    X, y = digits
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    g = tg.Guard(m, o, console=False)
+    batches = digits_batches(X, y, 32)
+    for t in range(200):
+        xb, yb = batches(t)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(xb), yb)
+        loss.backward()
+        g.step(loss)
+        if t == 60:
+            with torch.no_grad():
+                m[0].bias -= 50.0
+    f = next(f for f in g.findings if f.kind == "dead_units")
+    assert f.evidence["cause"] == "killed" and f.evidence["healthy_step"] == 50
+    rb = next(a for a in g.actions if a.kind == "rollback")
+    assert rb.step == f.step and rb.detail["to_step"] <= 50
+    assert any(a.kind == "lr_backoff" for a in g.actions)
+    with torch.no_grad():
+        alive = (m[1](m[0](X)) > 0).any(0).float().mean().item()
+    assert alive > 0.5
+    # a born-dead layer gets no rollback (structural: nothing online repairs it)
+    torch.manual_seed(0)
+    m2 = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        m2[0].bias.fill_(-50.0)
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    g2 = tg.Guard(m2, o2, console=False)
+    fit(m2, o2, digits_batches(X, y, 32), 5, g2)
+    assert next(f for f in g2.findings if f.kind == "dead_units").evidence["cause"] == "born_dead"
+    assert not g2.actions
+
+
 def test_saturation_sigmoid_large_init(digits):
     X, y = digits
     torch.manual_seed(0)

@@ -77,7 +77,9 @@ class Guard:
         sync: ``True`` (default): one small host transfer per step. ``False``: no host sync on
             the step path (device-side skip, statistics read one step late).
         sample_every: activation probes (dead/saturated units, signal propagation) and the
-            update-to-weight ratio run on the first step and every ``sample_every`` steps.
+            update-to-weight ratio run on the first step and every ``sample_every`` steps;
+            after a rollback, every ``sample_every // 10`` steps for the next ``sample_every``
+            steps (a close watch on the restored run, so a repeat is caught within a few steps).
         param_norm_every: parameter norms are measured every this many steps (default 10:
             a second fused pass over all weights every step would cost ~1% of a 7 ms step on
             its own, see bench/overhead.py) and at once whenever a value is non-finite.
@@ -154,6 +156,9 @@ class Guard:
         self.rollbacks = 0
         self.last_step_applied = True
         self._last_severe = -10**9
+        self._watch_until = -1  # close watch (frequent probes) after a rollback
+        self._restored: Any = None  # the snapshot last restored, and the step it was restored at
+        self._restored_at = -1
         self._opt_kind = optimizer_kind(optimizer)
         self._pending: tuple | None = None  # sync=False: last step's device stats
         self._post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
@@ -178,7 +183,10 @@ class Guard:
             applied = self._step_deferred(loss)
         self.last_step_applied = applied
         self.step_count += 1
-        if self.step_count % self.sample_every == 0:
+        every = self.sample_every
+        if self.step_count <= self._watch_until:
+            every = max(1, every // 10)
+        if self.step_count % every == 0:
             self.sampler.arm()
         return applied
 
@@ -441,7 +449,16 @@ class Guard:
         skip = False
         if "rollback" in kinds:
             f = by["rollback"]
-            snap = self.snapshots.pick(before_step=self.step_count - 1)
+            before = self.step_count - 1
+            healthy = f.evidence.get("healthy_step") if isinstance(f.evidence, dict) else None
+            if isinstance(healthy, int) and 0 <= healthy < before:
+                before = healthy  # weights from before the damage (e.g. units killed since)
+            snap = self.snapshots.pick(before_step=before)
+            if (isinstance(healthy, int) and snap is not None and snap is self._restored
+                    and healthy < self._restored_at):
+                # no healthy probe since that snapshot was restored: it holds the damage too
+                self.snapshots.drop(snap)
+                snap = self.snapshots.pick(before_step=before)
             if snap is None:
                 self._finish_scaler_step(scaled)
                 self._halt("a rollback was needed but no snapshot is held", f)
@@ -452,9 +469,12 @@ class Guard:
             self._finish_scaler_step(scaled)
             scaled = False
             self.snapshots.restore(snap)
+            self._restored, self._restored_at = snap, self.step_count
             self.rollbacks += 1
             for d in self.detectors:
                 d.reset()
+            self.sampler.arm()  # probe the restored weights on the next step
+            self._watch_until = self.step_count + self.sample_every
             self._act("rollback", f"{f.kind}: restored the snapshot of step {snap.step}",
                       to_step=snap.step, finding=f.kind)
             skip = True

@@ -4,7 +4,12 @@ Each finding kind has a ladder. The n-th occurrence of a kind within the last ``
 steps takes the n-th rung; the last rung repeats. A rung may combine actions with "+".
 Kinds without a ladder (vanishing_gradient, dead_units, saturation, plateau) are structural:
 no online remedy fixes them, so the Guard reports them with prescriptions and acts only if
-the user lists them in ``halt_on``.
+the user lists them in ``halt_on``. A ladder key may also name a cause, ``"kind:cause"``
+(matched against ``finding.evidence["cause"]``), which takes precedence over the kind's
+own ladder: units *killed during training* (``dead_units:killed``) were killed by an
+oversized step, which a rollback to weights from before the kill plus a lower LR undoes
+(Lu et al. 2019; the zoo's ``signal_dying_relu_killed`` and ``data_small_batch``), whereas
+units born dead need a new init or architecture.
 
 Repairs run out, and the Guard halts, when a rollback is needed but more than
 ``max_rollbacks`` were already made or no snapshot exists, or a learning-rate backoff would
@@ -15,6 +20,7 @@ take the LR below ``min_lr_scale`` of its scheduled value.
       loss_spike      skip -> skip -> rollback+lr_backoff (repeats)
       grad_explosion  clip -> clip -> clip -> clip+lr_backoff (repeats)
       divergence      rollback+lr_backoff (repeats)
+      dead_units:killed  rollback+lr_backoff (repeats)
 
 Sources: skip-then-rollback follows PaLM (Chowdhery 2022: restart ~100 steps before a spike
 and skip the batches) and OLMo-core's skip-step optimizers; clipping for exploding gradients
@@ -34,6 +40,7 @@ DEFAULT_LADDER: dict[str, tuple[str, ...]] = {
     "loss_spike": ("skip", "skip", "rollback+lr_backoff"),
     "grad_explosion": ("clip", "clip", "clip", "clip+lr_backoff"),
     "divergence": ("rollback+lr_backoff",),
+    "dead_units:killed": ("rollback+lr_backoff",),
 }
 
 # Order in which planned actions are carried out within one step.
@@ -71,8 +78,14 @@ class Policy:
                  min_lr_scale: float = 1 / 1024) -> None:
         merged = dict(DEFAULT_LADDER)
         for kind, rungs in (ladder or {}).items():
+            if isinstance(rungs, str):
+                raise ValueError(f"ladder[{kind!r}] must be a sequence of rungs, got the string "
+                                 f"{rungs!r} (write ({rungs!r},))")
             merged[kind] = tuple(rungs)
         for kind, rungs in merged.items():
+            if kind.split(":", 1)[0] not in FINDING_KINDS:
+                raise ValueError(f"ladder key {kind!r} names no finding kind; expected one of "
+                                 f"{FINDING_KINDS}, optionally followed by ':cause'")
             for rung in rungs:
                 for a in rung.split("+"):
                     if a not in ACTION_KINDS:
@@ -109,10 +122,11 @@ class Policy:
             if f.kind in self.halt_on:
                 plan.actions.append(("halt", f))
                 continue
-            rungs = self.ladder.get(f.kind, ())
+            key = self.ladder_key(f)
+            rungs = self.ladder.get(key, ())
             if not rungs:
                 continue
-            seen = self._seen.setdefault(f.kind, deque())
+            seen = self._seen.setdefault(key, deque())
             while seen and seen[0] <= step - self.window:
                 seen.popleft()
             seen.append(step)
@@ -125,6 +139,13 @@ class Policy:
         plan.actions.sort(key=lambda af: _ORDER[af[0]])
         return plan
 
+    def ladder_key(self, f: Finding) -> str:
+        """``"kind:cause"`` when the ladder has an entry for the finding's cause, else the kind."""
+        cause = f.evidence.get("cause") if isinstance(f.evidence, dict) else None
+        if isinstance(cause, str) and f"{f.kind}:{cause}" in self.ladder:
+            return f"{f.kind}:{cause}"
+        return f.kind
+
     def state_dict(self) -> dict:
         return {"seen": {k: list(v) for k, v in self._seen.items()}}
 
@@ -132,7 +153,7 @@ class Policy:
         self._seen = {k: deque(v) for k, v in state.get("seen", {}).items()}
 
     def describe(self) -> str:
-        lines = [f"{k:<15} " + " -> ".join(v) + " (repeats)" for k, v in self.ladder.items() if v]
+        lines = [f"{k:<18} " + " -> ".join(v) + " (repeats)" for k, v in self.ladder.items() if v]
         if self.halt_on:
             lines.append(f"halt at once on: {', '.join(sorted(self.halt_on))}")
         lines.append(f"halt when: more than {self.max_rollbacks} rollbacks, no snapshot, "

@@ -11,11 +11,19 @@ Divergence, either trigger:
     noise alone rises 1e4x in four steps from a ~1e-4 loss (measured: digits MLP, SGD
     momentum 0.9, batch 4: 1e-4 -> 1.38, 1e-5 -> 0.15 and 3e-7 -> 0.025, first loss 2.3;
     bench/calibrate_detectors.py).
+  * fast, windowed: within the last ``fast_window`` = 10 steps the loss rose to at least
+    ``fast_factor`` times the window's minimum, the step before was already above
+    sqrt(``fast_factor``) = 100 times it (a blow-up builds up; one bad batch does not), and
+    the last loss exceeds the first loss of the run. This catches a blow-up that is not
+    strictly monotone, e.g. the zoo's exploding RNN after a rollback: 0.195 -> 0.578 -> 0.522
+    -> 4.47 -> 15 -> 27 -> 36 -> 299 -> 1199 -> 3794 over nine steps (1.9e4x, never 1e4x
+    within four consecutive rises).
   * slow: after ``warmup`` = 50 steps, the smoothed loss (EMA, 0.9) stayed above ``factor`` = 4
     times its best for ``patience`` = 10 steps *and* gave back more than half of the progress
-    made since the start. 4x the best is the divergence rule of LR range tests (fastai's LR
-    finder, Smith 2017); the half-progress condition keeps a converged loss near 0 from
-    calling its noise a divergence.
+    made since the start (a run that never improved on its first loss has no progress to
+    give back: 4x its best is then enough). 4x the best is the divergence rule of LR range
+    tests (fastai's LR finder, Smith 2017); the half-progress condition keeps a converged
+    loss near 0 from calling its noise a divergence.
 
 Plateau (severity "info"): after ``warmup`` steps, the smoothed loss has not improved its best
 by ``min_improvement`` = 1% in ``patience_plateau`` = 100 steps while still above half its
@@ -33,12 +41,14 @@ from .base import Detector, check_positive
 
 class DivergenceDetector(Detector):
     kind = "divergence"
-    _state = ("recent", "lastp", "ema", "best", "initial", "above", "seen", "reported_at",
-              "first_loss")
+    _state = ("recent", "window", "lastp", "ema", "best", "initial", "above", "seen",
+              "reported_at", "first_loss")
 
     def __init__(self, fast_steps: int = 4, fast_factor: float = 1e4, factor: float = 4.0,
-                 patience: int = 10, warmup: int = 50, smoothing: float = 0.9) -> None:
+                 patience: int = 10, warmup: int = 50, smoothing: float = 0.9,
+                 fast_window: int = 10) -> None:
         check_positive("fast_steps", fast_steps, integer=True)
+        check_positive("fast_window", fast_window, integer=True)
         check_positive("fast_factor", fast_factor)
         check_positive("factor", factor)
         check_positive("patience", patience, integer=True)
@@ -46,7 +56,9 @@ class DivergenceDetector(Detector):
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
         self.fast_steps, self.fast_factor, self.factor = fast_steps, fast_factor, factor
         self.patience, self.warmup, self.smoothing = patience, warmup, smoothing
+        self.fast_window = fast_window
         self.recent: deque[float] = deque(maxlen=fast_steps + 1)
+        self.window: deque[float] = deque(maxlen=fast_window)
         self.lastp: deque[float] = deque(maxlen=patience)
         self.ema: float | None = None
         self.best: float | None = None
@@ -59,6 +71,7 @@ class DivergenceDetector(Detector):
     def reset(self) -> None:
         # after a rollback the smoothed loss restarts from the restored state's losses
         self.recent.clear()
+        self.window.clear()
         self.lastp.clear()
         self.above = 0
         self.ema = None
@@ -68,6 +81,7 @@ class DivergenceDetector(Detector):
             return []
         loss = s.loss
         self.recent.append(loss)
+        self.window.append(loss)
         self.lastp.append(loss)
         self.seen += 1
         self.ema = loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * loss
@@ -84,11 +98,28 @@ class DivergenceDetector(Detector):
                                         f"steps ({r[0]:.3g} -> {r[-1]:.3g}): exponential blow-up",
                                      {"losses": r, "trigger": "fast"}))
             self.recent.clear()
+            self.window.clear()
             return out
+        w = list(self.window)
+        if len(w) >= 3:
+            i = min(range(len(w) - 2), key=w.__getitem__)  # the low point before the last two
+            lo = w[i]
+            if (lo > 0 and w[-1] >= self.fast_factor * lo
+                    and w[-2] >= math.sqrt(self.fast_factor) * lo
+                    and (self.first_loss is None or w[-1] > self.first_loss)):
+                out.append(self._finding(
+                    s, f"the loss grew {w[-1] / lo:.1e}x in {len(w) - 1 - i} steps ({lo:.3g} -> "
+                       f"{w[-1]:.3g}): runaway blow-up",
+                    {"losses": w[i:], "trigger": "fast"}))
+                self.recent.clear()
+                self.window.clear()
+                return out
         if self.seen <= self.warmup:
             return out
         self.best = self.ema if self.best is None else min(self.best, self.ema)
-        lost = (self.ema - self.best) > 0.5 * (self.initial - self.best) if self.initial > self.best else False
+        # half the progress since the start given back; a run that never beat its first
+        # loss has none to give back, so 4x its best suffices
+        lost = (self.ema - self.best) > 0.5 * max(self.initial - self.best, 0.0)
         med = sorted(self.lastp)[len(self.lastp) // 2]
         if self.best > 0 and self.ema > self.factor * self.best and med > self.factor * self.best and lost:
             self.above += 1

@@ -8,6 +8,12 @@ Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample o
     units killed during training. Healthy deep He-init nets already show ~30% inactive units
     at depth 30-50 (mechanisms.md §2.5, [C]), so an absolute threshold below that would cry
     wolf; the rise is what separates dying from normal sparsity.
+  ``evidence["cause"]`` is ``"born_dead"`` when the layer was already fully dead at its first
+  probe (a structural fault: init or width) and ``"killed"`` when it died during training
+  (an oversized step: LR too high, a bad batch; Lu et al. 2019 §2.5), with
+  ``evidence["healthy_step"]``, the last probe at which every reported layer was still alive,
+  so that a rollback can return to weights from before the kill. After a rollback
+  (:meth:`reset`) killed layers are watched again.
 
 Saturated (sigmoid: output < 0.01 or > 0.99; tanh: |output| > 0.99, the definitions of
 mechanisms.md §2.11): a layer with ``saturated >= 0.75`` of its outputs saturated on
@@ -32,7 +38,7 @@ SATURATING_KINDS = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 
 class DeadUnitsDetector(Detector):
     kind = "dead_units"
-    _state = ("first_seen", "reported")
+    _state = ("first_seen", "reported", "alive_at", "killed")
 
     def __init__(self, full: float = 0.99, rise: float = 0.4, level: float = 0.6) -> None:
         for name, v in (("full", full), ("rise", rise), ("level", level)):
@@ -41,6 +47,13 @@ class DeadUnitsDetector(Detector):
         self.full, self.rise, self.level = full, rise, level
         self.first_seen: dict[str, float] = {}
         self.reported: list[str] = []
+        self.alive_at: dict[str, int] = {}  # layer -> last probe step where it was not flagged
+        self.killed: list[str] = []
+
+    def reset(self) -> None:
+        # a rollback restored weights from before the kill: watch those layers again
+        self.reported = [n for n in self.reported if n not in self.killed]
+        self.killed = []
 
     def update(self, s: StepStats) -> list[Finding]:
         if not s.activations:
@@ -53,21 +66,32 @@ class DeadUnitsDetector(Detector):
             first = self.first_seen.setdefault(name, frac)
             if frac >= self.full or (frac - first >= self.rise and frac >= self.level):
                 dead_layers.append((name, frac, first, a.get("units", 0)))
+            else:
+                self.alive_at[name] = s.step
         new = [d for d in dead_layers if d[0] not in self.reported]
         if not new:
             return []
         self.reported.extend(d[0] for d in new)
         name, frac, first, units = new[0]
         born = frac >= self.full and first >= self.full
-        how = ("born dead: no unit fired since the first probe" if born else
-               f"was {first:.0%} dead at the first probe")
+        ev: dict = {"layers": {d[0]: {"dead_fraction": d[1], "first": d[2], "units": d[3]}
+                               for d in new},
+                    "cause": "born_dead" if born else "killed"}
+        if born:
+            how = "born dead: no unit fired since the first probe"
+        else:
+            alive = [self.alive_at[d[0]] for d in new if d[0] in self.alive_at]
+            ev["healthy_step"] = min(alive) if alive else None
+            self.killed.extend(d[0] for d in new)
+            how = (f"was {first:.0%} dead at the first probe"
+                   + (f", alive at step {ev['healthy_step']}" if alive else "")
+                   + ": killed during training")
         return [Finding(
             kind="dead_units", step=s.step, where=name,
             locations=tuple(d[0] for d in new),
             message=(f"{frac:.0%} of the {units} units of {name} output 0 on every sample "
                      f"({how}); no gradient flows through them"),
-            evidence={"layers": {d[0]: {"dead_fraction": d[1], "first": d[2], "units": d[3]}
-                                 for d in new}},
+            evidence=ev,
         )]
 
 
