@@ -192,6 +192,27 @@ def test_gradient_explosion_is_clipped(digits):
     assert acc > 0.9
 
 
+def test_records_are_bounded_and_counts_are_not(digits, tmp_path):
+    """Bug: guard.findings/actions grew without bound (a long run clipping every step keeps
+    one Action per step). They now hold the most recent keep_records; the counters, the
+    summary and the JSONL log still see everything."""
+    X, y = digits
+    log = tmp_path / "run.jsonl"
+    _, _, g, _, _ = train_digits(X, y, guarded=True, steps=120,
+                                 guard_kwargs={"clip": 0.01, "keep_records": 20, "log": str(log)})
+    n = g.action_counts["clip"]
+    assert n >= 100 and len(g.actions) <= 20 + 20 // 10 + 1
+    assert g.actions[-1].step == 119
+    assert f"action clip: {n}x, first at step 0" in g.summary()
+    state = g.state_dict()
+    m2 = mlp()
+    g2 = tg.Guard(m2, torch.optim.SGD(m2.parameters(), lr=0.1), console=False)
+    g2.load_state_dict(state)
+    assert g2.action_counts["clip"] == n  # (bug: resuming with another clip= raised KeyError)
+    from trainguard.report import read_events
+    assert sum(1 for e in read_events(log) if e.get("type") == "action") == n
+
+
 def test_fixed_and_agc_clipping(digits):
     X, y = digits
     _, _, g, acc, _ = train_digits(X, y, guarded=True, steps=50, guard_kwargs={"clip": 0.5})

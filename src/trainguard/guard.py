@@ -96,6 +96,10 @@ class Guard:
             (``trainguard replay BUNDLE``).
         model_factory: ``"module:callable"`` that rebuilds the model, stored in the bundle's
             manifest so ``trainguard replay`` needs no ``--factory``.
+        keep_records: ``guard.findings`` and ``guard.actions`` hold at most this many of the
+            most recent entries (default 10,000), so a week-long run that clips often does not
+            grow them without bound; ``guard.finding_counts`` / ``guard.action_counts`` and
+            the summary count everything, and the JSONL log keeps every event.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -106,7 +110,7 @@ class Guard:
                  console: bool = True, log: str | None = None, log_every: int = 10,
                  sinks: Iterable[Sink] = (), locate: bool = True,
                  locate_dir: str | None = None, model_factory: str | None = None,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, keep_records: int = 10_000) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -149,6 +153,10 @@ class Guard:
                 self._capture = None
         self.findings: list[Finding] = []
         self.actions: list[Action] = []
+        self.keep_records = _check_int("keep_records", keep_records)
+        self.finding_counts: Counter[str] = Counter()
+        self.action_counts: Counter[str] = Counter()
+        self._first: dict[str, Finding | Action] = {}  # "finding:kind" / "action:kind" -> first
         self.history: deque[StepStats] = deque(maxlen=2000)
         self.counts: Counter[str] = Counter()
         self.step_count = 0
@@ -198,26 +206,26 @@ class Guard:
     def summary(self) -> str:
         """A human-readable account of the run so far."""
         lines = [f"trainguard summary: {self.step_count} steps, {self.applied_steps} updates applied"]
-        if not self.findings and not self.actions:
+        if not self.finding_counts and not self.action_counts:
             lines.append("  no findings, no interventions")
         by_kind: dict[str, list[Finding]] = {}
         for f in self.findings:
             by_kind.setdefault(f.kind, []).append(f)
-        for kind, fs in by_kind.items():
-            wheres = sorted({f.where for f in fs if f.where})
+        for kind, n in self.finding_counts.items():
+            first = self._first[f"finding:{kind}"]
+            wheres = sorted({f.where for f in by_kind.get(kind, []) + [first] if f.where})
             at = f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "") if wheres else ""
-            lines.append(f"  finding {kind}: {len(fs)}x, first at step {fs[0].step}{at}")
-            lines.append(f"    {fs[0].message}")
-        acts = Counter(a.kind for a in self.actions)
-        for kind, n in acts.items():
-            first = next(a for a in self.actions if a.kind == kind)
+            lines.append(f"  finding {kind}: {n}x, first at step {first.step}{at}")
+            lines.append(f"    {first.message}")
+        for kind, n in self.action_counts.items():
+            first = self._first[f"action:{kind}"]
             lines.append(f"  action {kind}: {n}x, first at step {first.step} ({first.reason})")
         if self.counts.get("scaler_overflow"):
             lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
                          f"{self.counts['scaler_overflow']}")
         if self.lr.scale != 1.0:
             lines.append(f"  learning-rate scale now {self.lr.scale:.3g} of the schedule")
-        kinds = [k for k in by_kind if k in SEVERE_KINDS or k == "plateau"]
+        kinds = [k for k in self.finding_counts if k in SEVERE_KINDS or k == "plateau"]
         if kinds:
             lines.append("  what to change:")
             for k in kinds:
@@ -255,8 +263,11 @@ class Guard:
             "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
             "policy": self.policy.state_dict(), "lr": self.lr.state_dict(),
             "clip": self.clipper.state_dict() if self.clipper is not None else None,
+            "clip_type": type(self.clipper).__name__ if self.clipper is not None else None,
             "findings": [f.to_dict() for f in self.findings],
             "actions": [a.to_dict() for a in self.actions],
+            "finding_counts": dict(self.finding_counts),
+            "action_counts": dict(self.action_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -273,21 +284,39 @@ class Guard:
                 d.load_state_dict(match["state"])
         self.policy.load_state_dict(state["policy"])
         self.lr.load_state_dict(state["lr"])
-        if self.clipper is not None and state.get("clip") is not None:
+        if (self.clipper is not None and state.get("clip") is not None
+                and state.get("clip_type", type(self.clipper).__name__) == type(self.clipper).__name__):
+            # statistics of another kind of clipper (the run resumed with a new clip=) do not apply
             self.clipper.load_state_dict(state["clip"])
         self.findings = [Finding(**{k: (tuple(v) if k in ("locations", "remedies") else v)
                                     for k, v in f.items()}) for f in state.get("findings", [])]
         self.actions = [Action(**a) for a in state.get("actions", [])]
+        self.finding_counts = Counter(state.get("finding_counts") or
+                                      Counter(f.kind for f in self.findings))
+        self.action_counts = Counter(state.get("action_counts") or
+                                     Counter(a.kind for a in self.actions))
+        self._first = {}
+        for f in self.findings:
+            self._first.setdefault(f"finding:{f.kind}", f)
+        for a in self.actions:
+            self._first.setdefault(f"action:{a.kind}", a)
 
     # ------------------------------------------------------------------ internals
+    def _record(self, items: list, item: Any, counts: Counter, tag: str) -> None:
+        counts[item.kind] += 1
+        self._first.setdefault(f"{tag}:{item.kind}", item)
+        items.append(item)
+        if len(items) > self.keep_records + self.keep_records // 10 + 1:
+            del items[:len(items) - self.keep_records]  # amortised: trims every ~10% growth
+
     def _emit_finding(self, f: Finding) -> None:
-        self.findings.append(f)
+        self._record(self.findings, f, self.finding_counts, "finding")
         for s in self.sinks:
             s.on_finding(f)
 
     def _act(self, kind: str, reason: str, **detail: Any) -> Action:
         a = Action(kind=kind, step=self.step_count, reason=reason, detail=detail)
-        self.actions.append(a)
+        self._record(self.actions, a, self.action_counts, "action")
         for s in self.sinks:
             s.on_action(a)
         return a
@@ -420,10 +449,10 @@ class Guard:
         if finding is not None:
             at = f" in {finding.where}" if finding.where else ""
             lines.append(f"What happened: {finding.kind}{at}: {finding.message}")
-        kinds = Counter(f.kind for f in self.findings)
+        kinds = self.finding_counts
         if kinds:
             lines.append("Findings so far: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
-        acts = Counter(a.kind for a in self.actions if a.kind != "halt")
+        acts = Counter({k: n for k, n in self.action_counts.items() if k != "halt"})
         if acts:
             lines.append("Repairs tried: " + ", ".join(f"{k} x{n}" for k, n in acts.items())
                          + f"; learning-rate scale reached {self.lr.scale:.3g}")
