@@ -113,6 +113,51 @@ register(Scenario(
     reference=THRESHOLD))
 
 
+# ----------------------------------------------------------------------------- Z3, chaotic
+def build_tanh_chaotic(seed: int, sigma_w2: float = 4.0, init: str = "gaussian") -> Setup:
+    """Z3, chaotic half: the net of ``build_tanh_ordered`` (50 tanh layers x 128, zero bias,
+    digits, SGD momentum 0.9 lr 0.01, batch 64, 300 steps) at sigma_w^2 = 4: chi_1 > 1, the
+    chaotic phase (Poole 2016; Schoenholz 2017). At init 7% of the tanh outputs are
+    saturated (|h| > 0.99; 12-13% in the first layer; mechanisms.md 2.10 [C]: 6.6%) and the
+    backward signal grows with depth: ||grad W_1|| / ||grad W_51|| = 1.2e3-1.4e3 (critical
+    orthogonal: 1.0). Training drives the first tanh layer to 92-94% saturated by step 100
+    and the loss stays near chance.
+    Repair: ``sigma_w2=1.0, init="orthogonal"`` (criticality with dynamical isometry,
+    Pennington et al. 2017); ``init="orthogonal"`` scales an orthogonal matrix by sigma_w.
+    Calibration (seeds 0-4, one thread, 1.6-3.2 s a run): bare 1.955 / 2.225 / 2.270 /
+    2.093 / 2.190; repaired 0.303 / 0.233 / 0.155 / 0.203 / 0.278. Gaussian weights at
+    sigma_w^2 = 1 (critical on average, no isometry at depth 50) still fail at this LR
+    (2.15 / 2.08 / 2.02 / 1.44 / 1.96; they pass at lr 0.003, 0.24-0.35 on seeds 0-2); no
+    LR trains the chaotic net (lr 0.003 and 0.001: 1.97-2.19 on seeds 0-2), nor do
+    orthogonal weights at sigma_w^2 = 4 (2.08-2.14)."""
+    if init not in ("gaussian", "orthogonal"):
+        raise ValueError(f"init must be 'gaussian' or 'orthogonal', got {init!r}")
+    seed_all(seed)
+    model = mlp([64] + [128] * 50 + [10], nn.Tanh)
+    for lin in linears(model):
+        if init == "orthogonal":
+            nn.init.orthogonal_(lin.weight, gain=math.sqrt(sigma_w2))
+        else:
+            nn.init.normal_(lin.weight, 0.0, math.sqrt(sigma_w2 / lin.in_features))
+        nn.init.zeros_(lin.bias)
+    return _digits_setup(model, seed, lr=0.01, steps=300)
+
+
+register(Scenario(
+    name="signal_tanh_chaotic", category="pathological",
+    mechanism="chaotic phase: 50-layer tanh MLP at sigma_w^2 = 4 (chi_1 > 1), nearby inputs "
+              "decorrelate with depth and the backward Jacobian grows geometrically; the net "
+              "is untrainable at depth >> xi_c",
+    expected=("saturation", "grad_explosion"),
+    source="Poole et al. 2016 (arXiv 1606.05340); Schoenholz et al. 2017 (arXiv 1611.01232); "
+           "Pennington et al. 2017 (arXiv 1711.04735); research/mechanisms.md 2.10 and Z3",
+    criterion=f"held-out cross-entropy < {THRESHOLD} after 300 steps",
+    build=build_tanh_chaotic, passed=below(THRESHOLD), repairable_online=False,
+    prescription="critical init sigma_w^2 = 1 for tanh with orthogonal weights (dynamical "
+                 "isometry), or LSUV; no learning rate trains the chaotic net",
+    reference=THRESHOLD))
+
+
 # ----------------------------------------------------------------------------- Z6
 class ResidualMLP(nn.Module):
     """x_{i+1} = x_i + W2 relu(W1 x_i), He init in every branch, no normalisation."""
