@@ -179,6 +179,26 @@ def test_vanishing_forward_ratio():
     assert feed(VanishingGradientDetector(), [st(0, acts=_acts(1.0, 1e-3))]) == []
 
 
+def _rec(r):
+    return {"rnn": {"kind": "recurrent", "dead_fraction": None, "saturated_fraction": None,
+                    "second_moment": None, "steps": 100, "time_grad_ratio": r}}
+
+
+def test_vanishing_through_time_uses_the_median_after_init():
+    # the zoo's vanilla RNN (rho 0.9, T 100): probes of seed 0
+    rnn = [1e-5, 6.9e-10, 2.4e-15, 6.9e-8, 3.2e-7, 1e-3]
+    f = feed(VanishingGradientDetector(), [st(50 * i, acts=_rec(r)) for i, r in enumerate(rnn)])
+    assert len(f) == 1 and f[0].step == 150 and f[0].evidence["through_time"]
+    # its GRU repair: tiny at init and at the first probe, then open
+    gru = [2.2e-19, 4.9e-6, 2e-3, 2e-2, 5.2e-2, 0.18]
+    assert feed(VanishingGradientDetector(), [st(50 * i, acts=_rec(r)) for i, r in enumerate(gru)]) == []
+    # healthy LSTM on the adding problem (T 15): 9e-4 at its lowest
+    lstm = [3.1e-4, 8.9e-4, 1.1e-3, 1.4e-3, 1.5e-2]
+    assert feed(VanishingGradientDetector(), [st(50 * i, acts=_rec(r)) for i, r in enumerate(lstm)]) == []
+    assert feed(VanishingGradientDetector(time_ratio=1e-2),
+                [st(50 * i, acts=_rec(r)) for i, r in enumerate(lstm)])
+
+
 def test_zero_gradient_detector():
     f = feed(ZeroGradientDetector(), [st(i, grads=[0.0, 0.5]) for i in range(20)])
     assert len(f) == 1 and f[0].kind == "vanishing_gradient"

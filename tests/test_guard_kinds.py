@@ -126,6 +126,32 @@ def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits)
     assert not g2.actions
 
 
+def test_recurrent_probe_leaves_training_unchanged():
+    """The through-time probe swaps an RNN's data input for a leaf that requires grad on
+    sampled steps: the parameters' gradients, hence the run, must be bit-identical to bare."""
+    def run(guarded):
+        torch.manual_seed(0)
+        m = nn.ModuleDict({"rnn": nn.LSTM(2, 16, batch_first=True), "head": nn.Linear(16, 1)})
+        o = torch.optim.Adam(m.parameters(), lr=1e-2)
+        g = tg.Guard(m, o, console=False, clip=None, sample_every=5) if guarded else None
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            x = torch.randn(8, 12, 2, generator=gen)
+            y = x[:, :, 0].sum(1, keepdim=True)
+            o.zero_grad()
+            h, _ = m["rnn"](x)
+            loss = nn.functional.mse_loss(m["head"](h[:, -1]), y)
+            loss.backward()
+            g.step(loss) if g else o.step()
+        return m, g
+    bare, _ = run(False)
+    guarded, g = run(True)
+    for a, b in zip(bare.parameters(), guarded.parameters()):
+        assert torch.equal(a, b)
+    probes = [st.activations["rnn"] for st in g.history if st.activations and "rnn" in st.activations]
+    assert len(probes) >= 5 and all(p["kind"] == "recurrent" and p["steps"] == 12 for p in probes)
+
+
 def test_saturation_sigmoid_large_init(digits):
     X, y = digits
     torch.manual_seed(0)

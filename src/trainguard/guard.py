@@ -361,6 +361,12 @@ class Guard:
                 continue
             dead, sat, q, units = vals[i:i + 4]
             i += 4
+            if kinds[n] == "recurrent":  # backward signal through time (first vs last step)
+                first, last = float(dead), float(sat)
+                acts[n] = {"kind": "recurrent", "dead_fraction": None, "saturated_fraction": None,
+                           "second_moment": None, "steps": int(units),
+                           "time_grad_ratio": first / last if last > 0 else math.nan}
+                continue
             if kinds[n] == "softmax":  # attention: one-hot row fraction and max |logit|
                 acts[n] = {"kind": "softmax", "dead_fraction": None,
                            "saturated_fraction": None if math.isnan(sat) else float(sat),

@@ -113,6 +113,8 @@ class ActivationSampler:
         self.model = model
         self.targets = [(name, m, k) for name, m in model.named_modules()
                         if (k := activation_kind(m)) is not None]
+        self.recurrent = [(name, m) for name, m in model.named_modules()
+                          if isinstance(m, nn.RNNBase)]
         self._handles: list[Any] = []
         self.results: dict[str, tuple[str, torch.Tensor]] = {}
         self._stack: list[str] = []
@@ -125,6 +127,8 @@ class ActivationSampler:
         self.results = {}
         for name, mod, kind in self.targets:
             self._handles.append(mod.register_forward_hook(self._hook(name, kind)))
+        for name, mod in self.recurrent:
+            self._handles.append(mod.register_forward_pre_hook(self._through_time(name, mod)))
         # module attribution for softmax calls, and the spy around the root forward
         for name, mod in self.model.named_modules():
             self._handles.append(mod.register_forward_pre_hook(self._push(name)))
@@ -173,6 +177,37 @@ class ActivationSampler:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and name not in self.results and torch.is_grad_enabled():
                 self.results[name] = (kind, _activation_stats(kind, out))
+        return hook
+
+    def _through_time(self, name: str, mod: nn.Module) -> Callable:
+        """Backward signal through time of a recurrent module: the gradient reaching its
+        first input step against the one reaching its last, ``||dL/dx_0|| / ||dL/dx_T-1||``.
+        A data input that does not require grad is swapped for a detached leaf that does
+        (same values, so the parameters' gradients are unchanged); only on sampled steps."""
+        def hook(_mod: nn.Module, args: tuple) -> tuple | None:
+            if not args or not torch.is_grad_enabled() or name in self.results:
+                return None
+            x = args[0]
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+                return None  # PackedSequence or unbatched input: not measured
+            tdim = 1 if getattr(mod, "batch_first", False) else 0
+            steps = x.shape[tdim]
+            if steps < 2:
+                return None
+            new = None
+            if not x.requires_grad:
+                x = new = x.detach().requires_grad_(True)
+
+            def grad_hook(g: torch.Tensor) -> None:
+                with torch.no_grad():
+                    gf = g.detach().float()
+                    first = gf.select(tdim, 0).norm()
+                    last = gf.select(tdim, steps - 1).norm()
+                    nan = torch.tensor(math.nan, device=g.device)
+                    self.results[name] = ("recurrent", torch.stack(
+                        [first, last, nan, torch.tensor(float(steps), device=g.device)]))
+            x.register_hook(grad_hook)
+            return (new,) + tuple(args[1:]) if new is not None else None
         return hook
 
     def disarm(self) -> None:
