@@ -165,7 +165,9 @@ class Guard:
         self.last_step_applied = True
         self._last_severe = -10**9
         self._watch_until = -1  # close watch (frequent probes) after a rollback
-        self._restored: Any = None  # the snapshot last restored, and the step it was restored at
+        # step of the snapshot last restored, and the step it was restored at (a step number,
+        # not the snapshot: holding it would keep a dropped snapshot's tensors alive)
+        self._restored_step = -1
         self._restored_at = -1
         self._opt_kind = optimizer_kind(optimizer)
         self._pending: tuple | None = None  # sync=False: last step's device stats
@@ -489,7 +491,7 @@ class Guard:
             if isinstance(healthy, int) and 0 <= healthy < before:
                 before = healthy  # weights from before the damage (e.g. units killed since)
             snap = self.snapshots.pick(before_step=before)
-            if (isinstance(healthy, int) and snap is not None and snap is self._restored
+            if (isinstance(healthy, int) and snap is not None and snap.step == self._restored_step
                     and healthy < self._restored_at):
                 # no healthy probe since that snapshot was restored: it holds the damage too
                 self.snapshots.drop(snap)
@@ -504,7 +506,7 @@ class Guard:
             self._finish_scaler_step(scaled)
             scaled = False
             self.snapshots.restore(snap)
-            self._restored, self._restored_at = snap, self.step_count
+            self._restored_step, self._restored_at = snap.step, self.step_count
             self.rollbacks += 1
             for d in self.detectors:
                 d.reset()
