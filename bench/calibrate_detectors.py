@@ -41,7 +41,7 @@ def record(model, opt, batches, steps, loss_fn=nn.functional.cross_entropy):
         g.step(loss)
         stream.append(copy.copy(g.history[-1]))
     g.close()
-    return stream
+    return stream, g.chance_loss
 
 
 def digits_streams(steps: int, seeds: int):
@@ -80,9 +80,10 @@ def zoo_streams(seeds: int):
                 g.step(loss)
                 stream.append(copy.copy(g.history[-1]))
                 if st.scheduler is not None:
-                    st.scheduler.step(float(loss)) if st.scheduler_kind == "plateau" else st.scheduler.step()
+                    st.scheduler.step(float(loss.detach())) if st.scheduler_kind == "plateau" \
+                        else st.scheduler.step()
             g.close()
-            yield f"{s.name}-s{seed}", stream
+            yield f"{s.name}-s{seed}", (stream, g.chance_loss)
 
 
 def variants():
@@ -94,6 +95,11 @@ def variants():
     yield "grad_explosion ratio 10->5", lambda: [GradExplosionDetector(ratio=5.0)]
     yield "divergence factor 4->2", lambda: [DivergenceDetector(factor=2.0)]
     yield "divergence fast 1e4->1e3", lambda: [DivergenceDetector(fast_factor=1e3)]
+    yield "divergence chance margin 0.5->0.25", lambda: [DivergenceDetector(chance_margin=0.25)]
+    yield "divergence giveback 0.8->0.6", lambda: [DivergenceDetector(giveback=0.6)]
+    yield "divergence start x4/20 -> x2/10", lambda: [DivergenceDetector(start_factor=2.0,
+                                                                         start_patience=10)]
+    yield "grad_explosion early 100->10", lambda: [GradExplosionDetector(early_ratio=10.0)]
 
 
 def main() -> None:
@@ -105,12 +111,16 @@ def main() -> None:
     streams = list(digits_streams(a.steps, a.seeds))
     if a.zoo:
         streams += list(zoo_streams(a.seeds))
-    print(f"{len(streams)} healthy streams, {sum(len(s) for _, s in streams)} steps")
+    print(f"{len(streams)} healthy streams, {sum(len(s) for _, (s, _c) in streams)} steps, "
+          f"{sum(c is not None for _, (_s, c) in streams)} with a chance level (cross-entropy)")
     for label, make in variants():
         per_rule: Counter[str] = Counter()
         runs: Counter[str] = Counter()
-        for name, stream in streams:
+        for name, (stream, chance) in streams:
             dets = make()
+            for d in dets:
+                if chance is not None and hasattr(d, "set_chance"):
+                    d.set_chance(chance)
             hit = set()
             for st in stream:
                 for d in dets:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import trainguard as tg
+from trainguard.detect import DivergenceDetector, default_detectors
 
 INTERVENTIONS = {"skip", "rollback", "lr_backoff", "halt"}
 
@@ -95,7 +96,11 @@ def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    g = tg.Guard(m, o, console=False)
+    # the loss-level ruin rules (issue #9) see the kill first, at step ~67 (the test below);
+    # without them this exercises the probe's "killed" path
+    dets = [DivergenceDetector(ruin=False) if isinstance(d, DivergenceDetector) else d
+            for d in default_detectors()]
+    g = tg.Guard(m, o, console=False, detectors=dets)
     batches = digits_batches(X, y, 32)
     for t in range(200):
         xb, yb = batches(t)
@@ -114,6 +119,27 @@ def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits)
     with torch.no_grad():
         alive = (m[1](m[0](X)) > 0).any(0).float().mean().item()
     assert alive > 0.5
+    # with the default detectors the loss giving back its progress is seen within 10 steps of
+    # the kill, and the rollback (to the step-0 snapshot, the only one before it) repairs it
+    torch.manual_seed(0)
+    m3 = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    o3 = torch.optim.SGD(m3.parameters(), lr=0.05, momentum=0.9)
+    g3 = tg.Guard(m3, o3, console=False)
+    for t in range(200):
+        xb, yb = batches(t)
+        o3.zero_grad()
+        loss = nn.functional.cross_entropy(m3(xb), yb)
+        loss.backward()
+        g3.step(loss)
+        if t == 60:
+            with torch.no_grad():
+                m3[0].bias -= 50.0
+    first = g3.findings[0]
+    assert first.kind == "divergence" and first.evidence["trigger"] == "giveback"
+    assert 61 <= first.step <= 70
+    assert next(a for a in g3.actions if a.kind == "rollback").step == first.step
+    with torch.no_grad():
+        assert (m3[1](m3[0](X)) > 0).any(0).float().mean().item() > 0.5
     # a born-dead layer gets no rollback (structural: nothing online repairs it)
     torch.manual_seed(0)
     m2 = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))

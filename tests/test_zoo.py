@@ -86,7 +86,8 @@ def test_repaired_configs_pass():
 def test_gd_past_limit_is_repaired_online():
     s = REGISTRY["curvature_gd_past_limit"]
     g = guarded("curvature_gd_past_limit")
-    assert [f.kind for f in g.findings][0] == "divergence"
+    first = g.findings[0].step  # grad_explosion's early rule fires at the same step (issue #9)
+    assert "divergence" in [f.kind for f in g.findings if f.step == first]
     assert {"rollback", "lr_backoff"} <= {a.kind for a in g.actions}
     assert s.passed(g)
 

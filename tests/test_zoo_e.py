@@ -74,7 +74,10 @@ def test_tanh_chaotic_guard_names_saturation():
     s = REGISTRY["signal_tanh_chaotic"]
     g = guarded("signal_tanh_chaotic")
     named = [f for f in g.findings if f.kind in s.expected]
-    assert named and named[0].kind == "saturation", [str(f) for f in g.findings]
+    # saturation at the second probe (step 100); on this machine a grad_explosion (also an
+    # expected kind) fires first, at step 80, on main before issue #9 too
+    sat = [f for f in named if f.kind == "saturation"]
+    assert sat and sat[0].step == 100, [str(f) for f in g.findings]
     assert not s.passed(g)  # structural: the Guard names it, the doctor must repair it
 
 

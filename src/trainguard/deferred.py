@@ -169,7 +169,7 @@ def drain(guard: "Guard") -> None:
     saved_count = guard.step_count
     guard.step_count = step  # findings and actions carry the step they are about
     try:
-        findings = [f for d in guard.detectors for f in d.update(stats)]
+        findings = guard._detect(stats)
         if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
             guard._event("scaler_overflow", loss_scale=stats.loss_scale)
         for f in findings:

@@ -30,7 +30,8 @@ from .remedies.clip import AGC, make_clipper, scale_grads
 from .remedies.lr import LRController
 from .remedies.snapshot import SnapshotStore
 from .report.base import Sink
-from .stats import ActivationSampler, Probe, StepStats, _local, build_stats, optimizer_kind
+from .stats import (ActivationSampler, Probe, StepStats, _local, build_stats, chance_level,
+                    optimizer_kind)
 from .types import REMEDIES, SEVERE_KINDS, Action, Finding, TrainingUnstable
 
 
@@ -100,6 +101,12 @@ class Guard:
             most recent entries (default 10,000), so a week-long run that clips often does not
             grow them without bound; ``guard.finding_counts`` / ``guard.action_counts`` and
             the summary count everything, and the JSONL log keeps every event.
+        chance_loss: the loss of an uninformed guess when the loss is a cross-entropy (ln V
+            for V classes or tokens), the reference of the divergence detector's
+            "above chance" rule. ``"auto"`` (default): inferred at the first step when the
+            first loss is within 15% of ln V for V = the output size of the model's last
+            ``nn.Linear`` or an ``nn.Embedding``'s vocabulary (a classifier or language
+            model at initialisation); a number: that level; ``None``: no such rule.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -110,7 +117,8 @@ class Guard:
                  console: bool = True, log: str | None = None, log_every: int = 10,
                  sinks: Iterable[Sink] = (), locate: bool = True,
                  locate_dir: str | None = None, model_factory: str | None = None,
-                 process_group: Any = None, keep_records: int = 10_000) -> None:
+                 process_group: Any = None, keep_records: int = 10_000,
+                 chance_loss: float | str | None = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -151,6 +159,15 @@ class Guard:
                                             bundle_dir=locate_dir, model_factory=model_factory)
             except ImportError:  # locate not available
                 self._capture = None
+        if not (chance_loss is None or chance_loss == "auto" or (
+                isinstance(chance_loss, (int, float)) and not isinstance(chance_loss, bool)
+                and math.isfinite(chance_loss) and chance_loss > 0)):
+            raise ValueError(f"chance_loss must be 'auto', None or a positive number (ln V), "
+                             f"got {chance_loss!r}")
+        self._chance_opt = chance_loss
+        self.chance_loss: float | None = None  # the level in use (set at the first step)
+        if isinstance(chance_loss, (int, float)):
+            self._set_chance(float(chance_loss))
         self.findings: list[Finding] = []
         self.actions: list[Action] = []
         self.keep_records = _check_int("keep_records", keep_records)
@@ -262,6 +279,7 @@ class Guard:
             "version": 1,
             "step_count": self.step_count, "applied_steps": self.applied_steps,
             "rollbacks": self.rollbacks, "counts": dict(self.counts),
+            "chance_loss": self.chance_loss,
             "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
             "policy": self.policy.state_dict(), "lr": self.lr.state_dict(),
             "clip": self.clipper.state_dict() if self.clipper is not None else None,
@@ -279,6 +297,9 @@ class Guard:
         self.applied_steps = state["applied_steps"]
         self.rollbacks = state["rollbacks"]
         self.counts = Counter(state.get("counts", {}))
+        if self.step_count > 0 and self._chance_opt == "auto":
+            self._chance_opt = None  # decided by the run that saved this state
+            self._set_chance(state.get("chance_loss"))
         saved = state["detectors"]
         for d in self.detectors:
             match = next((s for s in saved if s["type"] == type(d).__name__), None)
@@ -412,7 +433,7 @@ class Guard:
             self.snapshots.take(self.step_count)  # before any update: the last-resort rollback
         stats, grads, scaled = self._measure(loss)
         self.history.append(stats)
-        findings = [f for d in self.detectors for f in d.update(stats)]
+        findings = self._detect(stats)
         if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
             self._event("scaler_overflow", loss_scale=stats.loss_scale)
         findings = self._locate(findings, stats)
@@ -426,6 +447,22 @@ class Guard:
         self.lr.tick(troubled=severe)
         self._after_step(stats, applied, severe)
         return applied
+
+    def _detect(self, stats: StepStats) -> list[Finding]:
+        """Every detector over one step's statistics (the chance level is fixed first)."""
+        if self._chance_opt == "auto" and self.chance_loss is None and stats.loss_finite:
+            self._chance_opt = None  # decided once, at the first finite loss
+            self._set_chance(chance_level(self.model, stats.loss))
+        return [f for d in self.detectors for f in d.update(stats)]
+
+    def _set_chance(self, level: float | None) -> None:
+        self.chance_loss = level
+        if level is None:
+            return
+        for d in self.detectors:
+            setter = getattr(d, "set_chance", None)
+            if setter is not None:
+                setter(level)
 
     def _locate(self, findings: list[Finding], stats: StepStats) -> list[Finding]:
         if self._capture is None or not any(f.kind == "nonfinite" for f in findings):
@@ -517,11 +554,14 @@ class Guard:
             skip = True
         if "lr_backoff" in kinds:
             f = by["lr_backoff"]
-            if not self.lr.can_backoff():
+            factor = self.policy.backoff_factor(f)
+            if not self.lr.can_backoff(factor):
                 self._finish_scaler_step(scaled)
                 self._halt(f"the learning rate is already down to {self.lr.scale:.3g} of its "
                            f"schedule (policy.min_lr_scale={self.policy.min_lr_scale:g})", f)
-            before, after = self.lr.backoff()
+            lr_cause = factor == self.policy.lr_cause_backoff and (
+                f.evidence.get("cause") == "learning_rate")
+            before, after = self.lr.backoff(factor, recover=not lr_cause)
             self._act("lr_backoff", f"{f.kind}: learning-rate scale {before:.3g} -> {after:.3g}",
                       before=before, after=after, finding=f.kind)
         return skip
@@ -597,8 +637,11 @@ class Guard:
             idx = np.arange(len(dn))
             gd, gb = self.probe.group_norms(dn, idx), self.probe.group_norms(bn, idx)
             with np.errstate(divide="ignore", invalid="ignore"):
-                stats.update_ratios = np.where(gb > 0, gd / gb, np.nan).tolist()
+                ratios = np.where(gb > 0, gd / gb, np.nan)
+                stats.update_ratios = ratios.tolist()
             self._post = self._optimizer_state(params, diffs)
+            if np.isfinite(ratios).any():  # read by the next step's detectors (plateau)
+                self._post = dict(self._post or {}, update_ratio=float(np.nanmedian(ratios)))
         if self.scheduler is not None:
             self.scheduler.step()
         return True

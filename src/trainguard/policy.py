@@ -21,6 +21,7 @@ take the LR below ``min_lr_scale`` of its scheduled value.
       grad_explosion  clip -> clip -> clip -> clip+lr_backoff (repeats)
       divergence      rollback+lr_backoff (repeats)
       dead_units:killed  rollback+lr_backoff (repeats)
+      plateau:learning_rate  rollback+lr_backoff (repeats)
 
 Sources: skip-then-rollback follows PaLM (Chowdhery 2022: restart ~100 steps before a spike
 and skip the batches) and OLMo-core's skip-step optimizers; clipping for exploding gradients
@@ -41,6 +42,7 @@ DEFAULT_LADDER: dict[str, tuple[str, ...]] = {
     "grad_explosion": ("clip", "clip", "clip", "clip+lr_backoff"),
     "divergence": ("rollback+lr_backoff",),
     "dead_units:killed": ("rollback+lr_backoff",),
+    "plateau:learning_rate": ("rollback+lr_backoff",),
 }
 
 # Order in which planned actions are carried out within one step.
@@ -70,12 +72,18 @@ class Policy:
         halt_on: finding kinds that halt the run at once (default none).
         max_rollbacks: rollbacks allowed in the whole run before halting (default 8).
         lr_backoff: factor applied to the LR scale on each backoff (default 0.5).
+        lr_cause_backoff: the factor when the finding names the learning rate as its cause
+            (``evidence["cause"] == "learning_rate"``: a loss ruined within the first updates
+            or right after an LR increase), default 0.1. Such an LR is an order of magnitude
+            too high, not a few percent: the failures it answers are 10-100x the working LR
+            (issue #9; zoo ``lr_gpt_too_high``, ``lr_gpt_jump``, ``lr_lstm_lm_sgd_too_high``),
+            which halving reaches only after 4-7 rollbacks.
         min_lr_scale: smallest LR scale before the Guard gives up (default 1/1024).
     """
 
     def __init__(self, ladder: Mapping[str, Sequence[str]] | None = None, *, window: int = 100,
                  halt_on: Iterable[str] = (), max_rollbacks: int = 8, lr_backoff: float = 0.5,
-                 min_lr_scale: float = 1 / 1024) -> None:
+                 min_lr_scale: float = 1 / 1024, lr_cause_backoff: float = 0.1) -> None:
         merged = dict(DEFAULT_LADDER)
         for kind, rungs in (ladder or {}).items():
             if isinstance(rungs, str):
@@ -100,6 +108,8 @@ class Policy:
             raise ValueError(f"window must be a positive integer, got {window!r}")
         if not 0 < lr_backoff < 1:
             raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff!r}")
+        if not 0 < lr_cause_backoff < 1:
+            raise ValueError(f"lr_cause_backoff must be in (0, 1), got {lr_cause_backoff!r}")
         if not 0 < min_lr_scale < 1:
             raise ValueError(f"min_lr_scale must be in (0, 1), got {min_lr_scale!r}")
         if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
@@ -108,6 +118,7 @@ class Policy:
         self.window = window
         self.max_rollbacks = max_rollbacks
         self.lr_backoff = lr_backoff
+        self.lr_cause_backoff = lr_cause_backoff
         self.min_lr_scale = min_lr_scale
         self._seen: dict[str, deque[int]] = {}
 
@@ -138,6 +149,12 @@ class Policy:
                     plan.actions.append((a, f))
         plan.actions.sort(key=lambda af: _ORDER[af[0]])
         return plan
+
+    def backoff_factor(self, f: Finding) -> float:
+        """The LR backoff factor for a finding: ``lr_cause_backoff`` when it names the
+        learning rate as its cause, ``lr_backoff`` otherwise."""
+        cause = f.evidence.get("cause") if isinstance(f.evidence, dict) else None
+        return self.lr_cause_backoff if cause == "learning_rate" else self.lr_backoff
 
     def ladder_key(self, f: Finding) -> str:
         """``"kind:cause"`` when the ladder has an entry for the finding's cause, else the kind."""

@@ -225,6 +225,33 @@ class ActivationSampler:
         return res
 
 
+def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15) -> float | None:
+    """ln V when ``first_loss`` looks like the cross-entropy of an untrained V-way classifier
+    or language model: within ``tolerance`` (15%) of ln V for V = the output size of the
+    model's last ``nn.Linear`` or the vocabulary of one of its ``nn.Embedding``s (a tied
+    head). An untrained net's logits are small, so its cross-entropy starts near ln V
+    (measured: digits MLP 2.37 vs ln 10 = 2.30; char GPT 4.17 vs ln 64 = 4.16; word LSTM LM
+    6.27 vs ln 523 = 6.26). None when nothing matches (regression losses, unusual heads)."""
+    if not math.isfinite(first_loss) or first_loss <= 0:
+        return None
+    sizes: list[int] = []
+    last_linear = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last_linear = m.out_features
+        elif isinstance(m, nn.Embedding):
+            sizes.append(m.num_embeddings)
+    if last_linear is not None:
+        sizes.insert(0, last_linear)
+    best = None
+    for v in sizes:
+        if v >= 2:
+            lv = math.log(v)
+            if abs(first_loss - lv) <= tolerance * lv and (best is None or abs(first_loss - lv) < abs(first_loss - best)):
+                best = lv
+    return best
+
+
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     name = type(optimizer).__name__.lower()
     for k in ("adamw", "adam", "rmsprop", "adagrad", "sgd", "lion"):

@@ -22,6 +22,8 @@ Two signals, either one is enough:
   rho = 0.9, T = 100): median ~1e-5, single probes 2e-10 to 2e-2; its GRU repair starts at
   1e-10 but opens the path within 100-200 steps (2e-2, then >= 1) - hence the median and
   the skipped first probe; healthy LSTM on the adding problem: see docs/zoo.md.
+
+None of the rules reports while the loss sits far above its first value (see ``_exploded``).
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from .base import Detector, check_positive
 
 class VanishingGradientDetector(Detector):
     kind = "vanishing_gradient"
-    _state = ("streak", "reported", "forward_reported", "time_seen", "time_reported")
+    _state = ("streak", "reported", "forward_reported", "time_seen", "time_reported",
+              "first_loss", "loss_ema")
 
     def __init__(self, ratio: float = 1e-4, patience: int = 20,
                  forward_ratio: float = 1e-4, time_ratio: float = 1e-4,
@@ -50,6 +53,20 @@ class VanishingGradientDetector(Detector):
         self.forward_reported = False
         self.time_seen: dict[str, list[float]] = {}  # module -> ratios (first = at init)
         self.time_reported: list[str] = []
+        self.first_loss: float | None = None
+        self.loss_ema: float | None = None
+
+    def _exploded(self, s: StepStats) -> bool:
+        """The loss (EMA 0.9) sits above ``blown`` = 1.5x its first value: small gradients
+        now are the aftermath of an explosion (saturated gates, dead units after a huge
+        step), not vanishing gradients, which keep the loss near its start (issue #9: an
+        LSTM LM at SGD lr 100 sat at 30-100 nats from 6.3 and was called vanishing)."""
+        if not s.loss_finite:
+            return False
+        if self.first_loss is None:
+            self.first_loss = s.loss
+        self.loss_ema = s.loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * s.loss
+        return self.first_loss > 0 and self.loss_ema > 1.5 * self.first_loss
 
     def reset(self) -> None:
         self.streak = 0
@@ -134,4 +151,7 @@ class VanishingGradientDetector(Detector):
         return out
 
     def update(self, s: StepStats) -> list[Finding]:
+        if self._exploded(s):
+            self.streak = 0
+            return []
         return self._forward(s) + self._backward(s) + self._through_time(s)

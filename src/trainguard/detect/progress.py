@@ -25,6 +25,38 @@ Divergence, either trigger:
     tests (fastai's LR finder, Smith 2017); the half-progress condition keeps a converged
     loss near 0 from calling its noise a divergence.
 
+Ruin rules (calibrated on 52 healthy streams, ``bench/calibrate_detectors.py --zoo``; the
+failures they answer are the zoo's ``lr_*`` scenarios: a learning rate too high ruins a
+language model within its first ~10 updates without any NaN or 1e4x rise, issue #9):
+  * above chance (cross-entropy only): when the loss is known to be a cross-entropy whose
+    uninformed-guess level is ``chance`` = ln V (the Guard infers it when the first loss is
+    within 15% of ln V for the model's output size V, or is told with ``chance_loss=``), the
+    median of the last 3 losses (in the first ``early`` steps or within 20 steps of an LR
+    increase; later the median of the last 9, as a batch-1 run's three consecutive
+    misclassified examples reach 0.94 nats above at step 610) more than ``chance_margin`` =
+    0.5 nats above max(chance, first loss). Such a model is confidently wrong: it gives the true class on
+    average e^-0.5 = 0.6x the probability a uniform guess gives. Healthy streams peak 0.2 nats
+    above (digits MLP, batch 4, seed 1); the char GPT at 100x its working LR reaches 8-14
+    nats above at steps 2-3, the LSTM LM at SGD lr 100 140-290 nats.
+  * above start (any loss): the median of the last 3 losses above ``start_factor`` = 4 times
+    the first loss for ``start_patience`` = 20 consecutive steps. A benign catapult rises
+    above its start too (zoo ``curvature_catapult``: 45x, but for at most 7 steps; a healthy
+    regressor 1.55x for 7 steps), so the rule waits three times as long.
+  * gives back its progress (any loss, any time, best-so-far from step 0): the median of the
+    last ``giveback_window`` = 9 losses has given back more than ``giveback`` = 0.8 of the progress made since the
+    first loss (or since ``chance``), on 3 consecutive steps, once the progress exceeds 40% of
+    the first loss (a batch-2 digits MLP gave back 90% of a 21% progress at step 134, noise
+    early in a healthy run; tests/test_guard_kinds.py). Healthy streams give back at most 0.58 (zoo ``healthy_noisy_small_batch``,
+    batch 2; 0.50 with a 5-step median on digits MLP batch 4 with momentum, 0.27 with 9); a
+    GPT whose LR jumps 100x mid-run gives back everything within a few steps. The 9-step
+    median keeps the best-so-far (a minimum of noisy medians, biased low) close to the true
+    level: with i.i.d. 15% log-normal batch noise a 5-step median gave back 94% spuriously. After a rollback the best restarts from the restored
+    weights' losses.
+  A ruin finding whose onset is in the first ``early`` = 20 steps, or within 20 steps of a
+  learning-rate increase of 2x or more (``StepStats.lr``), names the learning rate
+  (``evidence["cause"] = "learning_rate"``): the loss was ruined right after the first updates
+  or an LR change.
+
 Plateau (severity "info"): after ``warmup`` steps, the smoothed loss has not improved its best
 by ``min_improvement`` = 1% in ``patience_plateau`` = 100 steps while still above half its
 initial value: training is stuck, not converged (AUTOTRAINER's slow-convergence rule, ICSE
@@ -38,15 +70,46 @@ from collections import deque
 from ..types import Finding, StepStats
 from .base import Detector, check_positive
 
+#: remedies of a loss ruined by the learning rate (cause "learning_rate")
+LR_REMEDIES = (
+    "lower the learning rate: the loss was ruined right after the first updates or an LR "
+    "increase (try 1/10 of it, or the LR range test's choice: trainguard doctor)",
+    "add a warm-up (a few hundred steps, or ~2/(1-beta2) for Adam); clip gradients",
+)
+
+
+def _median(v: "deque[float] | list[float]") -> float:
+    a = sorted(v)
+    n = len(a)
+    return a[n // 2] if n % 2 else 0.5 * (a[n // 2 - 1] + a[n // 2])
+
+
+def _watch_lr(d: "DivergenceDetector | PlateauDetector", s: StepStats) -> None:
+    """Record in ``d.lr_rise_at`` the step (``d.seen``) of a learning-rate increase of 2x or
+    more; ``d.lr_seen`` trails the LR upwards by at most 1.5x a step, so a warm-up (a few
+    percent a step) never counts as a jump, while a schedule that multiplies the LR does."""
+    lr = s.lr
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        return
+    if d.lr_seen is not None and lr >= 2.0 * d.lr_seen:
+        d.lr_rise_at = d.seen
+        d.lr_seen = lr
+    else:
+        d.lr_seen = lr if d.lr_seen is None else min(max(d.lr_seen, lr / 1.5), lr)
+
 
 class DivergenceDetector(Detector):
     kind = "divergence"
     _state = ("recent", "window", "lastp", "ema", "best", "initial", "above", "seen",
-              "reported_at", "first_loss")
+              "reported_at", "first_loss", "chance", "last3", "lastk", "bestk", "start_streak",
+              "give_streak", "lr_seen", "lr_rise_at", "ruin_quiet_until")
 
     def __init__(self, fast_steps: int = 4, fast_factor: float = 1e4, factor: float = 4.0,
                  patience: int = 10, warmup: int = 50, smoothing: float = 0.9,
-                 fast_window: int = 10) -> None:
+                 fast_window: int = 10, chance: float | None = None,
+                 chance_margin: float = 0.5, start_factor: float = 4.0,
+                 start_patience: int = 20, giveback: float = 0.8, early: int = 20,
+                 ruin: bool = True, giveback_window: int = 9) -> None:
         check_positive("fast_steps", fast_steps, integer=True)
         check_positive("fast_window", fast_window, integer=True)
         check_positive("fast_factor", fast_factor)
@@ -67,6 +130,36 @@ class DivergenceDetector(Detector):
         self.above = 0
         self.seen = 0
         self.reported_at = -1
+        check_positive("chance_margin", chance_margin)
+        check_positive("start_factor", start_factor)
+        check_positive("start_patience", start_patience, integer=True)
+        check_positive("early", early, integer=True)
+        check_positive("giveback_window", giveback_window, integer=True)
+        if not 0 < giveback <= 1:
+            raise ValueError(f"giveback must be in (0, 1], got {giveback!r}")
+        self.chance_margin, self.start_factor = chance_margin, start_factor
+        self.start_patience, self.giveback, self.early = start_patience, giveback, early
+        self.chance: float | None = None
+        if chance is not None:
+            self.set_chance(chance)
+        self.last3: deque[float] = deque(maxlen=3)
+        self.lastk: deque[float] = deque(maxlen=giveback_window)
+        self.bestk: float | None = None
+        self.start_streak = 0
+        self.give_streak = 0
+        self.ruin_quiet_until = -1
+        self.lr_seen: float | None = None  # lowest LR of the recent past
+        self.lr_rise_at = -10**9  # step of the last >= 2x LR increase
+        self.ruin = bool(ruin)  # False: only the fast and slow rules (before issue #9)
+        self.ruin_quiet_until = -1  # no second ruin finding within `patience` steps
+
+    def set_chance(self, chance: float | None) -> None:
+        """Tell the detector the loss is a cross-entropy whose uninformed-guess level is
+        ``chance`` (ln V for V classes); None forgets it."""
+        if chance is not None and not (isinstance(chance, (int, float)) and math.isfinite(chance)
+                                       and chance > 0):
+            raise ValueError(f"chance must be a positive finite loss level (ln V), got {chance!r}")
+        self.chance = None if chance is None else float(chance)
 
     def reset(self) -> None:
         # after a rollback the smoothed loss restarts from the restored state's losses
@@ -75,6 +168,12 @@ class DivergenceDetector(Detector):
         self.lastp.clear()
         self.above = 0
         self.ema = None
+        self.last3.clear()
+        self.lastk.clear()
+        self.bestk = None
+        self.start_streak = 0
+        self.give_streak = 0
+        self.ruin_quiet_until = -1
 
     def update(self, s: StepStats) -> list[Finding]:
         if not s.loss_finite or s.scaler_overflow:
@@ -89,6 +188,10 @@ class DivergenceDetector(Detector):
             self.initial = self.ema
         if self.first_loss is None:
             self.first_loss = loss
+        self._track_lr(s)
+        ruin = self._ruin(s)
+        if ruin is not None:
+            return [ruin]
         out: list[Finding] = []
         r = list(self.recent)
         if (len(r) == self.fast_steps + 1 and all(b > a for a, b in zip(r, r[1:]))
@@ -134,6 +237,82 @@ class DivergenceDetector(Detector):
             self.best = self.ema  # re-arm against the new level
         return out
 
+    def _track_lr(self, s: StepStats) -> None:
+        _watch_lr(self, s)
+
+    def _lr_cause(self, onset: int) -> bool:
+        """The ruin began (``onset``, in steps seen) within the first ``early`` steps or
+        within 20 steps after (or, median lag, 10 before) a 2x LR increase."""
+        # the onset is estimated from a median's lag, so it may precede the rise by a few steps
+        return onset <= self.early or -10 <= onset - self.lr_rise_at <= 20
+
+    def _ruin(self, s: StepStats) -> Finding | None:
+        """The three ruin rules (above chance, above start, gives back its progress)."""
+        loss, l0 = s.loss, self.first_loss
+        self.last3.append(loss)
+        self.lastk.append(loss)
+        if not self.ruin or l0 is None or len(self.last3) < 3 or self.seen <= self.ruin_quiet_until:
+            return None
+        m3 = _median(self.last3)
+        rule = msg = None
+        onset = self.seen
+        if self.chance is not None:
+            ref = max(self.chance, l0)
+            # early or right after an LR rise: 3 losses; later a 9-loss median, so that a few
+            # confidently wrong single examples (batch 1) are not a ruin
+            fresh = self.seen <= self.early or 0 <= self.seen - self.lr_rise_at <= 20
+            n = 3 if fresh else self.lastk.maxlen
+            level = m3 if fresh else (_median(self.lastk) if len(self.lastk) == n else -math.inf)
+            if level > ref + self.chance_margin:
+                rule, onset = "above_chance", self.seen - n // 2
+                msg = (f"the loss {level:.4g} (median of the last {n}) is {level - ref:.2g} nats above "
+                       f"the uninformed-guess level {ref:.4g} (ln V = {self.chance:.4g}): the "
+                       "model has become confidently wrong")
+        if rule is None and l0 > 0:
+            self.start_streak = self.start_streak + 1 if m3 > self.start_factor * l0 else 0
+            if self.start_streak >= self.start_patience:
+                rule, onset = "above_start", self.seen - self.start_streak - 1
+                msg = (f"the loss {m3:.4g} (median of the last 3) has stayed above "
+                       f"{self.start_factor:g}x its first value {l0:.4g} for "
+                       f"{self.start_streak} steps")
+        if rule is None and len(self.lastk) == self.lastk.maxlen:
+            mk = _median(self.lastk)
+            self.bestk = mk if self.bestk is None else min(self.bestk, mk)
+            top = max(l0, self.chance) if self.chance is not None else l0
+            progress = top - self.bestk
+            if progress > 0.4 * abs(top) and mk - self.bestk > self.giveback * progress:
+                self.give_streak += 1
+            else:
+                self.give_streak = 0
+            if self.give_streak >= 3:
+                rule, onset = "giveback", self.seen - self.give_streak - len(self.lastk) // 2
+                msg = (f"the loss {mk:.4g} (median of the last {len(self.lastk)}) has given back "
+                       f"{(mk - self.bestk) / progress:.0%} of the progress made from "
+                       f"{top:.4g} down to its best {self.bestk:.4g}")
+        if rule is None:
+            return None
+        lr_cause = self._lr_cause(onset)
+        ev: dict = {"trigger": rule, "median_loss": m3, "first_loss": l0,
+                    "chance": self.chance, "best": self.bestk}
+        remedies: tuple[str, ...] = ()
+        if lr_cause:
+            ev["cause"] = "learning_rate"
+            when = (f"within the first {max(onset, 1)} steps" if onset <= self.early
+                    else f"{max(onset - self.lr_rise_at, 0)} steps after the learning rate rose "
+                         "2x or more")
+            msg += f"; it happened {when}: the learning rate is too high"
+            remedies = LR_REMEDIES
+        self.start_streak = self.give_streak = 0
+        self.ruin_quiet_until = self.seen + self.patience
+        self.last3.clear()
+        self.lastk.clear()
+        self.recent.clear()
+        self.window.clear()
+        f = self._finding(s, msg or "", ev)
+        if remedies:
+            f.remedies = remedies
+        return f
+
     def _finding(self, s: StepStats, msg: str, ev: dict) -> Finding:
         self.reported_at = s.step
         return Finding(kind="divergence", step=s.step, severity="critical", message=msg,
@@ -141,11 +320,35 @@ class DivergenceDetector(Detector):
 
 
 class PlateauDetector(Detector):
+    """Plateau; when the evidence points at the learning rate, the finding says so and never
+    advises raising it (``evidence["cause"] = "learning_rate"``, remedies: lower it), when
+    any of these holds (issue #9: the old advice, "raise the learning rate", was the opposite
+    of the fix for a loss ruined by a too-high LR):
+
+    * the smoothed loss is more than 10% above where it started (a stuck run sits at its start
+      give or take its noise, a ruined one well above it: the LSTM LM at SGD lr 100 sits at
+      7x);
+    * the loss collapsed (the median of the last 5 losses above both ``jump`` = 2x the best
+      smoothed loss and the starting level; single examples of a batch-1 run jump above both,
+      five in a row do not) or the LR rose 2x or more
+      within 20 steps before or at any time after the best was reached: the run collapsed
+      right after a spike or an LR change;
+    * on ``ur_patience`` = 2 consecutive sampled updates the median update-to-weight ratio
+      exceeded ``ur_high`` = 0.3. The usual ratio is ~1e-3 (Karpathy's rule of thumb); over
+      52 healthy streams the median per-module ratio after step 50 peaked at 0.08 (GD at the
+      edge of stability) and mostly stayed below 0.036; Adam at 100x its LR on an LSTM
+      measures ~1-10.
+    A plateau with that cause takes the ladder ``plateau:learning_rate`` (rollback + LR
+    backoff); other plateaus are only reported.
+    """
+
     kind = "plateau"
-    _state = ("ema", "best", "best_step", "initial", "seen", "reported")
+    _state = ("ema", "best", "best_step", "initial", "seen", "reported", "lr_seen",
+              "lr_rise_at", "jump_at", "ur_streak", "ur_last", "recent")
 
     def __init__(self, patience: int = 100, min_improvement: float = 0.01, warmup: int = 20,
-                 smoothing: float = 0.9, progress: float = 0.5) -> None:
+                 smoothing: float = 0.9, progress: float = 0.5, jump: float = 2.0,
+                 ur_high: float = 0.3, ur_patience: int = 2) -> None:
         check_positive("patience", patience, integer=True)
         check_positive("min_improvement", min_improvement)
         self.patience, self.min_improvement, self.warmup = patience, min_improvement, warmup
@@ -156,9 +359,20 @@ class PlateauDetector(Detector):
         self.initial: float | None = None
         self.seen = 0
         self.reported = False
+        check_positive("jump", jump)
+        check_positive("ur_high", ur_high)
+        check_positive("ur_patience", ur_patience, integer=True)
+        self.jump, self.ur_high, self.ur_patience = jump, ur_high, ur_patience
+        self.lr_seen: float | None = None
+        self.lr_rise_at = -10**9
+        self.jump_at = -10**9
+        self.recent: deque[float] = deque(maxlen=5)
+        self.ur_streak = 0
+        self.ur_last: float | None = None
 
     def reset(self) -> None:
         # after a rollback: smooth afresh, and give the restored run a full patience window
+        self.ur_streak = 0
         self.ema = None
         self.best = math.inf
         self.best_step = self.seen
@@ -168,6 +382,16 @@ class PlateauDetector(Detector):
         if not s.loss_finite or s.scaler_overflow:
             return []
         self.seen += 1
+        _watch_lr(self, s)
+        self.recent.append(s.loss)
+        if (len(self.recent) == self.recent.maxlen and self.initial is not None
+                and _median(self.recent) > max(self.jump * self.best, self.initial)):
+            self.jump_at = self.seen  # a collapse above the starting level
+        st = s.optimizer_state or {}
+        ur = st.get("update_ratio")
+        if ur is not None and math.isfinite(ur):
+            self.ur_last = float(ur)
+            self.ur_streak = self.ur_streak + 1 if ur > self.ur_high else 0
         self.ema = s.loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * s.loss
         if self.initial is None:
             self.initial = self.ema
@@ -182,11 +406,30 @@ class PlateauDetector(Detector):
         if (stuck >= self.patience and not self.reported and self.initial > 0
                 and self.ema > self.progress * self.initial):
             self.reported = True
-            return [Finding(
-                kind="plateau", step=s.step, severity="info",
-                message=(f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
-                         f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})"),
-                evidence={"ema": self.ema, "best": self.best, "initial": self.initial,
-                          "steps": stuck},
-            )]
+            msg = (f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
+                   f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})")
+            ev = {"ema": self.ema, "best": self.best, "initial": self.initial, "steps": stuck}
+            why = self._lr_evidence()
+            if why:
+                ev["cause"] = "learning_rate"
+                return [Finding(kind="plateau", step=s.step, severity="warning",
+                                message=f"{msg}; {why}: the learning rate is too high",
+                                evidence=ev, remedies=LR_REMEDIES)]
+            return [Finding(kind="plateau", step=s.step, severity="info", message=msg,
+                            evidence=ev)]
         return []
+
+    def _lr_evidence(self) -> str:
+        """Why the learning rate is to blame for this plateau ("" when nothing says so)."""
+        assert self.ema is not None and self.initial is not None
+        if self.ema > 1.1 * self.initial:
+            return "the loss is above where it started"
+        since = self.best_step - 20
+        if self.jump_at >= since:
+            return "it collapsed right after a loss spike"
+        if self.lr_rise_at >= since:
+            return "it collapsed right after the learning rate rose"
+        if self.ur_streak >= self.ur_patience and self.ur_last is not None:
+            return (f"updates are {self.ur_last:.2g} of the weights' norm on each sampled step "
+                    "(usual: ~1e-3)")
+        return ""

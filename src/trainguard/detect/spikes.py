@@ -35,11 +35,15 @@ Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
     is gradual and must stay silent (measured: at most 1.3x per step on the demo model, and
     at most 2.2x per step at the onset of the zoo's ``curvature_edge_of_stability`` control,
     where the norm rose 40x over six steps and then self-stabilised; Cohen 2021).
-  Explosions in the first ``min_history`` steps are not judged here (no history yet); a loss
-  that blows up there is caught by the divergence detector's fast rule (measured: the zoo's
-  exploding RNN at step 5-10). An early-window variant of this rule was tried and rejected:
-  on GD past the curvature limit it clips first, which holds the loss below the divergence
-  rule's bar and delays the rollback + LR backoff that actually repairs it.
+  In the first ``min_history`` steps (no statistics yet) one rule judges: the norm is more
+  than ``early_ratio`` = 100 times the largest norm seen so far. A ReLU RNN with identity
+  recurrent weights (IRNN, Le et al. 2015) at SGD lr 0.01 goes from 92 at step 0 to 1.2e7 at
+  step 1 (1.3e5x, zoo ``lr_relu_rnn_early_explosion``); clipping that step to twice the
+  earlier median rescues the run, a rollback + LR backoff 25 steps later costs the run its
+  start. Healthy streams' early norms never rise 100x in one step (the edge-of-stability
+  onset: 2.2x per step; bench/calibrate_detectors.py). GD past the curvature limit (zoo
+  ``curvature_gd_past_limit``) crosses the bar at step 4, the step the divergence rule fires:
+  its rollback + LR backoff takes precedence over the clip (a rolled-back step is skipped).
   The finding names the module whose norm grew most against its own running average.
 
 Calibration: ``python bench/calibrate_detectors.py`` replays 10 healthy runs (digits MLP,
@@ -130,6 +134,13 @@ class _LogJump(Detector):
         """Is ``v`` a jump? Returns (verdict, evidence); updates the history."""
         self._track_initial(v)
         if len(self.history) < self.min_history:
+            early = self._early(v)
+            if early:
+                med = float(np.median(np.fromiter(self.history, dtype=float)))
+                n = len(self.history)
+                self._push(max(self.history))  # the history keeps the pre-explosion scale
+                return True, {"median": med, "z": math.inf, "window": n,
+                              "initial": self.initial, "trigger": "early"}
             self._push(v)
             return False, {}
         mom = self._log_moments() if v > 0 else None
@@ -156,6 +167,10 @@ class _LogJump(Detector):
 
     def _floor_ok(self, v: float, med: float) -> bool:
         return True
+
+    def _early(self, v: float) -> bool:
+        """A jump judged before ``min_history`` values exist (off by default)."""
+        return False
 
 
 class LossSpikeDetector(_LogJump):
@@ -198,10 +213,13 @@ class GradExplosionDetector(_LogJump):
     _state = _LogJump._state + ("module_log_ema",)
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 10.0,
-                 min_history: int = 20, ema: float = 0.9, jump: float = 3.0) -> None:
+                 min_history: int = 20, ema: float = 0.9, jump: float = 3.0,
+                 early_ratio: float = 100.0) -> None:
         super().__init__(window, z, ratio, min_history)
         check_positive("jump", jump)
+        check_positive("early_ratio", early_ratio)
         self.jump = jump
+        self.early_ratio = early_ratio
         if not 0 < ema < 1:
             raise ValueError(f"ema must be in (0, 1), got {ema!r}")
         self.ema = ema
@@ -215,6 +233,10 @@ class GradExplosionDetector(_LogJump):
         prev = self.history[-1] if self.history else None
         sudden = prev is None or v > self.jump * prev
         return sudden and (self.initial is None or v > self.initial)
+
+    def _early(self, v: float) -> bool:
+        h = self.history
+        return bool(h) and math.isfinite(v) and max(h) > 0 and v > self.early_ratio * max(h)
 
     def _worst_module(self, s: StepStats) -> tuple[str, float]:
         if not s.modules or self.module_log_ema is None:

@@ -7,7 +7,9 @@ included) therefore keep reading and writing their own values and never fight th
 
 On a backoff the scale is multiplied by ``factor`` (0.5) and a ceiling is set at
 ``failing_scale * sqrt(factor)`` (0.71 of the scale that failed): a learning rate that
-diverged is not returned to in full. After ``quiet`` = 50 steps without a severe finding the
+diverged is not returned to in full. A backoff for a finding that names the learning rate as
+its cause (a loss ruined right after the first updates or an LR increase) sets the ceiling at
+the new scale: that LR is not returned to at all. After ``quiet`` = 50 steps without a severe finding the
 scale grows by ``growth`` = 2% per step back to the ceiling (about 35 steps to double).
 """
 from __future__ import annotations
@@ -31,13 +33,19 @@ class LRController:
         self.ceiling = 1.0
         self.since_trouble = 0
 
-    def can_backoff(self) -> bool:
-        return self.scale * self.factor >= self.min_scale
+    def can_backoff(self, factor: float | None = None) -> bool:
+        return self.scale * (self.factor if factor is None else factor) >= self.min_scale
 
-    def backoff(self) -> tuple[float, float]:
+    def backoff(self, factor: float | None = None, recover: bool = True) -> tuple[float, float]:
+        """Multiply the scale by ``factor`` (default: the controller's own). With
+        ``recover=False`` the new scale is also the ceiling: the scale never grows back (an
+        LR that ruined the loss is not returned to, not even to ``sqrt(factor)`` of it)."""
+        f = self.factor if factor is None else factor
+        if not 0 < f < 1:
+            raise ValueError(f"factor must be in (0, 1), got {f!r}")
         before = self.scale
-        self.ceiling = min(self.ceiling, before * math.sqrt(self.factor))
-        self.scale = before * self.factor
+        self.ceiling = min(self.ceiling, before * (math.sqrt(f) if recover else f))
+        self.scale = before * f
         self.since_trouble = 0
         return before, self.scale
 
