@@ -161,11 +161,16 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     # -- learning rate verdicts ----------------------------------------------------------
     max_stable = curv.max_stable_lr if curv is not None else math.nan
     cands = []
-    if curv is not None and not curv.preconditioned and math.isfinite(max_stable):
+    if curv is not None and math.isfinite(max_stable) and max_stable > 0:
+        # for Adam too: a suggestion above the limit printed beside it is not one to follow
+        # (issue #9: a char GPT's suggestion was 29x the preconditioned limit and ruined it)
         cands.append(LIMIT_SAFETY * max_stable)
-    if rt is not None and math.isfinite(rt.lr_diverge):
+    # the range test counts only when its loss improved somewhere: a net that cannot learn
+    # (a dead layer) has a flat, noisy sweep whose "minimum" suggested lr 1e-8 (issue #13)
+    if rt is not None and rt.improved and math.isfinite(rt.lr_diverge):
         cands.append(rt.lr_diverge / RANGE_DIVISOR)
-    if not cands and rt is not None and math.isfinite(rt.lr_min_loss) and rt.lr_min_loss < rt.lrs[-1] / 2:
+    elif (rt is not None and rt.improved and math.isfinite(rt.lr_min_loss)
+            and rt.lr_min_loss < rt.lrs[-1] / 2):
         # the sweep never diverged but the loss turned up before its end: fastai's
         # "LR at the minimum / 10" (mechanisms §3.6)
         cands.append(rt.lr_min_loss / 10)

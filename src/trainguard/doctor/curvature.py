@@ -43,21 +43,86 @@ class Curvature:
         return dict(self.__dict__)
 
 
-def _hvp_fn(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device
-            ) -> tuple[Callable[[list[torch.Tensor]], list[torch.Tensor]], list[torch.Tensor], float]:
+def _math_attention():  # type: ignore[no-untyped-def]
+    """Scaled-dot-product attention through the math kernel, the one with a double backward
+    (the fused CPU flash kernel raises "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.MATH])
+    except Exception:  # pragma: no cover - older torch
+        import contextlib
+        return contextlib.nullcontext()
+
+
+#: Relative step of the finite-difference Hessian-vector product (central differences),
+#: ``eps = FD_STEP * (1 + ||theta||) / ||v||``: the usual sqrt(machine eps) scale for fp32
+#: (Pearlmutter 1994, section 2; Nocedal & Wright, section 8.1).
+FD_STEP = 1e-3
+
+
+def _fd_hvp_fn(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device
+               ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """First-order fallback: Hv ~ (g(theta + e v) - g(theta - e v)) / 2e, two backward
+    passes per product, for models whose ops lack a double backward. Runs on the doctor's
+    copy of the model; the parameters are restored exactly after each product."""
     params = trainable(model)
-    loss = loss_of(model, loss_fn, batch, device)
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+
+    def grad_at() -> list[torch.Tensor]:
+        loss = loss_of(model, loss_fn, batch, device)
+        gs = torch.autograd.grad(loss, params, allow_unused=True)
+        return [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]
+
+    theta = math.sqrt(_dot([p.detach() for p in params], [p.detach() for p in params]))
+
+    def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
+        vn = math.sqrt(_dot(v, v)) or 1.0
+        e = FD_STEP * (1.0 + theta) / vn
+        saved = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, d in zip(params, v):
+                    p.add_(d, alpha=e)
+            gp = grad_at()
+            with torch.no_grad():
+                for p, d in zip(params, v):
+                    p.add_(d, alpha=-2 * e)
+            gm = grad_at()
+        finally:
+            with torch.no_grad():
+                for p, s0 in zip(params, saved):
+                    p.copy_(s0)
+        return [(a - b) / (2 * e) for a, b in zip(gp, gm)]
+
+    return hvp
+
+
+def _hvp_fn(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device
+            ) -> tuple[Callable[[list[torch.Tensor]], list[torch.Tensor]], list[torch.Tensor], float, str]:
+    """Exact Hessian-vector products by double backward (attention through the math kernel);
+    when an op of the model has no double backward, finite differences of gradients. The
+    last value says which (``""`` for exact, else a note for the report)."""
+    params = trainable(model)
+    with _math_attention():
+        loss = loss_of(model, loss_fn, batch, device)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
         dot = sum((g * vi).sum() for g, vi in zip(grads, v))
-        if not dot.requires_grad:
+        if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
             return [torch.zeros_like(p) for p in params]
         hv = torch.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
         return [h.detach() if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]
 
-    return hvp, [g.detach() for g in grads], float(loss.detach())
+    try:
+        hvp([torch.zeros_like(p) + 1e-3 for p in params])  # probe: does double backward exist?
+    except RuntimeError as e:
+        note = (f"finite-difference Hessian-vector products (the model has an op without a "
+                f"double backward: {str(e).splitlines()[0][:120]})")
+        del grads
+        return _fd_hvp_fn(model, loss_fn, batch, device), [], float(loss.detach()), note
+    return hvp, [g.detach() for g in grads], float(loss.detach()), ""
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -123,24 +188,29 @@ def optimizer_limit(opt: torch.optim.Optimizer | None) -> tuple[str, float, bool
 
 
 def preconditioner(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-    """diag(√v̂ + ε) per parameter from Adam/RMSprop state, None when the state is empty."""
+    """diag(sqrt(v_hat) + eps) for each of ``params`` (matched to the optimizer's state by
+    identity, not position: weight-decay parameter groups list the parameters in another
+    order than the model), None when some parameter has no such state."""
     out = []
     name = type(opt).__name__.lower()
-    for group in opt.param_groups:
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for p in params:
+        group = group_of.get(id(p))
+        st = opt.state.get(p, {}) if group is not None else {}
+        if group is None:
+            return None
         eps = float(group.get("eps", 1e-8))
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            if "exp_avg_sq" in st:
-                v = st["exp_avg_sq"].detach().float()
-                step = st.get("step", 1)
-                step = float(step.item() if isinstance(step, torch.Tensor) else step)
-                b2 = float(group.get("betas", (0.9, 0.999))[1])
-                bc = 1 - b2 ** max(step, 1.0)
-                out.append((v / bc).sqrt() + eps)
-            elif "square_avg" in st and "rmsprop" in name:
-                out.append(st["square_avg"].detach().float().sqrt() + eps)
-            else:
-                return None
+        if "exp_avg_sq" in st:
+            v = st["exp_avg_sq"].detach().float()
+            step = st.get("step", 1)
+            step = float(step.item() if isinstance(step, torch.Tensor) else step)
+            b2 = float(group.get("betas", (0.9, 0.999))[1])
+            bc = 1 - b2 ** max(step, 1.0)
+            out.append((v / bc).sqrt() + eps)
+        elif "square_avg" in st and "rmsprop" in name:
+            out.append(st["square_avg"].detach().float().sqrt() + eps)
+        else:
+            return None
     return out
 
 
@@ -153,10 +223,9 @@ def sharpness(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.dev
     preconditioner (after a few steps); ``opt`` supplies the type and hyper-parameters.
     """
     params = trainable(model)
-    hvp, _, _ = _hvp_fn(model, loss_fn, batch, device)
+    hvp, _, _, note = _hvp_fn(model, loss_fn, batch, device)
     lam_raw, _, it_raw, conv_raw, hist_raw = _top_eig(hvp, params, seed)
     kind, c, pre = optimizer_limit(opt)
-    note = ""
     lam, it, conv, hist = lam_raw, it_raw, conv_raw, hist_raw
     if pre:
         P = preconditioner(opt_for_P, params) if opt_for_P is not None else None
@@ -169,7 +238,8 @@ def sharpness(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.dev
 
             lam, _, it, conv, hist = _top_eig(op, params, seed)
         else:
-            note = "no optimizer state for the preconditioner; limit uses the raw Hessian"
+            note = "; ".join(x for x in (note, "no optimizer state for the preconditioner; "
+                                         "limit uses the raw Hessian") if x)
             pre = False
     lim = c / lam if lam > 0 and math.isfinite(lam) else math.inf
     return Curvature(lam, pre, kind, c, lim, it, conv, lam_raw, hist, note)
@@ -178,7 +248,7 @@ def sharpness(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.dev
 def directional_curvature(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
                           direction: list[torch.Tensor]) -> float:
     """dᵀHd / dᵀd along ``direction`` (one HVP); used for McCandlish's ε_max = |G|²/GᵀHG."""
-    hvp, _, _ = _hvp_fn(model, loss_fn, batch, device)
+    hvp, _, _, _ = _hvp_fn(model, loss_fn, batch, device)
     hd = hvp(direction)
     dd = _dot(direction, direction)
     return _dot(direction, hd) / dd if dd > 0 else math.nan

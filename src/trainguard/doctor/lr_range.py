@@ -20,6 +20,13 @@ from ._common import Batch, LossFn, cycle, loss_of, set_lr
 #: Divergence: smoothed loss > 4 × the minimum smoothed loss ("stops when loss exceeds ~4×
 #: the best", fastai LR finder, mechanisms.md §3.6).
 DIVERGE_FACTOR = 4.0
+#: Divergence also when the smoothed loss, having improved by at least ``1 - IMPROVED`` = 10%
+#: of its first value, climbs back above that first value: it has given back all its progress.
+#: A cross-entropy ruined by a too-high LR settles near the unigram level or a few nats above
+#: ln V, never at 4x its best (issue #9: a char GPT's sweep ran on to lr 2.7 and the doctor
+#: suggested 0.68, 230x its working 3e-3, where training collapses). The Guard's "gives back
+#: its progress" rule, in the sweep.
+IMPROVED = 0.9
 #: EMA factor of the smoothed loss (fastai's 0.98).
 SMOOTH_BETA = 0.98
 #: Sweep length: "~100 mini-batches" (§3.6).
@@ -34,6 +41,9 @@ class RangeTest:
     lr_min_loss: float = math.nan
     lr_steepest: float = math.nan
     lr_diverge: float = math.nan  # nan when the sweep never diverged
+    #: the smoothed loss fell below IMPROVED x its first value somewhere in the sweep (a net
+    #: that cannot learn, e.g. with a dead layer, never does: its minimum is noise)
+    improved: bool = False
     start_lr: float = math.nan
     end_lr: float = math.nan
 
@@ -70,7 +80,10 @@ def range_test(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn,
             sm = avg / (1 - SMOOTH_BETA ** (i + 1))
             res.smoothed.append(sm)
             best = min(best, sm)
-            if i > 5 and sm > DIVERGE_FACTOR * best:
+            first = res.smoothed[0]
+            if best < IMPROVED * first:
+                res.improved = True
+            if i > 5 and (sm > DIVERGE_FACTOR * best or (res.improved and sm > first)):
                 res.lr_diverge = lr
                 break
             loss.backward()

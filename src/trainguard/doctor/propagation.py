@@ -58,6 +58,17 @@ DEAD_AFTER = 0.5
 
 _SKIP = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
 
+#: Layers whose output scale is an init choice, not propagation: an embedding's (GPT-2 draws
+#: it from N(0, 0.02^2); the LayerNorm after it restores unit scale, and its gradient is
+#: ~1/0.02 = 50x the output's through that LayerNorm). Taken as the reference, a healthy
+#: GPT-2-style model read as "exploding 3.4 decades" (issue #9). Not judged, never a reference.
+EMBEDDING_KINDS = frozenset({"Embedding", "EmbeddingBag"})
+#: Layers that set their own output scale (normalisation): never "exploding" or
+#: "collapsing" in the forward second-moment test, never its reference.
+NORM_KINDS = frozenset({"LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm1d", "BatchNorm2d",
+                        "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+                        "LocalResponseNorm"})
+
 
 @dataclass
 class LayerStats:
@@ -190,6 +201,30 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 and math.isfinite(x) else (-math.inf if x == 0 else math.nan)
 
 
+def _persists(init: list[LayerStats], i: int, group: str, q0: float | None, qd: float) -> bool:
+    """A second-moment change at layer ``i`` is a propagation fault only if every later
+    layer of its group (norms, embeddings and the output layer aside) is past the same limit:
+    the signal does not recover. A residual branch's output is small by design (GPT-2 scales
+    it by 1/sqrt(2 n_layers); the block sums it into the stream), and the next layer, fed by
+    the stream, is back at scale; a deep plain chain's collapse only deepens (issue #9). At
+    least one later layer must confirm it (the last hidden layer alone is one layer, not a
+    trend)."""
+    if q0 is None or not q0 > 0:
+        return True
+    confirmed = False
+    for j in range(i + 1, len(init) - 1):
+        t = init[j]
+        if t.kind in NORM_KINDS or t.kind in EMBEDDING_KINDS:
+            continue
+        if ("act" if t.kind.islower() else "param") != group or not t.q > 0:
+            continue
+        d = _log10(t.q) - _log10(q0)
+        if (qd < 0 and d >= -Q_DECADES) or (qd > 0 and d <= Q_DECADES):
+            return False
+        confirmed = True
+    return confirmed
+
+
 def verdicts(init: list[LayerStats], after: list[LayerStats] | None) -> list[LayerVerdict]:
     """Per-layer verdict from the init measurement (and the after-steps one when given)."""
     after_by = {s.name: s for s in (after or [])}
@@ -203,16 +238,22 @@ def verdicts(init: list[LayerStats], after: list[LayerStats] | None) -> list[Lay
         a = after_by.get(s.name)
         flags: list[str] = []
         ratio = s.grad_rms / ref_grad if math.isfinite(ref_grad) and ref_grad > 0 else math.nan
+        if s.kind in EMBEDDING_KINDS and math.isfinite(s.q) and math.isfinite(s.grad_rms):
+            out.append(LayerVerdict(s.name, s.kind, "healthy", [], ratio, math.nan, s, a))
+            continue
         if math.isfinite(ratio) or ratio == 0:
             if ratio < VANISHING_GRAD_RATIO:
                 flags.append("vanishing")
             elif ratio > EXPLODING_GRAD_RATIO:
                 flags.append("exploding")
         group = "act" if s.kind.islower() else "param"
-        q0 = first_q.setdefault(group, s.q)
-        qd = _log10(s.q) - _log10(q0) if q0 > 0 else math.nan
+        if s.kind in NORM_KINDS:
+            qd = math.nan  # its scale is its affine weight's, by construction
+        else:
+            q0 = first_q.setdefault(group, s.q)
+            qd = _log10(s.q) - _log10(q0) if q0 > 0 else math.nan
         is_last = i == len(init) - 1
-        if not is_last and (math.isfinite(qd) or qd == -math.inf):
+        if not is_last and (math.isfinite(qd) or qd == -math.inf) and _persists(init, i, group, first_q.get(group), qd):
             if qd < -Q_DECADES:
                 flags.append("collapsing")
             elif qd > Q_DECADES:

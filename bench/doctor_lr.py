@@ -1,0 +1,136 @@
+"""Is the doctor's suggested learning rate safe? On every zoo model: run ``tg.doctor`` on the
+scenario's model, optimizer and first batches, train a fresh copy at the suggested LR (every
+parameter group and the schedule scaled by suggested / working), and compare with the same
+run at the scenario's own LR.
+
+    python bench/doctor_lr.py [--only PREFIX ...] [--seed 0] [--json out.json] [--markdown out.md]
+
+Columns: the working LR, the suggestion and their ratio, the limit printed beside it
+(``max_stable_lr``), the final metric at the working LR and at the suggestion, and two verdicts:
+``criterion`` (the run at the suggestion passes the scenario's own criterion) and ``safe``
+(it passes, or is no worse than 1.05x the run at the scenario's own LR: for a scenario whose
+fault is not the LR - a dead layer, a vanishing sigmoid stack - the LR cannot fix it, only
+must not make it worse). Scenarios whose pathology is the LR itself (the ``lr_*`` and
+``curvature_*`` ones, whose "working LR" is the too-high one) are judged by the criterion.
+Also checked: the suggestion is never above the curvature limit printed beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+
+import torch
+from torch import nn
+
+import trainguard as tg
+from trainguard.zoo import REGISTRY, train
+import trainguard.zoo.scenarios  # noqa: F401
+
+torch.set_num_threads(1)
+
+
+class _Forward(nn.Module):
+    """The scenario's custom forward as a module, so the doctor sees model(x)."""
+
+    def __init__(self, model: nn.Module, fwd) -> None:
+        super().__init__()
+        self.model, self.fwd = model, fwd
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.fwd(self.model, x)
+
+
+def scaled(setup, factor: float):
+    for g in setup.optimizer.param_groups:
+        g["lr"] = g["lr"] * factor
+        if "initial_lr" in g:
+            g["initial_lr"] = g["initial_lr"] * factor
+    sched = setup.scheduler
+    if sched is not None and hasattr(sched, "base_lrs"):
+        sched.base_lrs = [b * factor for b in sched.base_lrs]
+    return setup
+
+
+def lr_of(opt) -> float:
+    lr = opt.param_groups[0]["lr"]
+    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+
+
+def one(name: str, seed: int) -> dict:
+    s = REGISTRY[name]
+    st = s.build(seed)
+    working = lr_of(st.optimizer)
+    data = list(itertools.islice(st.batches(), 32))
+    model = _Forward(st.model, st.forward) if st.forward else st.model
+    t0 = time.perf_counter()
+    rep = tg.doctor(model, st.loss_fn, data, st.optimizer, precision=False, noise=False)
+    t_doc = time.perf_counter() - t0
+    sugg = rep.suggested_lr
+    base = train(s.build(seed), "bare")
+    at = train(scaled(s.build(seed), sugg / working), "bare")
+    lr_fault = name.startswith(("lr_", "curvature_gd_past", "curvature_adam"))
+    crit = bool(s.passed(at))
+    m_at = at.metric if math.isfinite(at.metric) else math.inf
+    m_base = base.metric if math.isfinite(base.metric) else math.inf
+    worse = (m_at > 1.05 * m_base) if not st.higher_is_better else (m_at < m_base / 1.05)
+    safe = crit if lr_fault or s.category == "healthy" else (crit or not worse)
+    lim = rep.max_stable_lr
+    return {"scenario": name, "category": s.category, "working_lr": working, "suggested_lr": sugg,
+            "ratio": sugg / working, "max_stable_lr": lim,
+            "within_limit": not (math.isfinite(lim) and sugg > lim * (1 + 1e-9)),
+            "metric_working": m_base, "metric_suggested": m_at, "passes_working": bool(s.passed(base)),
+            "criterion": crit, "safe": bool(safe), "lr_fault": lr_fault,
+            "doctor_seconds": round(t_doc, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    a = ap.parse_args()
+    names = sorted(n for n in REGISTRY if not a.only or any(n.startswith(p) for p in a.only))
+    rows = []
+    t0 = time.perf_counter()
+    for i, n in enumerate(names):
+        try:
+            r = one(n, a.seed)
+        except Exception as e:  # noqa: BLE001 - a crash is a result to report
+            r = {"scenario": n, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+        rows.append(r)
+        el = time.perf_counter() - t0
+        eta = el / (i + 1) * (len(names) - i - 1)
+        print(f"[{i + 1}/{len(names)} {el:.0f}s, eta {eta:.0f}s] " + json.dumps(r), flush=True)
+    ok = [r for r in rows if "error" not in r]
+    lines = ["| scenario | working LR | suggested | ratio | limit | metric at working | at suggested | criterion | safe |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['scenario']} | error: {r['error']} |||||||| ")
+            continue
+        lines.append(f"| {r['scenario']} | {r['working_lr']:.3g} | {r['suggested_lr']:.3g} | "
+                     f"{r['ratio']:.2g} | {r['max_stable_lr']:.3g} | {r['metric_working']:.4g} | "
+                     f"{r['metric_suggested']:.4g} | {'pass' if r['criterion'] else 'FAIL'} | "
+                     f"{'yes' if r['safe'] else 'NO'} |")
+    summary = (f"{len(ok)} scenarios (seed {a.seed}), {len(rows) - len(ok)} errors: safe "
+               f"{sum(r['safe'] for r in ok)}/{len(ok)}; criterion met at the suggestion "
+               f"{sum(r['criterion'] for r in ok)}/{len(ok)} (at the working LR "
+               f"{sum(r['passes_working'] for r in ok)}/{len(ok)}); suggestion within the "
+               f"printed limit {sum(r['within_limit'] for r in ok)}/{len(ok)}; "
+               f"{time.perf_counter() - t0:.0f} s")
+    print("\n".join(lines))
+    print(summary)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n\n" + summary + "\n")
+
+
+if __name__ == "__main__":
+    main()
