@@ -62,13 +62,19 @@ def lr_of(opt) -> float:
 def one(name: str, seed: int) -> dict:
     s = REGISTRY[name]
     st = s.build(seed)
-    working = lr_of(st.optimizer)
+    # the peak LR: a warm-up schedule has already scaled the group's lr down at construction
+    sched = st.scheduler
+    working = float(sched.base_lrs[0]) if sched is not None and hasattr(sched, "base_lrs") \
+        else lr_of(st.optimizer)
     data = list(itertools.islice(st.batches(), 32))
     model = _Forward(st.model, st.forward) if st.forward else st.model
     t0 = time.perf_counter()
     rep = tg.doctor(model, st.loss_fn, data, st.optimizer, precision=False, noise=False)
     t_doc = time.perf_counter() - t0
-    sugg = rep.suggested_lr
+    # the doctor sees the optimizer's current LR (under a warm-up, the first step's); its
+    # suggestion applies to that LR, so scale the peak by the same factor
+    sugg = rep.suggested_lr * working / lr_of(st.optimizer)
+    rt = rep.range_test
     base = train(s.build(seed), "bare")
     at = train(scaled(s.build(seed), sugg / working), "bare")
     lr_fault = name.startswith(("lr_", "curvature_gd_past", "curvature_adam"))
@@ -83,7 +89,10 @@ def one(name: str, seed: int) -> dict:
             "within_limit": not (math.isfinite(lim) and sugg > lim * (1 + 1e-9)),
             "metric_working": m_base, "metric_suggested": m_at, "passes_working": bool(s.passed(base)),
             "criterion": crit, "safe": bool(safe), "lr_fault": lr_fault,
-            "doctor_seconds": round(t_doc, 1)}
+            "doctor_seconds": round(t_doc, 1),
+            "range_diverge": rt.lr_diverge if rt is not None else None,
+            "range_min_loss": rt.lr_min_loss if rt is not None else None,
+            "range_improved": rt.improved if rt is not None else None}
 
 
 def main() -> None:

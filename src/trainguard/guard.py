@@ -123,6 +123,13 @@ class Guard:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        sparse = [n or "(root)" for n, m in model.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)]
+        if sparse or isinstance(optimizer, torch.optim.SparseAdam):
+            raise TypeError("trainguard does not support sparse gradients "
+                            f"({'nn.Embedding(sparse=True) at ' + ', '.join(sparse[:3]) if sparse else 'SparseAdam'}): "
+                            "use sparse=False with Adam/AdamW (dense gradients), or train "
+                            "without the Guard")
         if scaler is not None and not all(hasattr(scaler, a) for a in ("unscale_", "step", "update")):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if policy is not None and not isinstance(policy, Policy):
@@ -631,7 +638,7 @@ class Guard:
             with torch.no_grad():
                 diffs = list(torch._foreach_sub(params, before))
                 n = len(params)
-                v = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=torch.float32))
+                v = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=self.probe.norm_dtype))
                 v = self.probe._reduce(v, n_norms=2 * n).cpu().numpy()
                 dn, bn = v[:n], v[n:]
             idx = np.arange(len(dn))

@@ -308,8 +308,18 @@ class Probe:
         self.group = np.asarray(group, dtype=np.int64)
         self.sharded = sharded
         self._world_size: int | None = None
-        # fp32 tensors take the fused norm's fastest path; anything else accumulates in fp32
-        self._fp32 = all(p.dtype == torch.float32 for p in self.params)
+        bad = [n for n, p in zip(names, self.params) if p.is_complex() or not p.is_floating_point()]
+        if bad:
+            raise TypeError(f"trainguard guards real floating-point parameters; {bad[:3]} "
+                            f"{'are' if len(bad) > 1 else 'is'} "
+                            f"{self.params[names.index(bad[0])].dtype} (complex parameters: "
+                            "train their real and imaginary parts as two real parameters)")
+        # norms accumulate in fp32, or in fp64 when some parameter is float64 (a norm cannot
+        # be taken in a narrower type than its input); tensors already of that type take the
+        # fused norm's fastest path
+        self.norm_dtype = (torch.float64 if any(p.dtype == torch.float64 for p in self.params)
+                           else torch.float32)
+        self._fp32 = all(p.dtype == self.norm_dtype for p in self.params)
         self._all_idx = np.arange(len(self.params), dtype=np.int64)
         self._one_per_module = bool(np.array_equal(self.group, self._all_idx))
         self.process_group = process_group
@@ -335,20 +345,20 @@ class Probe:
         with torch.no_grad():
             gs, idx = self.grads()
             self.last_grads = gs
-            kw = {} if self._fp32 else {"dtype": torch.float32}
+            kw = {} if self._fp32 else {"dtype": self.norm_dtype}
             n_norms = len(gs) + (len(self.params) if with_params else 0)
             if isinstance(loss, torch.Tensor):
-                lt = loss.detach().reshape(()).float()
+                lt = loss.detach().reshape(()).to(self.norm_dtype)
             else:
-                lt = torch.tensor(float(loss), device=self.device)
+                lt = torch.tensor(float(loss), device=self.device, dtype=self.norm_dtype)
             norms = list(torch._foreach_norm(gs, 2, **kw)) if gs else []
             if with_params:
                 norms.extend(torch._foreach_norm([_local(p.detach()) for p in self.params], 2, **kw))
             if not extra and self._one_device:
                 vec = torch.stack(norms + [lt])  # the common step: one stack, nothing else
             else:
-                parts = [torch.stack(norms).to(self.device)] if norms else []
-                parts.extend(e.float().reshape(-1).to(self.device) for e in extra)
+                parts = [torch.stack(norms).to(self.device, self.norm_dtype)] if norms else []
+                parts.extend(e.reshape(-1).to(self.device, self.norm_dtype) for e in extra)
                 parts.append(lt.reshape(1).to(self.device))
                 vec = torch.cat(parts)
             if self._world_size != 1:

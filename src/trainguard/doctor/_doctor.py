@@ -34,8 +34,15 @@ RELU_CATAPULT_FACTOR = 6.0
 LIMIT_SAFETY = 0.5
 #: Suggested LR ≤ the range test's divergence LR / 4 (Smith 2017: base_lr = max_lr/3 or /4, §3.6).
 RANGE_DIVISOR = 4.0
-#: A learning rate this many times below the suggestion is reported (info) as too low.
+#: A learning rate this many times below the largest safe LR (``lr_cap``) is reported (info)
+#: as too low, and only then does the suggestion raise it.
 LR_TOO_LOW_FACTOR = 100.0
+#: A raise is one notch of the usual half-decade LR grid (1e-3, 3e-3, 1e-2): the curvature
+#: limit and the range test are measured near initialisation, and sharpness grows during
+#: training (progressive sharpening, Cohen 2021), so the room they show is an upper bound.
+#: Measured (bench/doctor_lr.py, issue #9): suggestions up to the measured room, 4-490x the
+#: working LR, ruined the zoo's healthy CNN (23x), char Transformer and an Adam MLP.
+RAISE_STEP = 3.0
 #: Trial losses: the run diverges in the first steps when the loss rises above this multiple
 #: of its initial value (the range test's 4× rule, §3.6) or becomes non-finite.
 DIVERGE_FACTOR = 4.0
@@ -174,7 +181,16 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
         # the sweep never diverged but the loss turned up before its end: fastai's
         # "LR at the minimum / 10" (mechanisms §3.6)
         cands.append(rt.lr_min_loss / 10)
-    suggested = min(cands) if cands else lr
+    # lr_cap: the largest LR the measurements call safe. The suggestion lowers an LR above it
+    # to it, raises an LR far below it by one notch, and otherwise keeps the user's LR: the
+    # doctor never advises a jump it cannot vouch for (issue #9).
+    lr_cap = min(cands) if cands else math.nan
+    if math.isfinite(lr_cap) and lr > lr_cap:
+        suggested = lr_cap
+    elif math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR:
+        suggested = lr * RAISE_STEP
+    else:
+        suggested = lr
     warmup = 0
     if curv is not None and math.isfinite(max_stable):
         ratio = lr / max_stable if max_stable > 0 else math.inf
@@ -204,10 +220,12 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
             "lr_too_high", 0, f"lr {lr:.3g} is above the LR range test's divergence point "
             f"{rt.lr_diverge:.3g}", severity="error",
             evidence={"lr": lr, "lr_diverge": rt.lr_diverge, "max_stable_lr": max_stable}))
-    if rt is not None and math.isfinite(rt.lr_diverge) and suggested and lr < suggested / LR_TOO_LOW_FACTOR:
+    if rt is not None and math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR:
         findings.append(Finding("lr_too_low", 0, f"lr {lr:.3g} is over {LR_TOO_LOW_FACTOR:.0f}× below "
-                                f"the suggested {suggested:.3g}", severity="info",
-                                evidence={"lr": lr, "suggested_lr": suggested}))
+                                f"the largest LR the measurements call safe ({lr_cap:.3g}); "
+                                f"raise it a notch at a time ({RAISE_STEP:g}x: "
+                                f"{suggested:.3g}) and watch the loss", severity="info",
+                                evidence={"lr": lr, "suggested_lr": suggested, "lr_cap": lr_cap}))
     if pre and optimizer is not None:
         b2 = float(optimizer.param_groups[0].get("betas", (0.9, 0.999))[1])
         if any(f.kind in ("lr_too_high", "divergence") for f in findings):
