@@ -176,10 +176,11 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     # (a dead layer) has a flat, noisy sweep whose "minimum" suggested lr 1e-8 (issue #13)
     if rt is not None and rt.improved and math.isfinite(rt.lr_diverge):
         cands.append(rt.lr_diverge / RANGE_DIVISOR)
-    elif (rt is not None and rt.improved and math.isfinite(rt.lr_min_loss)
+    if (rt is not None and rt.improved and math.isfinite(rt.lr_min_loss)
             and rt.lr_min_loss < rt.lrs[-1] / 2):
-        # the sweep never diverged but the loss turned up before its end: fastai's
-        # "LR at the minimum / 10" (mechanisms §3.6)
+        # fastai's "LR at the minimum / 10" (mechanisms §3.6), also when the sweep diverged:
+        # an adaptive optimizer's sweep diverges late (Adam's, from fresh moments, ran on to
+        # 0.167 on the zoo's curvature_adam_lr_too_high, whose working LR is ~1e-3)
         cands.append(rt.lr_min_loss / 10)
     # lr_cap: the largest LR the measurements call safe. The suggestion lowers an LR above it
     # to it, raises an LR far below it by one notch, and otherwise keeps the user's LR: the
