@@ -160,6 +160,9 @@ def drain(guard: "Guard") -> None:
     h = host.numpy().astype("float64") if host.device.type == "cpu" else host.cpu().numpy()
     gn, idx, pn, ev, lv = guard.probe.split(h, idx, with_params)
     scale, acts = guard._unpack_extra(ev, names, kinds)
+    if acts:
+        acts.pop("__found_inf__", None)
+        acts = acts or None
     stats = build_stats(step, guard.probe, gn, idx, pn, float(lv[0]), lr=guard._current_lr(),
                         loss_scale=scale, activations=acts, optimizer=guard._opt_kind)
     ok = bool(stats.loss_finite and stats.grads_finite and stats.params_finite)

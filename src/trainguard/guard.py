@@ -373,11 +373,28 @@ class Guard:
         if scaled and getattr(self.scaler, "_scale", None) is not None:
             extra.append(self.scaler._scale.detach().float().reshape(1))
             names.append("__scale__")
+        found = self._scaler_found_inf() if scaled else None
+        if found is not None:
+            extra.append(found)
+            names.append("__found_inf__")
         acts = self.sampler.collect()
         for name, (kind, t) in acts.items():
             extra.append(t)
             names.append(name)
         return extra, names, {n: k for n, (k, _) in acts.items()}
+
+    def _scaler_found_inf(self) -> torch.Tensor | None:
+        """The scaler's own verdict after ``unscale_`` (the inf/NaN count it will skip the
+        step on), as a 1-element tensor for the step's one transfer; None when the scaler
+        keeps no such state (then the verdict is inferred from the gradient norms)."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        st = states.get(id(self.optimizer)) if isinstance(states, dict) else None
+        found = st.get("found_inf_per_device") if isinstance(st, dict) else None
+        if not found:
+            return None
+        dev = self.probe.device
+        return torch.stack([t.detach().to(dev, torch.float32).reshape(()) for t in found.values()]
+                           ).sum().reshape(1)
 
     @staticmethod
     def _unpack_extra(vals: np.ndarray, names: list[str], kinds: dict) -> tuple[float | None, dict | None]:
@@ -387,6 +404,10 @@ class Guard:
         for n in names:
             if n == "__scale__":
                 scale = float(vals[i])
+                i += 1
+                continue
+            if n == "__found_inf__":
+                acts["__found_inf__"] = {"value": float(vals[i])}
                 i += 1
                 continue
             dead, sat, q, units = vals[i:i + 4]
@@ -420,11 +441,23 @@ class Guard:
         with_params = self.step_count % self.param_norm_every == 0
         gn, idx, pn, ev, lv = self.probe.measure(loss, with_params=with_params, extra=extra)
         scale, acts = self._unpack_extra(ev, names, kinds)
+        found = acts.pop("__found_inf__", None) if acts else None
+        if acts is not None and not acts:
+            acts = None
+        if not np.isfinite(gn).all():
+            # rare path: a norm that overflowed fp32 (finite values ~1e20 square past 3.4e38)
+            # is not a non-finite gradient; fp64 tells them apart
+            gn = self.probe.exact_grad_norms(gn)
         stats = build_stats(self.step_count, self.probe, gn, idx, pn, float(lv[0]),
                             lr=self._current_lr(), loss_scale=scale, activations=acts,
                             optimizer=self._opt_kind, optimizer_state=self._post)
         self._post = None
-        if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
+        if found is not None:
+            # the scaler's own verdict: it skips exactly when it found inf/NaN (issue #12: a
+            # norm overflow was taken for a scaler skip, the scaler applied the update, and
+            # guard.step returned False)
+            stats.scaler_overflow = found["value"] > 0 and stats.loss_finite and stats.params_finite
+        elif scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
             stats.scaler_overflow = True
         if not with_params and not (stats.loss_finite and stats.grads_finite):
             # something is non-finite: measure the parameters now (rare, off the healthy path)

@@ -365,6 +365,16 @@ class Probe:
                 vec = self._reduce(vec, n_norms=n_norms)
         return vec, idx, n_norms
 
+    def exact_grad_norms(self, gn: np.ndarray) -> np.ndarray:
+        """The gradient norms of the last measurement again, accumulated in fp64: finite
+        wherever the gradient's values are finite (an fp32 norm overflows for values ~1e20).
+        Single-process only (a distributed measurement keeps its all-reduced values)."""
+        if self._world() != 1 or not self.last_grads:
+            return gn
+        with torch.no_grad():
+            v = torch.stack(torch._foreach_norm(self.last_grads, 2, dtype=torch.float64))
+        return v.cpu().numpy()
+
     def split(self, host: np.ndarray, idx: np.ndarray, with_params: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
         ng = len(idx)
