@@ -36,3 +36,53 @@ def test_fp32_norm_overflow_is_not_a_scaler_skip_and_return_value_is_the_truth()
     assert any(a.kind == "clip" and a.step == 30 for a in g.actions)
     assert g.counts.get("scaler_overflow", 0) == 0
     assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in m.parameters())
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _bn_run(poison):
+    m = _bn_net()
+    o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    g = tg.Guard(m, o, console=False)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(60):
+        x = torch.randn(32, 8, generator=gen)
+        y = (x[:, 0] > 0).long()
+        x = poison(t, x)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        g.step(loss)
+    m.eval()
+    with torch.no_grad():
+        out = m(torch.randn(64, 8, generator=gen))
+    return m, g, out
+
+
+def test_a_skipped_nan_batch_leaves_batchnorm_running_stats_finite():
+    """Before the fix the NaN batch was skipped as promised but its forward pass had written
+    NaN into running_mean/var: eval-mode outputs were NaN at the end of the run."""
+    def nan_at_20(t, x):
+        if t == 20:
+            x = x.clone()
+            x[3, 2] = float("nan")
+        return x
+    m, g, out = _bn_run(nan_at_20)
+    assert any(a.kind == "skip" and a.step == 20 for a in g.actions)
+    assert torch.isfinite(m[1].running_mean).all() and torch.isfinite(m[1].running_var).all()
+    assert torch.isfinite(out).all()
+
+
+def test_running_stats_overflowed_by_a_huge_finite_batch_are_found_and_restored():
+    """A batch of finite but huge values (1e20) overflows the running variance while the
+    normalised output, and so the loss, stays finite: nothing was skipped, nothing said."""
+    def huge_at_23(t, x):
+        return x * 1e20 if t == 23 else x
+    m, g, out = _bn_run(huge_at_23)
+    f = [x for x in g.findings if x.kind == "nonfinite" and x.origin == "buffers"]
+    assert f and f[0].where == "1" and 23 <= f[0].step <= 30, [str(x) for x in g.findings]
+    assert torch.isfinite(m[1].running_var).all()
+    assert torch.isfinite(out).all()

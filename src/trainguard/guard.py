@@ -27,6 +27,7 @@ from torch import nn
 from .detect import Detector, default_detectors
 from .policy import Plan, Policy
 from .remedies.clip import AGC, make_clipper, scale_grads
+from .remedies.buffers import RunningStats
 from .remedies.lr import LRController
 from .remedies.snapshot import SnapshotStore
 from .report.base import Sink
@@ -145,6 +146,7 @@ class Guard:
         self.rank, self.world_size = _dist_info()
         self.probe = Probe(model, optimizer, sharded=_is_sharded(model), process_group=process_group)
         self.sampler = ActivationSampler(model)
+        self.running = RunningStats(model)  # BatchNorm statistics a skipped batch must not keep
         self.snapshots = SnapshotStore(model, optimizer, self.probe.params, scaler,
                                        every=_check_int("snapshot_every", snapshot_every),
                                        keep=_check_int("snapshots", snapshots), device=snapshot_device)
@@ -367,9 +369,15 @@ class Guard:
             sc.unscale_(self.optimizer)
         return True
 
-    def _extra_tensors(self, scaled: bool) -> tuple[list[torch.Tensor], list[str], dict]:
+    def _extra_tensors(self, scaled: bool, buffers: bool = False
+                       ) -> tuple[list[torch.Tensor], list[str], dict]:
         extra: list[torch.Tensor] = []
         names: list[str] = []
+        n_buf = {}
+        if buffers and self.running:
+            extra.append(self.running.norms())
+            names.append("__buffers__")
+            n_buf = {"__buffers__": len(self.running.floats)}
         if scaled and getattr(self.scaler, "_scale", None) is not None:
             extra.append(self.scaler._scale.detach().float().reshape(1))
             names.append("__scale__")
@@ -381,7 +389,7 @@ class Guard:
         for name, (kind, t) in acts.items():
             extra.append(t)
             names.append(name)
-        return extra, names, {n: k for n, (k, _) in acts.items()}
+        return extra, names, {**{n: k for n, (k, _) in acts.items()}, **n_buf}
 
     def _scaler_found_inf(self) -> torch.Tensor | None:
         """The scaler's own verdict after ``unscale_`` (the inf/NaN count it will skip the
@@ -410,6 +418,11 @@ class Guard:
                 acts["__found_inf__"] = {"value": float(vals[i])}
                 i += 1
                 continue
+            if n == "__buffers__":
+                k = int(kinds[n])
+                acts["__buffers__"] = {"values": vals[i:i + k]}
+                i += k
+                continue
             dead, sat, q, units = vals[i:i + 4]
             i += 4
             if kinds[n] == "recurrent":  # backward signal through time (first vs last step)
@@ -437,11 +450,12 @@ class Guard:
 
     def _measure(self, loss: torch.Tensor | float) -> tuple[StepStats, list, bool]:
         scaled = self._scaler_ready()
-        extra, names, kinds = self._extra_tensors(scaled)
         with_params = self.step_count % self.param_norm_every == 0
+        extra, names, kinds = self._extra_tensors(scaled, buffers=with_params)
         gn, idx, pn, ev, lv = self.probe.measure(loss, with_params=with_params, extra=extra)
         scale, acts = self._unpack_extra(ev, names, kinds)
         found = acts.pop("__found_inf__", None) if acts else None
+        bufs = acts.pop("__buffers__", None) if acts else None
         if acts is not None and not acts:
             acts = None
         if not np.isfinite(gn).all():
@@ -466,6 +480,15 @@ class Guard:
             with np.errstate(over="ignore", invalid="ignore"):
                 stats.param_norms = self.probe.group_norms(pn, self.probe._all_idx).tolist()
                 stats.param_norm = float(np.sqrt(np.sum(np.square(pn))))
+            if self.running:
+                bufs = {"values": self.running.norms().cpu().numpy()}
+        if bufs is not None:
+            ok = np.isfinite(bufs["values"])
+            if ok.all():
+                self.running.keep()  # verified: the copy a skip restores
+            else:
+                stats.nonfinite_buffers = sorted({self.running.names[i] for i in np.flatnonzero(~ok)})
+                self.running.restore()
         return stats, self.probe.last_grads, scaled
 
     def _step_sync(self, loss: torch.Tensor | float) -> bool:
@@ -617,8 +640,12 @@ class Guard:
                 pass  # the scaler skips by itself below
             else:
                 self._finish_scaler_step(scaled)
+                if self.running:
+                    self.running.restore()  # the skipped batch's forward leaves no trace
                 self._act("skip", f"{f.kind}: update not applied (parameters, optimizer "
-                                  "moments and step counters untouched)", finding=f.kind)
+                                  "moments and step counters untouched"
+                                  + ("; normalisation running statistics restored"
+                                     if self.running else "") + ")", finding=f.kind)
                 return False
         self._clip(plan, stats, grads)
         return self._apply(scaled, stats)

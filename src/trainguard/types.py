@@ -109,6 +109,9 @@ class StepStats:
     #: coordinates with 0 < sqrt(v_hat) < eps), "swamped_fraction" (16-bit parameters whose
     #: non-zero gradient left the stored weight unchanged), "eps"
     optimizer_state: dict[str, float] | None = None
+    #: normalisation layers whose running statistics (BatchNorm running_mean/var) were found
+    #: non-finite at this step (checked on the parameter-norm cadence and on non-finite steps)
+    nonfinite_buffers: Sequence[str] = ()
 
     @property
     def loss_finite(self) -> bool:

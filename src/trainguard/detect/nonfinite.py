@@ -1,4 +1,5 @@
-"""Non-finite values: NaN/Inf in the loss, the gradients or the parameters.
+"""Non-finite values: NaN/Inf in the loss, the gradients, the parameters or the running
+statistics of normalisation layers (origin ``buffers``).
 
 Rule: any non-finite loss, gradient norm or parameter norm is a finding at the step it
 occurs, with one exception taken from PyTorch's GradScaler design (``torch/amp/grad_scaler.py``):
@@ -29,8 +30,23 @@ class NonFiniteDetector(Detector):
     def update(self, s: StepStats) -> list[Finding]:
         loss_ok = s.loss_finite
         bad_params = s.nonfinite_param_modules() if not s.params_finite else []
-        if loss_ok and s.grads_finite and not bad_params:
+        bad_bufs = list(s.nonfinite_buffers)
+        if loss_ok and s.grads_finite and not bad_params and not bad_bufs:
             return []
+        if loss_ok and s.grads_finite and not bad_params:
+            where = bad_bufs
+            return [Finding(
+                kind="nonfinite", step=s.step, where=where[0], locations=tuple(where),
+                severity="critical", origin="buffers",
+                message=(f"the running statistics of {', '.join(where[:3])}"
+                         f"{' ...' if len(where) > 3 else ''} hold NaN/Inf (a batch's forward "
+                         "pass wrote them: eval-mode outputs would be NaN); restored from the "
+                         "last verified copy"),
+                evidence={"loss": s.loss, "grad_norm": s.grad_norm,
+                          "nonfinite_buffer_modules": where},
+                remedies=("check the data pipeline for NaN/Inf or huge inputs",
+                          "normalise the inputs; clip or skip outlier batches"),
+            )]
         if (s.loss_scale is not None and loss_ok and not bad_params
                 and s.loss_scale >= self.min_loss_scale):
             # The scaler's own overflow skip: record, do not alarm.
