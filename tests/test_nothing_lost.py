@@ -86,3 +86,71 @@ def test_running_stats_overflowed_by_a_huge_finite_batch_are_found_and_restored(
     assert f and f[0].where == "1" and 23 <= f[0].step <= 30, [str(x) for x in g.findings]
     assert torch.isfinite(m[1].running_var).all()
     assert torch.isfinite(out).all()
+
+
+def test_bundles_and_reports_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    """A rename without fsync can be persisted before the data it points to: after a power
+    loss, a renamed but empty file. Every file and folder of a bundle is fsynced before the
+    rename, the parent folder after it; the same for atomic text writes (issue #12, item 11)."""
+    import os
+
+    from trainguard import _fsio
+    from trainguard.locate import _bundle
+    from trainguard.locate._replay import Location
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):  # record which path each fsync reached
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    renamed: list[tuple[str, list[str]]] = []
+    real_replace = os.replace
+
+    def spy_replace(a, b):
+        renamed.append((os.fspath(b), list(synced)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    m = nn.Linear(3, 2)
+    loc = Location("forward", "", "test", evidence={})
+    path = _bundle.write_bundle(str(tmp_path / "b"), step=3, location=loc, model=m,
+                                args=(torch.randn(2, 3),), kwargs={}, grad_outputs=[],
+                                rng=None, cuda_rng=None, autocast=None, training=True,
+                                grad_enabled=True)
+    final, before = renamed[-1]
+    assert final == path
+    assert any(p.endswith("manifest.json") for p in before)
+    assert any(p.endswith(os.path.basename(path)) or ".tmp" in p for p in before)  # the folder
+    assert synced[-1] == str(tmp_path / "b")  # the parent folder, after the rename
+    synced.clear()
+    _fsio.atomic_write(tmp_path / "r.txt", lambda fh: fh.write("x"))
+    assert (tmp_path / "r.txt").read_text() == "x"
+    assert len(synced) == 2 and synced[-1] == str(tmp_path)
+
+
+def test_huge_finite_weights_are_named_as_such_not_nan_nor_another_rank():
+    """Weights of 1e30 keep the loss finite here (ReLU cut) but their fp32 norm overflows;
+    before the fix the finding said "parameters hold NaN/Inf" and locate blamed "another rank"
+    in a single-process run."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    o = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, o, console=False, param_norm_every=1)
+    for t in range(15):
+        if t == 10:
+            with torch.no_grad():
+                m[0].weight[0, :] = 1e30
+                m[0].bias[0] = -1e31  # unit 0 never fires: the loss stays finite
+        x = torch.randn(16, 8)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+    f = next(x for x in g.findings if x.kind == "nonfinite")
+    assert f.step == 10 and f.where == "0" and "finite but huge" in f.message, str(f)
+    assert "another rank" not in f.message and "NaN/Inf" not in f.message.split(":")[0]
+    assert any(a.kind == "rollback" and a.step == 10 for a in g.actions)
+    assert all(p.abs().max() < 1e3 for p in m.parameters())

@@ -482,6 +482,17 @@ class Guard:
                 stats.param_norm = float(np.sqrt(np.sum(np.square(pn))))
             if self.running:
                 bufs = {"values": self.running.norms().cpu().numpy()}
+        if stats.param_norms is not None and not stats.params_finite:
+            # an fp32 norm overflows for finite weights of ~1e19: tell them from NaN/Inf
+            pn64 = self.probe.exact_param_norms()
+            g64 = self.probe.group_norms(pn64, self.probe._all_idx)
+            with np.errstate(over="ignore", invalid="ignore"):
+                huge = [m for m, a, b in zip(self.probe.modules, stats.param_norms, g64)
+                        if not math.isfinite(a) and math.isfinite(b)]
+            if huge:
+                stats.huge_param_modules = huge
+                stats.param_norms = g64.tolist()
+                stats.param_norm = float(np.sqrt(np.sum(np.square(pn64))))
         if bufs is not None:
             ok = np.isfinite(bufs["values"])
             if ok.all():

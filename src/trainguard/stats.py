@@ -375,6 +375,14 @@ class Probe:
             v = torch.stack(torch._foreach_norm(self.last_grads, 2, dtype=torch.float64))
         return v.cpu().numpy()
 
+    def exact_param_norms(self) -> np.ndarray:
+        """Every parameter's norm accumulated in fp64 (rare path: an fp32 norm overflowed)."""
+        with torch.no_grad():
+            v = torch.stack(torch._foreach_norm([_local(p.detach()) for p in self.params], 2,
+                                                dtype=torch.float64))
+        v = self._reduce(v, n_norms=len(self.params)) if self._world() != 1 else v
+        return v.cpu().numpy()
+
     def split(self, host: np.ndarray, idx: np.ndarray, with_params: bool
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
         ng = len(idx)

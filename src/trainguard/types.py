@@ -112,6 +112,9 @@ class StepStats:
     #: normalisation layers whose running statistics (BatchNorm running_mean/var) were found
     #: non-finite at this step (checked on the parameter-norm cadence and on non-finite steps)
     nonfinite_buffers: Sequence[str] = ()
+    #: modules whose weights are finite but so large that their fp32 norm overflows (|w| of
+    #: ~1e19 and more): corrupted, though not NaN/Inf
+    huge_param_modules: Sequence[str] = ()
 
     @property
     def loss_finite(self) -> bool:

@@ -30,6 +30,17 @@ class NonFiniteDetector(Detector):
     def update(self, s: StepStats) -> list[Finding]:
         loss_ok = s.loss_finite
         bad_params = s.nonfinite_param_modules() if not s.params_finite else []
+        huge = list(s.huge_param_modules)
+        if huge and not bad_params:
+            return [Finding(
+                kind="nonfinite", step=s.step, where=huge[0], locations=tuple(huge),
+                severity="critical", origin="parameters",
+                message=(f"the weights of {', '.join(huge[:3])}{' ...' if len(huge) > 3 else ''}"
+                         " are finite but huge: their norm overflows fp32 (|w| ~1e19 or more; "
+                         "a previous update or a load corrupted them)"),
+                evidence={"loss": s.loss, "grad_norm": s.grad_norm, "param_norm": s.param_norm,
+                          "huge_param_modules": huge},
+            )]
         bad_bufs = list(s.nonfinite_buffers)
         if loss_ok and s.grads_finite and not bad_params and not bad_bufs:
             return []

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,20 +36,9 @@ def _clean(obj: Any) -> Any:
 
 
 def atomic_write(path: str | os.PathLike, data: str) -> None:
-    """Write via a temporary file in the same directory and os.replace."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write durably and atomically (temporary file, fsync, os.replace, fsync the folder)."""
+    from .._fsio import atomic_write as _write
+    _write(path, lambda fh: fh.write(data))
 
 
 @dataclass

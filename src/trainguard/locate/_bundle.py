@@ -26,6 +26,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .._fsio import fsync_dir, fsync_tree
+
 FORMAT_VERSION = 1
 
 
@@ -206,7 +208,11 @@ def write_bundle(root: str, *, step: int, location: Any, model: torch.nn.Module,
         }
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
+        # durable before visible: every file and the folder reach the disk before the rename,
+        # and the parent folder (the rename itself) after it (issue #12, item 11)
+        fsync_tree(tmp)
         os.replace(tmp, final)
+        fsync_dir(os.path.dirname(os.path.abspath(final)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

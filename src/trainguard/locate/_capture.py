@@ -196,6 +196,10 @@ class StepCapture:
         if _world() > 1:
             loc = _agree_across_ranks(loc, rank)
         if finding.origin == "parameters" and loc.origin not in ("parameters", "optimizer"):
+            if _world() == 1:
+                # single process: the detector saw weights whose norm is not finite in fp32
+                # but whose values are (huge): its own message says what was seen (issue #12)
+                return finding
             # the weights are non-finite on another rank (the Guard's norms are all-reduced):
             # keep the detector's origin so every rank takes the same decision (rollback)
             loc.origin = None

@@ -34,7 +34,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -261,20 +260,11 @@ def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_json(path: str, records: list[dict[str, Any]]) -> None:
-    """Atomic write (temp file in the same folder + os.replace); NaN/Inf as strings."""
+    """Durable atomic write (see trainguard._fsio); NaN/Inf as strings."""
+    from .._fsio import atomic_write
     from ..report.jsonl import encode
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".zoo-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(encode(records), fh, indent=1, allow_nan=False)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda fh: json.dump(encode(records), fh, indent=1, allow_nan=False),
+                 prefix=".zoo-", mode=0o644)
 
 
 # ----------------------------------------------------------------------------- presentation
