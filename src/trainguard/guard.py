@@ -17,6 +17,7 @@ step's statistics one step late.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, deque
 from typing import Any, Iterable, Sequence
 
@@ -133,6 +134,17 @@ class Guard:
                             "without the Guard")
         if scaler is not None and not all(hasattr(scaler, a) for a in ("unscale_", "step", "update")):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scheduler is not None:
+            if not callable(getattr(scheduler, "step", None)):
+                raise TypeError("scheduler must be a torch LR scheduler (an object with "
+                                f"step()), got {type(scheduler).__name__}")
+            sched_opt = getattr(scheduler, "optimizer", None)
+            if sched_opt is not None and sched_opt is not optimizer:
+                raise ValueError("scheduler drives another optimizer than the one given to the "
+                                 "Guard: build it on the same optimizer")
+        if locate_dir is not None and os.path.exists(locate_dir) and not os.path.isdir(locate_dir):
+            raise ValueError(f"locate_dir must be a directory (it is created if missing), got "
+                             f"the file {locate_dir!r}")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a trainguard.Policy, got {type(policy).__name__}")
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
@@ -300,8 +312,26 @@ class Guard:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`. All or nothing: a malformed dict raises
+        ValueError and leaves the Guard exactly as it was."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("expected a dict from Guard.state_dict() (version 1)")
+        missing = [k for k in ("step_count", "applied_steps", "rollbacks", "detectors", "policy",
+                               "lr") if k not in state]
+        if missing:
+            raise ValueError(f"malformed Guard state: missing {missing}; expected a dict from "
+                             "Guard.state_dict()")
+        backup = self.state_dict()
+        saved_opt, saved_chance = self._chance_opt, self.chance_loss
+        try:
+            self._apply_state(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            self._chance_opt, self.chance_loss = saved_opt, saved_chance
+            self._apply_state(backup)
+            raise ValueError(f"malformed Guard state ({type(e).__name__}: {e}); the Guard is "
+                             "unchanged") from e
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
         self.step_count = state["step_count"]
         self.applied_steps = state["applied_steps"]
         self.rollbacks = state["rollbacks"]

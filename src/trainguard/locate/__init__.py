@@ -198,6 +198,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """0: located (and printed); 1: the replay stayed finite; 2: bad bundle or factory."""
+    if args.device is not None:
+        import torch
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            print(f"trainguard replay: --device {args.device!r} is not a torch device (expected "
+                  f"e.g. cpu, cuda, cuda:0): {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            print(f"trainguard replay: --device {args.device!r}: CUDA is not available on "
+                  "this machine (use --device cpu)", file=sys.stderr)
+            return 2
     try:
         b = Bundle(args.bundle)
         loc = replay_bundle(b, factory=args.factory, device=args.device)
