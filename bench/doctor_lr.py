@@ -77,22 +77,35 @@ def one(name: str, seed: int) -> dict:
     rt = rep.range_test
     base = train(s.build(seed), "bare")
     at = train(scaled(s.build(seed), sugg / working), "bare")
-    lr_fault = name.startswith(("lr_", "curvature_gd_past", "curvature_adam"))
     crit = bool(s.passed(at))
     m_at = at.metric if math.isfinite(at.metric) else math.inf
     m_base = base.metric if math.isfinite(base.metric) else math.inf
-    worse = (m_at > 1.05 * m_base) if not st.higher_is_better else (m_at < m_base / 1.05)
-    safe = crit if lr_fault or s.category == "healthy" else (crit or not worse)
     lim = rep.max_stable_lr
-    return {"scenario": name, "category": s.category, "working_lr": working, "suggested_lr": sugg,
+    return judge({"scenario": name, "category": s.category, "working_lr": working, "suggested_lr": sugg,
             "ratio": sugg / working, "max_stable_lr": lim,
             "within_limit": not (math.isfinite(lim) and sugg > lim * (1 + 1e-9)),
             "metric_working": m_base, "metric_suggested": m_at, "passes_working": bool(s.passed(base)),
-            "criterion": crit, "safe": bool(safe), "lr_fault": lr_fault,
+            "criterion": crit, "onset": s.onset, "higher_is_better": st.higher_is_better,
             "doctor_seconds": round(t_doc, 1),
             "range_diverge": rt.lr_diverge if rt is not None else None,
             "range_min_loss": rt.lr_min_loss if rt is not None else None,
-            "range_improved": rt.improved if rt is not None else None}
+            "range_improved": rt.improved if rt is not None else None})
+
+
+def judge(r: dict) -> dict:
+    """``safe``: an LR too high from the start (``lr_*``, ``curvature_gd_past_limit``,
+    ``curvature_adam_lr_too_high``) and healthy runs must pass their criterion at the
+    suggestion; any other pathology (structural, precision, data, or an LR schedule that
+    spikes later, which a diagnosis before training cannot see) must pass or be no worse than
+    1.05x the run at its own LR."""
+    name = r["scenario"]
+    r["lr_fault"] = (name.startswith(("lr_", "curvature_gd_past", "curvature_adam"))
+                     and not r.get("onset"))
+    m_at, m_base = r["metric_suggested"], r["metric_working"]
+    worse = (m_at > 1.05 * m_base) if not r.get("higher_is_better") else (m_at < m_base / 1.05)
+    r["safe"] = bool(r["criterion"] if r["lr_fault"] or r["category"] == "healthy"
+                     else (r["criterion"] or not worse))
+    return r
 
 
 def main() -> None:
@@ -101,10 +114,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--from-json", default=None, help="re-judge and print a saved run")
     a = ap.parse_args()
     names = sorted(n for n in REGISTRY if not a.only or any(n.startswith(p) for p in a.only))
     rows = []
     t0 = time.perf_counter()
+    if a.from_json:
+        with open(a.from_json) as f:
+            rows = [judge(r) if "error" not in r else r for r in json.load(f)]
+        names = []
     for i, n in enumerate(names):
         try:
             r = one(n, a.seed)
