@@ -154,3 +154,56 @@ def test_huge_finite_weights_are_named_as_such_not_nan_nor_another_rank():
     assert "another rank" not in f.message and "NaN/Inf" not in f.message.split(":")[0]
     assert any(a.kind == "rollback" and a.step == 10 for a in g.actions)
     assert all(p.abs().max() < 1e3 for p in m.parameters())
+
+
+def _loop(misuse, steps=12):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    o = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = tg.Guard(m, o, console=False)
+    for t in range(steps):
+        x = torch.randn(16, 4)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        if misuse != "no_backward" or t != 5:
+            loss.backward()
+        g.step(loss)
+        if misuse == "double_update" and t == 5:
+            o.step()
+        if misuse == "stale_gradients" and t == 5:
+            g.step(loss)
+    return g
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("misuse", ["double_update", "stale_gradients", "no_backward"])
+def test_loop_misuse_is_said_once_and_clearly(misuse):
+    """Before the fix each of these passed without a word (issue #12, item 6)."""
+    with pytest.warns(RuntimeWarning, match="trainguard") as rec:
+        g = _loop(misuse)
+    msgs = [str(w.message) for w in rec if "trainguard" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert g.counts["loop_misuse"] == 1
+    key = {"double_update": "outside the Guard", "stale_gradients": "without a new backward",
+           "no_backward": "no parameter has a gradient"}[misuse]
+    assert key in msgs[0]
+
+
+def test_a_correct_loop_raises_no_misuse_warning(recwarn):
+    g = _loop("none", steps=30)
+    assert not [w for w in recwarn if "trainguard" in str(w.message)]
+    assert g.counts.get("loop_misuse", 0) == 0
+    # gradient accumulation (two backwards per step) is not stale
+    torch.manual_seed(0)
+    m = nn.Linear(4, 2)
+    o = torch.optim.SGD(m.parameters(), lr=0.05)
+    g2 = tg.Guard(m, o, console=False)
+    for _ in range(10):
+        o.zero_grad(set_to_none=False)
+        for _ in range(2):
+            x = torch.randn(8, 4)
+            (nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long()) / 2).backward()
+        g2.step(torch.tensor(1.0))
+    assert g2.counts.get("loop_misuse", 0) == 0

@@ -213,6 +213,10 @@ class Guard:
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._closed = False
         self.sampler.arm()  # the first forward is probed
+        from .loopcheck import LoopCheck
+        self.loopcheck = LoopCheck(self.probe.params, optimizer,
+                                   lambda kind, msg: self._event("loop_misuse", check=kind,
+                                                                 message=msg))
 
     # ------------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float) -> bool:
@@ -225,10 +229,12 @@ class Guard:
                             f"{type(loss).__name__}")
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"guard.step expects a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+        self.loopcheck.before(self.step_count)
         if self.sync:
             applied = self._step_sync(loss)
         else:
             applied = self._step_deferred(loss)
+        self.loopcheck.after(self.step_count)
         self.last_step_applied = applied
         self.step_count += 1
         every = self.sample_every
@@ -281,6 +287,7 @@ class Guard:
             self._drain_pending()
         self._closed = True
         self.sampler.disarm()
+        self.loopcheck.remove()
         if self._capture is not None:
             self._capture.remove()
         text = self.summary()
@@ -589,6 +596,7 @@ class Guard:
             s.close(self.summary())
         self._closed = True
         self.sampler.disarm()
+        self.loopcheck.remove()
         if self._capture is not None:
             self._capture.remove()
         raise TrainingUnstable(story, self.findings, self.actions)
@@ -721,12 +729,16 @@ class Guard:
 
     def _optimizer_step(self, scaled: bool) -> None:
         """The user's update, at the Guard's LR scale (through the scaler under fp16)."""
-        with self.lr.applied(self.optimizer):
-            if scaled:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        self.loopcheck.inside = True
+        try:
+            with self.lr.applied(self.optimizer):
+                if scaled:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+        finally:
+            self.loopcheck.inside = False
 
     def _apply(self, scaled: bool, stats: StepStats) -> bool:
         sample = stats.activations is not None
