@@ -207,3 +207,27 @@ def test_a_correct_loop_raises_no_misuse_warning(recwarn):
             (nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long()) / 2).backward()
         g2.step(torch.tensor(1.0))
     assert g2.counts.get("loop_misuse", 0) == 0
+
+
+@pytest.mark.parametrize("opt_name,key", [("Adam", "exp_avg_sq"), ("AdamW", "exp_avg_sq"),
+                                          ("RMSprop", "square_avg"), ("Adagrad", "sum")])
+def test_inf_in_the_optimizer_state_is_found_and_rolled_back(opt_name, key):
+    """Inf in an adaptive optimizer's state freezes that weight silently (its update is
+    m / sqrt(inf) = 0) with a finite loss: before the fix nothing was said (issue #12 item 3)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    o = getattr(torch.optim, opt_name)(m.parameters(), lr=1e-2)
+    g = tg.Guard(m, o, console=False)
+    for t in range(40):
+        x = torch.randn(16, 8)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+        if t == 13:
+            o.state[m[2].weight][key][0, 0] = float("inf")
+    f = next(x for x in g.findings if x.kind == "nonfinite")
+    assert f.origin == "optimizer" and f.where == "2" and 14 <= f.step <= 20, str(f)
+    assert any(a.kind == "rollback" and a.step == f.step for a in g.actions)
+    assert all(torch.isfinite(v).all() for st in o.state.values() for v in st.values()
+               if torch.is_tensor(v))

@@ -211,6 +211,7 @@ class Guard:
         self._pending: tuple | None = None  # sync=False: last step's device stats
         self._post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
+        self._state_owner: list[int] = []
         self._closed = False
         self.sampler.arm()  # the first forward is probed
         from .loopcheck import LoopCheck
@@ -415,6 +416,13 @@ class Guard:
             extra.append(self.running.norms())
             names.append("__buffers__")
             n_buf = {"__buffers__": len(self.running.floats)}
+        if buffers:
+            state, self._state_owner = self._optimizer_state_tensors()
+            if state:
+                with torch.no_grad():
+                    extra.append(torch.stack(torch._foreach_norm(state, 2, dtype=torch.float32)))
+                names.append("__optstate__")
+                n_buf["__optstate__"] = len(state)
         if scaled and getattr(self.scaler, "_scale", None) is not None:
             extra.append(self.scaler._scale.detach().float().reshape(1))
             names.append("__scale__")
@@ -427,6 +435,25 @@ class Guard:
             extra.append(t)
             names.append(name)
         return extra, names, {**{n: k for n, (k, _) in acts.items()}, **n_buf}
+
+    def _optimizer_state_tensors(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Floating-point optimizer state shaped like its parameter (moments, square averages,
+        momentum buffers), with the index of the parameter each belongs to. Read on the
+        parameter-norm cadence: Inf in Adam's exp_avg_sq freezes a weight silently (issue #12,
+        item 3)."""
+        out: list[torch.Tensor] = []
+        owner: list[int] = []
+        state = self.optimizer.state
+        for i, p in enumerate(self.probe.params):
+            st = state.get(p)
+            if not st:
+                continue
+            for v in st.values():
+                if (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0
+                        and v.numel() == p.numel()):
+                    out.append(_local(v.detach()))
+                    owner.append(i)
+        return out, owner
 
     def _scaler_found_inf(self) -> torch.Tensor | None:
         """The scaler's own verdict after ``unscale_`` (the inf/NaN count it will skip the
@@ -455,9 +482,9 @@ class Guard:
                 acts["__found_inf__"] = {"value": float(vals[i])}
                 i += 1
                 continue
-            if n == "__buffers__":
+            if n in ("__buffers__", "__optstate__"):
                 k = int(kinds[n])
-                acts["__buffers__"] = {"values": vals[i:i + k]}
+                acts[n] = {"values": vals[i:i + k]}
                 i += k
                 continue
             dead, sat, q, units = vals[i:i + 4]
@@ -493,6 +520,7 @@ class Guard:
         scale, acts = self._unpack_extra(ev, names, kinds)
         found = acts.pop("__found_inf__", None) if acts else None
         bufs = acts.pop("__buffers__", None) if acts else None
+        ost = acts.pop("__optstate__", None) if acts else None
         if acts is not None and not acts:
             acts = None
         if not np.isfinite(gn).all():
@@ -530,6 +558,11 @@ class Guard:
                 stats.huge_param_modules = huge
                 stats.param_norms = g64.tolist()
                 stats.param_norm = float(np.sqrt(np.sum(np.square(pn64))))
+        if ost is not None:
+            bad = np.flatnonzero(~np.isfinite(ost["values"]))
+            if len(bad):
+                stats.nonfinite_optimizer_modules = sorted(
+                    {self.probe.modules[self.probe.group[self._state_owner[i]]] for i in bad})
         if bufs is not None:
             ok = np.isfinite(bufs["values"])
             if ok.all():

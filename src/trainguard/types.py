@@ -115,6 +115,9 @@ class StepStats:
     #: modules whose weights are finite but so large that their fp32 norm overflows (|w| of
     #: ~1e19 and more): corrupted, though not NaN/Inf
     huge_param_modules: Sequence[str] = ()
+    #: modules whose optimizer state (Adam's exp_avg/exp_avg_sq, RMSprop's square_avg,
+    #: Adagrad's sum, momentum buffers) holds NaN/Inf (checked on the parameter-norm cadence)
+    nonfinite_optimizer_modules: Sequence[str] = ()
 
     @property
     def loss_finite(self) -> bool:

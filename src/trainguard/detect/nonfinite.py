@@ -42,6 +42,19 @@ class NonFiniteDetector(Detector):
                           "huge_param_modules": huge},
             )]
         bad_bufs = list(s.nonfinite_buffers)
+        bad_opt = list(s.nonfinite_optimizer_modules)
+        if bad_opt and loss_ok and s.grads_finite and not bad_params:
+            return [Finding(
+                kind="nonfinite", step=s.step, where=bad_opt[0], locations=tuple(bad_opt),
+                severity="critical", origin="optimizer",
+                message=(f"the optimizer state of {', '.join(bad_opt[:3])}"
+                         f"{' ...' if len(bad_opt) > 3 else ''} holds NaN/Inf (e.g. Adam's "
+                         "exp_avg_sq overflowed): those weights silently stop moving"),
+                evidence={"loss": s.loss, "grad_norm": s.grad_norm,
+                          "nonfinite_optimizer_modules": bad_opt},
+                remedies=("roll back to a snapshot with finite optimizer state",
+                          "clip gradients; under fp16 keep the optimizer state in fp32"),
+            )]
         if loss_ok and s.grads_finite and not bad_params and not bad_bufs:
             return []
         if loss_ok and s.grads_finite and not bad_params:
