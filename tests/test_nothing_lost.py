@@ -231,3 +231,54 @@ def test_inf_in_the_optimizer_state_is_found_and_rolled_back(opt_name, key):
     assert any(a.kind == "rollback" and a.step == f.step for a in g.actions)
     assert all(torch.isfinite(v).all() for st in o.state.values() for v in st.values()
                if torch.is_tensor(v))
+
+
+class _RNNLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(20, 16), nn.GRU(16, 16, batch_first=True), nn.Linear(16, 20)
+
+    def forward(self, x, h):  # type: ignore[no-untyped-def]
+        o, h = self.rnn(self.emb(x), h)
+        return self.out(o), h
+
+
+def _rnn_lm_run(reset: bool):
+    """The PyTorch examples' loop: the hidden state is fed back (detached) from the previous
+    batch. A NaN planted in it at step 3 poisons every later step unless the loop resets it."""
+    torch.manual_seed(0)
+    m = _RNNLM()
+    o = torch.optim.SGD(m.parameters(), lr=0.5)
+    state = {"h": torch.zeros(1, 8, 16)}
+
+    def reset_hidden(action):
+        state["h"] = torch.zeros(1, 8, 16)
+
+    g = tg.Guard(m, o, console=False, on_reset=reset_hidden if reset else None)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for t in range(40):
+            x = torch.randint(0, 20, (8, 12), generator=gen)
+            y = torch.roll(x, -1, 1)
+            h = state["h"].detach()
+            if t == 3:
+                h = h.clone()
+                h[0, 0, 0] = float("nan")
+            o.zero_grad()
+            out, state["h"] = m(x, h)
+            loss = nn.functional.cross_entropy(out.reshape(-1, 20), y.reshape(-1))
+            loss.backward()
+            g.step(loss)
+    except tg.TrainingUnstable:
+        pass
+    return g
+
+
+def test_the_loop_can_reset_its_own_state_on_a_skip():
+    """Before on_reset, the poisoned hidden state cost rollbacks and LR backoffs for nothing
+    (issue #12 item 10: eight rollbacks and a halt in the PyTorch word LM)."""
+    bare = _rnn_lm_run(reset=False)
+    assert bare.action_counts["rollback"] >= 1 or bare.action_counts["halt"] >= 1
+    g = _rnn_lm_run(reset=True)
+    assert [a.kind for a in g.actions] == ["skip"] and g.actions[0].step == 3
+    assert g.action_counts.get("rollback", 0) == 0 and g.lr_scale == 1.0

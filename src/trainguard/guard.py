@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, deque
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +109,11 @@ class Guard:
             first loss is within 15% of ln V for V = the output size of the model's last
             ``nn.Linear`` or an ``nn.Embedding``'s vocabulary (a classifier or language
             model at initialisation); a number: that level; ``None``: no such rule.
+        on_reset: called with the :class:`Action` right after every skip and rollback, so the
+            loop can reset the state it carries between steps and the Guard cannot see: a
+            recurrent hidden state fed back from the previous batch (which a NaN poisons for
+            every later step), EMA weights, a data position. ``guard.step`` also returns
+            False on those steps.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -120,7 +125,8 @@ class Guard:
                  sinks: Iterable[Sink] = (), locate: bool = True,
                  locate_dir: str | None = None, model_factory: str | None = None,
                  process_group: Any = None, keep_records: int = 10_000,
-                 chance_loss: float | str | None = "auto") -> None:
+                 chance_loss: float | str | None = "auto",
+                 on_reset: Callable[[Action], None] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -171,6 +177,10 @@ class Guard:
             from .report.jsonl import JsonlSink
             self.sinks.append(JsonlSink(log, rank=self.rank))
         self.sinks.extend(sinks)
+        if on_reset is not None and not callable(on_reset):
+            raise TypeError(f"on_reset must be callable (it receives the Action), got "
+                            f"{type(on_reset).__name__}")
+        self.on_reset = on_reset
         self.locate_enabled = bool(locate)
         self._capture: Any = None
         if self.locate_enabled:
@@ -389,6 +399,8 @@ class Guard:
         self._record(self.actions, a, self.action_counts, "action")
         for s in self.sinks:
             s.on_action(a)
+        if self.on_reset is not None and kind in ("skip", "rollback"):
+            self.on_reset(a)
         return a
 
     def _event(self, kind: str, **data: Any) -> None:
