@@ -404,7 +404,9 @@ def test_bundle_round_trip_and_replay_cli(tmp_path, capsys):
     assert (f2.origin, f2.where) == ("forward", "encoder.layers.2.mlp.2")
     path2 = f2.evidence["bundle"]
     from trainguard.cli import main
-    assert main(["replay", path2]) == 0
+    assert main(["replay", path2]) == 2  # the manifest's factory is code: not without consent
+    assert "--trust-bundle" in capsys.readouterr().err
+    assert main(["replay", path2, "--trust-bundle"]) == 0
     out = capsys.readouterr().out
     assert "origin=forward where=encoder.layers.2.mlp.2" in out
     assert "matches the recorded location" in out
@@ -422,7 +424,7 @@ def test_bundle_replays_a_backward_fault_from_the_saved_output_gradient(tmp_path
     _, f = run_step(m, cap, *make_data(), loss_fn=loss_fn)
     assert f.origin == "loss"
     from trainguard.cli import main
-    assert main(["replay", f.evidence["bundle"]]) == 0
+    assert main(["replay", f.evidence["bundle"], "--trust-bundle"]) == 0
     assert "origin=loss where=(loss)" in capsys.readouterr().out
 
 

@@ -282,3 +282,43 @@ def test_the_loop_can_reset_its_own_state_on_a_skip():
     g = _rnn_lm_run(reset=True)
     assert [a.kind for a in g.actions] == ["skip"] and g.actions[0].step == 3
     assert g.action_counts.get("rollback", 0) == 0 and g.lr_scale == 1.0
+
+
+def _a_bundle(tmp_path):
+    from trainguard.locate import StepCapture
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    cap = StepCapture(m, bundle_dir=tmp_path / "b", model_factory="evil:make")
+    with torch.no_grad():
+        m[2].weight[0] = float("inf")
+    from trainguard.types import Finding
+    x = torch.randn(3, 4)
+    loss = nn.functional.cross_entropy(m(x), torch.tensor([0, 1, 0]))
+    loss.backward()
+    f = cap.refine(Finding(kind="nonfinite", step=0, message="", origin="parameters"), m, None)
+    return f.evidence["bundle"]
+
+
+def test_untrusted_bundles_run_no_code(tmp_path, monkeypatch, capsys):
+    """Before: replay imported the manifest's model_factory, and from inside the bundle's folder
+    a Python file shipped in it ran (issue #12 item 8)."""
+    import json
+    import os
+
+    from trainguard.cli import main
+    from trainguard.locate import Bundle, BundleError
+    path = _a_bundle(tmp_path)
+    flag = tmp_path / "ran"
+    with open(os.path.join(path, "evil.py"), "w") as fh:
+        fh.write(f"open({str(flag)!r}, 'w').write('x')\ndef make():\n    raise SystemExit\n")
+    monkeypatch.chdir(path)
+    assert main(["replay", path]) == 2
+    assert "--trust-bundle" in capsys.readouterr().err
+    assert main(["replay", path, "--trust-bundle"]) == 2  # never imported from the bundle
+    assert not flag.exists()
+    # a manifest whose file entries leave the bundle is refused
+    man = json.load(open(os.path.join(path, "manifest.json")))
+    man["files"]["model"] = "../../secret.safetensors"
+    json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
+    with pytest.raises(BundleError, match="outside the bundle"):
+        Bundle(path)

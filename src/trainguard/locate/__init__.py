@@ -125,13 +125,30 @@ def _model_loss(out: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- bundles
-def load_factory(spec: str) -> Callable[[], Any]:
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path or os.getcwd()), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def load_factory(spec: str, forbid: str | None = None) -> Callable[[], Any]:
+    """Import ``module:callable``. The working directory is searched too, unless it lies in
+    ``forbid`` (a bundle's folder), and no path inside ``forbid`` is searched."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"expected a 'module:callable' factory, got {spec!r}")
     modname, attr = spec.split(":", 1)
-    if os.getcwd() not in sys.path and "" not in sys.path:
+    saved = list(sys.path)
+    if forbid is not None:
+        sys.path[:] = [p for p in sys.path if not _inside(p, forbid)]
+    if (os.getcwd() not in sys.path and "" not in sys.path
+            and (forbid is None or not _inside(os.getcwd(), forbid))):
         sys.path.insert(0, os.getcwd())
-    obj: Any = importlib.import_module(modname)
+    try:
+        obj: Any = importlib.import_module(modname)
+    finally:
+        if forbid is not None:
+            sys.path[:] = saved
+    if forbid is not None and _inside(getattr(obj, "__file__", "") or os.sep, forbid):
+        raise BundleError(f"{modname} resolves to a file inside the bundle: refusing to run it")
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
@@ -151,16 +168,31 @@ def _model_from(res: Any) -> nn.Module:
 
 
 def replay_bundle(bundle: str | Bundle, model: nn.Module | None = None, *,
-                  factory: str | None = None, device: str | None = None) -> Location:
-    """Rebuild the model (``model`` given, else ``factory`` or the manifest's
-    ``model_factory``), load the bundle's weights, re-run the step and locate again."""
+                  factory: str | None = None, device: str | None = None,
+                  trust: bool = False) -> Location:
+    """Rebuild the model (``model`` given, else ``factory``, else - only with ``trust=True`` -
+    the manifest's ``model_factory``), load the bundle's weights, re-run the step and locate
+    again.
+
+    Trust model: a bundle's tensors are data (safetensors or ``torch.load(weights_only=True)``,
+    never unpickled), but the factory a manifest names is code. It is imported only when you
+    say so (``trust=True``, ``trainguard replay --trust-bundle``) or name it yourself
+    (``factory=``, ``--factory``), and never from the bundle's own folder: a Python file
+    shipped inside a bundle is not importable through the replay."""
     b = bundle if isinstance(bundle, Bundle) else Bundle(os.fspath(bundle))
     m = b.manifest
     if model is None:
-        spec = factory or m.get("model_factory")
+        spec = factory
+        if spec is None and m.get("model_factory"):
+            if not trust:
+                raise BundleError(
+                    f"the bundle names the model factory {m['model_factory']!r}; importing it "
+                    "runs code: pass --factory " + str(m["model_factory"]) + " (or "
+                    "--trust-bundle) if you trust where this bundle came from")
+            spec = m["model_factory"]
         if not spec:
             raise BundleError("the bundle names no model factory: pass --factory module:callable")
-        model = _model_from(load_factory(spec)())
+        model = _model_from(load_factory(spec, forbid=b.path)())
     dev = torch.device(device) if device else torch.device(
         "cuda" if m.get("device") == "cuda" and torch.cuda.is_available() else "cpu")
     model = unwrap(model).to(dev)
@@ -194,6 +226,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="callable that builds the model (default: the bundle's model_factory)")
     parser.add_argument("--device", default=None, help="device to replay on (default: the "
                         "recorded one when available, else cpu)")
+    parser.add_argument("--trust-bundle", action="store_true",
+                        help="import the model factory the bundle's manifest names (code from "
+                             "wherever the bundle came from; without this flag only --factory "
+                             "is imported)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         b = Bundle(args.bundle)
-        loc = replay_bundle(b, factory=args.factory, device=args.device)
+        loc = replay_bundle(b, factory=args.factory, device=args.device,
+                            trust=bool(getattr(args, "trust_bundle", False)))
     except (BundleError, ValueError, TypeError, ImportError, AttributeError) as e:
         print(f"trainguard replay: {e}", file=sys.stderr)
         return 2

@@ -238,6 +238,17 @@ class Bundle:
         if m.get("version") != FORMAT_VERSION:
             raise BundleError(f"bundle format version {m.get('version')} is not supported "
                               f"(this trainguard reads version {FORMAT_VERSION})")
+        files = m.get("files", {})
+        if not isinstance(files, dict):
+            raise BundleError(f"{mpath}: 'files' must map parts to file names")
+        for part, fname in files.items():
+            # a manifest is data from elsewhere: its file names stay inside the bundle
+            if (not isinstance(fname, str) or not fname or os.path.isabs(fname)
+                    or fname != os.path.basename(fname) or fname in (".", "..")
+                    or os.path.realpath(os.path.join(path, fname)) != os.path.join(
+                        os.path.realpath(path), fname)):
+                raise BundleError(f"{mpath}: file entry {part!r} = {fname!r} points outside the "
+                                  "bundle: refusing to read it")
         self.path, self.manifest = path, m
         self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
