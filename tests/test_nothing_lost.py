@@ -322,3 +322,37 @@ def test_untrusted_bundles_run_no_code(tmp_path, monkeypatch, capsys):
     json.dump(man, open(os.path.join(path, "manifest.json"), "w"))
     with pytest.raises(BundleError, match="outside the bundle"):
         Bundle(path)
+
+
+def test_the_guards_hooks_do_not_travel_with_the_model(tmp_path):
+    """torch.save(model) / torch.load(weights_only=True), copy.deepcopy and AveragedModel (EMA)
+    at every step of a guarded run, sampled steps included: before the fix saving failed
+    ("Can't pickle local object 'ActivationSampler._hook.<locals>.hook'", or a weights-only
+    load hit "Unsupported global") and copies carried the Guard's hooks (issue #12 item 9)."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = tg.Guard(m, o, console=False, sample_every=3)
+    ema = AveragedModel(m)
+    torch.serialization.add_safe_globals([nn.Sequential, nn.Linear, nn.ReLU])
+    for t in range(8):
+        x = torch.randn(8, 4)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+        ema.update_parameters(m)
+        path = tmp_path / f"m{t}.pt"
+        torch.save(m, path)
+        back = torch.load(path, weights_only=True)
+        assert torch.equal(back[0].weight, m[0].weight)
+        c = copy.deepcopy(m)
+        assert not c._forward_pre_hooks and not c._forward_hooks
+        assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in c.modules())
+    assert not ema.module._forward_pre_hooks
+    assert any(f for f in g.history if f.activations)  # the probes still ran on sampled steps
+    g.close()
+    assert not m._forward_pre_hooks and not m._forward_hooks

@@ -125,16 +125,28 @@ class ActivationSampler:
         if self._handles:
             return
         self.results = {}
+        # private: left out of torch.save(model) and copy.deepcopy(model) while armed, which
+        # is between a sampled step and the next forward, where users save (issue #12 item 9)
+        from .hooks import register_private
+
+        def pre(mod: nn.Module, fn: Callable) -> None:
+            self._handles.append(register_private(
+                mod, "_forward_pre_hooks", lambda: mod.register_forward_pre_hook(fn)))
+
+        def post(mod: nn.Module, fn: Callable) -> None:
+            self._handles.append(register_private(
+                mod, "_forward_hooks", lambda: mod.register_forward_hook(fn)))
+
         for name, mod, kind in self.targets:
-            self._handles.append(mod.register_forward_hook(self._hook(name, kind)))
+            post(mod, self._hook(name, kind))
         for name, mod in self.recurrent:
-            self._handles.append(mod.register_forward_pre_hook(self._through_time(name, mod)))
+            pre(mod, self._through_time(name, mod))
         # module attribution for softmax calls, and the spy around the root forward
         for name, mod in self.model.named_modules():
-            self._handles.append(mod.register_forward_pre_hook(self._push(name)))
-            self._handles.append(mod.register_forward_hook(self._pop))
-        self._handles.append(self.model.register_forward_pre_hook(self._enter_spy))
-        self._handles.append(self.model.register_forward_hook(self._exit_spy))
+            pre(mod, self._push(name))
+            post(mod, self._pop)
+        pre(self.model, self._enter_spy)
+        post(self.model, self._exit_spy)
 
     def _push(self, name: str) -> Callable:
         def hook(_mod: nn.Module, _inp: Any) -> None:

@@ -110,8 +110,12 @@ class StepCapture:
         self.random = has_randomness(self.inner) if rng is None else bool(rng)
         self.on_cuda = any(p.is_cuda for p in self.inner.parameters())
         self.sharded = _sharded(model)
-        self._handles = [model.register_forward_pre_hook(self._on_pre, with_kwargs=True),
-                         model.register_forward_hook(self._on_post)]
+        from ..hooks import register_private  # kept out of torch.save(model) and deepcopy
+        self._handles = [
+            register_private(model, "_forward_pre_hooks",
+                             lambda: model.register_forward_pre_hook(self._on_pre, with_kwargs=True)),
+            register_private(model, "_forward_hooks",
+                             lambda: model.register_forward_hook(self._on_post))]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._on_update))
         self._clear()
