@@ -257,14 +257,15 @@ class DivergenceDetector(Detector):
         if not self.ruin or l0 is None or len(self.last3) < 3 or self.seen <= self.ruin_quiet_until:
             return None
         m3 = _median(self.last3)
-        rule = msg = None
+        rule: str | None = None
+        msg = ""
         onset = self.seen
         if self.chance is not None:
             ref = max(self.chance, l0)
             # early or right after an LR rise: 3 losses; later a 9-loss median, so that a few
             # confidently wrong single examples (batch 1) are not a ruin
             fresh = self.seen <= self.early or 0 <= self.seen - self.lr_rise_at <= 20
-            n = 3 if fresh else self.lastk.maxlen
+            n = 3 if fresh else (self.lastk.maxlen or 9)
             level = m3 if fresh else (_median(self.lastk) if len(self.lastk) == n else -math.inf)
             if level > ref + self.chance_margin:
                 rule, onset = "above_chance", self.seen - n // 2
@@ -311,7 +312,7 @@ class DivergenceDetector(Detector):
         self.lastk.clear()
         self.recent.clear()
         self.window.clear()
-        f = self._finding(s, msg or "", ev)
+        f = self._finding(s, msg, ev)
         if remedies:
             f.remedies = remedies
         return f
@@ -411,7 +412,8 @@ class PlateauDetector(Detector):
             self.reported = True
             msg = (f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
                    f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})")
-            ev = {"ema": self.ema, "best": self.best, "initial": self.initial, "steps": stuck}
+            ev: dict[str, object] = {"ema": self.ema, "best": self.best, "initial": self.initial,
+                                     "steps": stuck}
             why = self._lr_evidence()
             if why:
                 ev["cause"] = "learning_rate"

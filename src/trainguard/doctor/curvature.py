@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -105,8 +105,8 @@ def _hvp_fn(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
     params = trainable(model)
     with _math_attention():
         loss = loss_of(model, loss_fn, batch, device)
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        raw = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
 
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
         dot = sum((g * vi).sum() for g, vi in zip(grads, v))
@@ -187,7 +187,7 @@ def optimizer_limit(opt: torch.optim.Optimizer | None) -> tuple[str, float, bool
     return ("sgd" if "sgd" in name else name), 2.0, False
 
 
-def preconditioner(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+def preconditioner(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """diag(sqrt(v_hat) + eps) for each of ``params`` (matched to the optimizer's state by
     identity, not position: weight-decay parameter groups list the parameters in another
     order than the model), None when some parameter has no such state."""

@@ -124,10 +124,10 @@ class IRNN(nn.Module):
         super().__init__()
         self.rnn = nn.RNN(2, hidden, nonlinearity="relu", batch_first=True)
         self.head = nn.Linear(hidden, 1)
-        with torch.no_grad():
-            self.rnn.weight_hh_l0.copy_(torch.eye(hidden))
-            self.rnn.bias_hh_l0.zero_()
-            self.rnn.bias_ih_l0.zero_()
+        params = dict(self.rnn.named_parameters())
+        nn.init.eye_(params["weight_hh_l0"])
+        nn.init.zeros_(params["bias_hh_l0"])
+        nn.init.zeros_(params["bias_ih_l0"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.rnn(x)
