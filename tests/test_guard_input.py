@@ -63,3 +63,34 @@ def test_replay_with_a_nonsense_device_is_a_clear_error(capsys):
     rc = run(argparse.Namespace(bundle="/nonexistent", factory=None, device="nonsense"))
     assert rc == 2
     assert "is not a torch device" in capsys.readouterr().err
+
+
+def _hooks(m, o):
+    return (sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules()),
+            len(o._optimizer_step_post_hooks))
+
+
+def test_a_new_guard_replaces_the_live_one_and_a_collected_guard_leaves_no_hooks():
+    """Creating a Guard per epoch without close() piled hooks up on the model (issue #12
+    item 7): each epoch's forward ran every old Guard's capture."""
+    import gc
+    m, o = _setup()
+    bare = _hooks(m, o)
+    g1 = tg.Guard(m, o, console=False)
+    one = _hooks(m, o)
+    for _ in range(3):
+        with pytest.warns(RuntimeWarning, match="new Guard"):
+            g = tg.Guard(m, o, console=False)
+        assert _hooks(m, o) == one
+    assert g1._closed
+    g.close()
+    assert _hooks(m, o) == bare
+    g3 = tg.Guard(m, o, console=False)
+    x = torch.randn(8, 4)
+    o.zero_grad()
+    loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+    loss.backward()
+    g3.step(loss)
+    del g3
+    gc.collect()
+    assert _hooks(m, o) == bare

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+import weakref
 from collections import Counter, deque
 from typing import Any, Callable, Iterable, Sequence
 
@@ -48,6 +50,17 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+#: model -> the Guard guarding it (weakly on both sides)
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _release_hooks(sampler: Any, capture: Any, loopcheck: Any) -> None:
+    sampler.disarm()
+    loopcheck.remove()
+    if capture is not None:
+        capture.remove()
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -225,9 +238,25 @@ class Guard:
         self._closed = False
         self.sampler.arm()  # the first forward is probed
         from .loopcheck import LoopCheck
-        self.loopcheck = LoopCheck(self.probe.params, optimizer,
-                                   lambda kind, msg: self._event("loop_misuse", check=kind,
-                                                                 message=msg))
+        me = weakref.ref(self)  # hooks must not keep the Guard alive
+
+        def report(kind: str, msg: str) -> None:
+            g = me()
+            if g is not None:
+                g._event("loop_misuse", check=kind, message=msg)
+        self.loopcheck = LoopCheck(self.probe.params, optimizer, report)
+        # one Guard per model: a new one replaces a live one (which piled up hooks before),
+        # and a Guard collected without close() takes its hooks with it
+        prev = _LIVE.get(model)
+        old = prev() if prev is not None else None
+        if old is not None and not old._closed:
+            warnings.warn("trainguard: a new Guard on a model that already has one: the old Guard "
+                          "is closed (call guard.close() when you are done with it)",
+                          RuntimeWarning, stacklevel=2)
+            old._detach()
+        _LIVE[model] = me
+        self._finalizer = weakref.finalize(self, _release_hooks, self.sampler, self._capture,
+                                           self.loopcheck)
 
     # ------------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float) -> bool:
@@ -296,14 +325,15 @@ class Guard:
             return
         if not self.sync and self._pending is not None:
             self._drain_pending()
-        self._closed = True
-        self.sampler.disarm()
-        self.loopcheck.remove()
-        if self._capture is not None:
-            self._capture.remove()
+        self._detach()
         text = self.summary()
         for s in self.sinks:
             s.close(text)
+
+    def _detach(self) -> None:
+        """Remove every hook this Guard put on the model and the optimizer."""
+        self._closed = True
+        self._finalizer()
 
     def __enter__(self) -> "Guard":
         return self
@@ -639,11 +669,7 @@ class Guard:
         story = self._story(reason, finding)
         for s in self.sinks:
             s.close(self.summary())
-        self._closed = True
-        self.sampler.disarm()
-        self.loopcheck.remove()
-        if self._capture is not None:
-            self._capture.remove()
+        self._detach()
         raise TrainingUnstable(story, self.findings, self.actions)
 
     def _story(self, reason: str, finding: Finding | None) -> str:
