@@ -218,6 +218,8 @@ def test_policy_cuts_the_lr_tenfold_when_the_lr_is_the_cause():
     lr_f = tg.Finding(kind="divergence", step=3, message="", evidence={"cause": "learning_rate"})
     other = tg.Finding(kind="divergence", step=3, message="")
     assert p.backoff_factor(lr_f) == 0.1 and p.backoff_factor(other) == 0.5
+    assert p.backoff_factor(lr_f, repeat=1) == pytest.approx(0.1 ** 0.5)
+    assert p.backoff_factor(other, repeat=3) == 0.5
     plan = p.decide([tg.Finding(kind="plateau", step=5, message="",
                                 evidence={"cause": "learning_rate"})], 5)
     assert plan.kinds() == {"rollback", "lr_backoff"}
@@ -261,6 +263,7 @@ def test_guard_infers_the_chance_level_at_the_first_step():
     g.step(loss)
     assert g.chance_loss == pytest.approx(math.log(10))
     assert g.state_dict()["chance_loss"] == pytest.approx(math.log(10))
+    g.close()
     g2 = tg.Guard(model, opt, console=False, chance_loss=None)
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()

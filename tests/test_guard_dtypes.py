@@ -19,7 +19,7 @@ def _fit(m, o, g, steps, dtype):
         loss = nn.functional.mse_loss(m(x), y)
         loss.backward()
         assert g.step(loss)
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_float64_model_is_guarded_and_trains_as_bare():
@@ -52,6 +52,15 @@ class _Mixed(nn.Module):
 
     def forward(self, x):  # type: ignore[no-untyped-def]
         return self.b(torch.tanh(self.a(x)).double())
+
+
+def test_float64_batchnorm_model_is_guarded():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1)).double()
+    o = torch.optim.Adam(m.parameters(), lr=1e-2)
+    g = tg.Guard(m, o, console=False)
+    assert _fit(lambda x: m(x.double()), o, g, 30, torch.float64) < 10
+    assert not [f for f in g.findings if f.severe]
 
 
 def test_mixed_fp32_fp64_model_is_guarded():

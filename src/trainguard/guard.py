@@ -462,7 +462,8 @@ class Guard:
             state, self._state_owner = self._optimizer_state_tensors()
             if state:
                 with torch.no_grad():
-                    extra.append(torch.stack(torch._foreach_norm(state, 2, dtype=torch.float32)))
+                    extra.append(torch.stack(torch._foreach_norm(state, 2,
+                                                                 dtype=self.probe.norm_dtype)))
                 names.append("__optstate__")
                 n_buf["__optstate__"] = len(state)
         if scaled and getattr(self.scaler, "_scale", None) is not None:
@@ -737,13 +738,14 @@ class Guard:
             skip = True
         if "lr_backoff" in kinds:
             f = by["lr_backoff"]
-            factor = self.policy.backoff_factor(f)
+            lr_cause = f.evidence.get("cause") == "learning_rate"
+            factor = self.policy.backoff_factor(f, repeat=self.counts["lr_cause_cuts"])
             if not self.lr.can_backoff(factor):
                 self._finish_scaler_step(scaled)
                 self._halt(f"the learning rate is already down to {self.lr.scale:.3g} of its "
                            f"schedule (policy.min_lr_scale={self.policy.min_lr_scale:g})", f)
-            lr_cause = factor == self.policy.lr_cause_backoff and (
-                f.evidence.get("cause") == "learning_rate")
+            if lr_cause:
+                self.counts["lr_cause_cuts"] += 1
             before, after = self.lr.backoff(factor, recover=not lr_cause)
             self._act("lr_backoff", f"{f.kind}: learning-rate scale {before:.3g} -> {after:.3g}",
                       before=before, after=after, finding=f.kind)

@@ -38,14 +38,18 @@ class RunningStats:
                     self.floats.append(t)
                     self.names.append(mname or "(root)")
         self.copy = [t.detach().clone() for t in self.all]
+        # a norm cannot be taken in a narrower type than its input (float64 models)
+        self.dtype = (torch.float64 if any(t.dtype == torch.float64 for t in self.floats)
+                      else torch.float32)
 
     def __bool__(self) -> bool:
         return bool(self.floats)
 
     def norms(self) -> torch.Tensor:
-        """Per-buffer L2 norms (fp32) on the device, for the step's one transfer."""
+        """Per-buffer L2 norms (fp32, fp64 for float64 models) on the device, for the step's
+        one transfer."""
         with torch.no_grad():
-            return torch.stack(torch._foreach_norm(self.floats, 2, dtype=torch.float32))
+            return torch.stack(torch._foreach_norm(self.floats, 2, dtype=self.dtype))
 
     def keep(self) -> None:
         """Remember the current values (call when they were just verified finite)."""
