@@ -14,3 +14,12 @@ def digits():
 
     X, y = load_digits(return_X_y=True)
     return torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the duration of a test (zoo runs calibrated that way)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

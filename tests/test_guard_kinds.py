@@ -86,21 +86,12 @@ def test_dead_units_killed_layer(digits):
     assert f.evidence["layers"]["3"]["dead_fraction"] == 1.0
 
 
-def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits):
-    """A large negative bias shift at step 60 (the dying-ReLU "killed during training"
-    emulation of research/mechanisms.md Z4) kills the hidden ReLU layer; the probe at step 100
-    names it (cause "killed", alive at the probe of step 50), and the Guard rolls back to a
-    snapshot from before the kill (not the one of step 100, taken after it), backs off the
-    LR, and the layer trains alive to the end."""
-    X, y = digits
+def _killed_at_60(X, y, **guard_kw):
+    """64-64-10 ReLU MLP, SGD momentum; a -50 bias shift at step 60 kills the hidden layer."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    # the loss-level ruin rules (issue #9) see the kill first, at step ~67 (the test below);
-    # without them this exercises the probe's "killed" path
-    dets = [DivergenceDetector(ruin=False) if isinstance(d, DivergenceDetector) else d
-            for d in default_detectors()]
-    g = tg.Guard(m, o, console=False, detectors=dets)
+    g = tg.Guard(m, o, console=False, **guard_kw)
     batches = digits_batches(X, y, 32)
     for t in range(200):
         xb, yb = batches(t)
@@ -111,6 +102,21 @@ def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits)
         if t == 60:
             with torch.no_grad():
                 m[0].bias -= 50.0
+    return m, g
+
+
+def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits):
+    """A large negative bias shift at step 60 (the dying-ReLU "killed during training"
+    emulation of research/mechanisms.md Z4) kills the hidden ReLU layer; the probe at step 100
+    names it (cause "killed", alive at the probe of step 50), and the Guard rolls back to a
+    snapshot from before the kill (not the one of step 100, taken after it), backs off the
+    LR, and the layer trains alive to the end."""
+    X, y = digits
+    # the loss-level ruin rules (issue #9) see the kill first, at step ~67 (the test below);
+    # without them this exercises the probe's "killed" path
+    dets = [DivergenceDetector(ruin=False) if isinstance(d, DivergenceDetector) else d
+            for d in default_detectors()]
+    m, g = _killed_at_60(X, y, detectors=dets)
     f = next(f for f in g.findings if f.kind == "dead_units")
     assert f.evidence["cause"] == "killed" and f.evidence["healthy_step"] == 50
     rb = next(a for a in g.actions if a.kind == "rollback")
@@ -121,19 +127,7 @@ def test_units_killed_during_training_are_rolled_back_to_before_the_kill(digits)
     assert alive > 0.5
     # with the default detectors the loss giving back its progress is seen within 10 steps of
     # the kill, and the rollback (to the step-0 snapshot, the only one before it) repairs it
-    torch.manual_seed(0)
-    m3 = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    o3 = torch.optim.SGD(m3.parameters(), lr=0.05, momentum=0.9)
-    g3 = tg.Guard(m3, o3, console=False)
-    for t in range(200):
-        xb, yb = batches(t)
-        o3.zero_grad()
-        loss = nn.functional.cross_entropy(m3(xb), yb)
-        loss.backward()
-        g3.step(loss)
-        if t == 60:
-            with torch.no_grad():
-                m3[0].bias -= 50.0
+    m3, g3 = _killed_at_60(X, y)
     first = g3.findings[0]
     assert first.kind == "divergence" and first.evidence["trigger"] == "giveback"
     assert 61 <= first.step <= 70

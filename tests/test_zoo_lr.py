@@ -5,7 +5,6 @@ working learning rate pass bare and stay silent guarded. Real, seeded CPU runs."
 from __future__ import annotations
 
 import pytest
-import torch
 
 from trainguard.zoo import REGISTRY, runner, train
 import trainguard.zoo.scenarios  # noqa: F401  (registers the scenarios)
@@ -15,12 +14,7 @@ PATHOLOGICAL = ["lr_gpt_too_high", "lr_gpt_jump", "lr_lstm_lm_sgd_too_high",
 HEALTHY = ["healthy_gpt_no_warmup", "healthy_lstm_lm_sgd", "healthy_irnn"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _guarded(name):
