@@ -94,3 +94,10 @@ def test_a_new_guard_replaces_the_live_one_and_a_collected_guard_leaves_no_hooks
     del g3
     gc.collect()
     assert _hooks(m, o) == bare
+
+
+def test_locate_explains_a_models_shape_error():
+    """tg.locate passed the model's raw shape error through (issue #12 item 7)."""
+    m, _ = _setup()
+    with pytest.raises(ValueError, match="could not run the model and loss on this batch.*shapes"):
+        tg.locate(m, nn.functional.cross_entropy, (torch.randn(8, 5), torch.zeros(8, dtype=torch.long)))

@@ -98,8 +98,17 @@ def locate(model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None, batch:
                 if isinstance(batch, Mapping):
                     return loss_fn(out, batch)
                 return loss_fn(out, *targets)
-            loc = replay_step(inner, args, kwargs, loss_fn=closure,
-                              autocast=autocast_state(), backward=backward)
+            try:
+                loc = replay_step(inner, args, kwargs, loss_fn=closure,
+                                  autocast=autocast_state(), backward=backward)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                shapes = [tuple(t.shape) for _, t in tensor_leaves((args, kwargs))][:4]
+                raise ValueError(
+                    f"tg.locate could not run the model and loss on this batch: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0]}. The batch's tensors have "
+                    f"shapes {shapes}; pass the batch exactly as the training loop feeds it "
+                    "((inputs, *targets), a dict of keyword arguments, or a tensor) and the "
+                    "loss_fn(output, *targets) it uses") from e
             loc = _from_replay(loc)
     loc.evidence["rank"] = dist_rank()
     loc.finding = loc.as_finding(step=step)
