@@ -66,6 +66,24 @@ def test_plateau_advice_on_the_ruined_lstm_never_says_raise_the_lr():
     g = train(setup, "guarded", guard_factory=runner._guard_factory)
     assert g.findings and g.findings[0].kind == "divergence"
     assert g.findings[0].evidence["cause"] == "learning_rate"
+    assert g.findings[0].evidence["trigger"] == "above_chance" and g.findings[0].step == 2
     assert not [f for f in g.findings if f.kind == "vanishing_gradient"]
     for f in g.findings:
         assert all("raise the learning rate" not in r for r in f.remedies), str(f)
+
+
+def test_irnn_left_ruined_is_named_above_start_then_an_lr_plateau_never_vanishing():
+    """Monitor-only IRNN (seed 1): the loss sits at ~1e4 from step 1 (MSE: no chance level).
+    The above-start rule names it at step 21 with the LR as the cause, the plateau says the
+    LR is too high, and the dead units' zero gradients are not called vanishing."""
+    import trainguard as tg
+    setup = REGISTRY["lr_relu_rnn_early_explosion"].build(1)
+    setup.guard_kwargs = {"policy": tg.Policy.monitor_only(), "clip": None}
+    g = train(setup, "guarded", guard_factory=runner._guard_factory)
+    div = next(f for f in g.findings if f.kind == "divergence")
+    assert div.evidence["trigger"] == "above_start" and div.step <= 25
+    assert div.evidence["cause"] == "learning_rate"
+    plateau = next(f for f in g.findings if f.kind == "plateau")
+    assert plateau.evidence.get("cause") == "learning_rate"
+    assert all("raise" not in r for r in plateau.remedies)
+    assert not [f for f in g.findings if f.kind == "vanishing_gradient"], [str(f) for f in g.findings]

@@ -25,7 +25,7 @@ from .base import Detector, check_positive
 
 class ZeroGradientDetector(Detector):
     kind = "vanishing_gradient"
-    _state = ("streak", "reported")
+    _state = ("streak", "reported", "first_loss", "loss_ema")
 
     def __init__(self, patience: int = 20) -> None:
         check_positive("patience", patience, integer=True)
@@ -33,10 +33,17 @@ class ZeroGradientDetector(Detector):
         self.streak = 0
         self.reported = False
 
+    first_loss: float | None = None
+    loss_ema: float | None = None
+
     def reset(self) -> None:
         self.streak = 0
 
     def update(self, s: StepStats) -> list[Finding]:
+        from .gradients import exploded
+        if exploded(self, s):  # dead units after an explosion, not a signal that never arrives
+            self.streak = 0
+            return []
         g = list(s.grad_norms)
         if len(g) < 2 or not s.grads_finite or not s.loss_finite or self.reported:
             return []

@@ -33,6 +33,21 @@ from ..types import Finding, StepStats
 from .base import Detector, check_positive
 
 
+def exploded(d: Detector, s: StepStats) -> bool:
+    """The loss (EMA 0.9, kept in ``d.first_loss`` / ``d.loss_ema``) sits above 1.5x its first
+    value: small or zero gradients now are the aftermath of an explosion (saturated gates,
+    units killed by a huge step), not vanishing gradients, which keep the loss near its start
+    (issue #9: an LSTM LM at SGD lr 100 sat at 30-100 nats from 6.3 and was called
+    vanishing; an IRNN blown up at step 1 had exactly zero gradients in its dead units)."""
+    if not s.loss_finite:
+        return False
+    if d.first_loss is None:  # type: ignore[attr-defined]
+        d.first_loss = s.loss  # type: ignore[attr-defined]
+    ema = d.loss_ema  # type: ignore[attr-defined]
+    d.loss_ema = s.loss if ema is None else 0.9 * ema + 0.1 * s.loss  # type: ignore[attr-defined]
+    return d.first_loss > 0 and d.loss_ema > 1.5 * d.first_loss  # type: ignore[attr-defined]
+
+
 class VanishingGradientDetector(Detector):
     kind = "vanishing_gradient"
     _state = ("streak", "reported", "forward_reported", "time_seen", "time_reported",
@@ -57,16 +72,7 @@ class VanishingGradientDetector(Detector):
         self.loss_ema: float | None = None
 
     def _exploded(self, s: StepStats) -> bool:
-        """The loss (EMA 0.9) sits above ``blown`` = 1.5x its first value: small gradients
-        now are the aftermath of an explosion (saturated gates, dead units after a huge
-        step), not vanishing gradients, which keep the loss near its start (issue #9: an
-        LSTM LM at SGD lr 100 sat at 30-100 nats from 6.3 and was called vanishing)."""
-        if not s.loss_finite:
-            return False
-        if self.first_loss is None:
-            self.first_loss = s.loss
-        self.loss_ema = s.loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * s.loss
-        return self.first_loss > 0 and self.loss_ema > 1.5 * self.first_loss
+        return exploded(self, s)
 
     def reset(self) -> None:
         self.streak = 0
