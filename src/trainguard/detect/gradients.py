@@ -23,7 +23,7 @@ Two signals, either one is enough:
   1e-10 but opens the path within 100-200 steps (2e-2, then >= 1) - hence the median and
   the skipped first probe; healthy LSTM on the adding problem: see docs/zoo.md.
 
-None of the rules reports while the loss sits far above its first value (see ``_exploded``).
+None of the rules reports while the loss sits far above its first value (see :func:`exploded`).
 """
 from __future__ import annotations
 
@@ -70,9 +70,6 @@ class VanishingGradientDetector(Detector):
         self.time_reported: list[str] = []
         self.first_loss: float | None = None
         self.loss_ema: float | None = None
-
-    def _exploded(self, s: StepStats) -> bool:
-        return exploded(self, s)
 
     def reset(self) -> None:
         self.streak = 0
@@ -157,7 +154,7 @@ class VanishingGradientDetector(Detector):
         return out
 
     def update(self, s: StepStats) -> list[Finding]:
-        if self._exploded(s):
+        if exploded(self, s):
             self.streak = 0
             return []
         return self._forward(s) + self._backward(s) + self._through_time(s)

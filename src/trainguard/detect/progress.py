@@ -191,7 +191,7 @@ class DivergenceDetector(Detector):
             self.initial = self.ema
         if self.first_loss is None:
             self.first_loss = loss
-        self._track_lr(s)
+        _watch_lr(self, s)
         ruin = self._ruin(s)
         if ruin is not None:
             return [ruin]
@@ -239,9 +239,6 @@ class DivergenceDetector(Detector):
                 {"ema": self.ema, "best": self.best, "initial": self.initial, "trigger": "slow"}))
             self.best = self.ema  # re-arm against the new level
         return out
-
-    def _track_lr(self, s: StepStats) -> None:
-        _watch_lr(self, s)
 
     def _lr_cause(self, onset: int) -> bool:
         """The ruin began (``onset``, in steps seen) within the first ``early`` steps or
