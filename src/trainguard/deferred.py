@@ -12,9 +12,12 @@ Step t, all on the device:
      another device than the statistics (Adam's CPU step counters next to CUDA weights) are
      restored when the host reads the flag, before the next update;
   5. the vector is copied to the host without blocking (pinned memory + CUDA event).
-At step t+1 the host reads step t's vector, runs the detectors and the policy, and applies
-what can still be applied: rollback, LR backoff and halt. A loss spike is therefore seen one
-step late and cannot be skipped; non-finite values always are.
+At the start of a later step the host reads every pending vector whose copy has completed
+(``event.query()``, never a wait), runs the detectors and the policy, and applies what can
+still be applied: rollback, LR backoff and halt. On CPU that is the next step; on CUDA, where
+the host may run ahead of the device, the decision comes up to ``MAX_IN_FLIGHT`` steps late
+(then the host waits for the oldest one: the only wait, bounded). A loss spike is therefore
+seen late and cannot be skipped; non-finite values always are, on the device.
 
 Cost: optimizers that implement GradScaler's in-kernel skip (``_step_supports_amp_scaling``:
 ``fused=True`` Adam, AdamW, SGD, on CPU and CUDA) receive the flag as ``found_inf`` and skip
@@ -34,14 +37,16 @@ from .stats import _local, build_stats
 if TYPE_CHECKING:  # pragma: no cover
     from .guard import Guard
 
+#: statistics vectors in flight before the host waits for the oldest (CUDA); a decision
+#: (rollback, LR backoff, halt) comes at most this many steps after the step it is about
+MAX_IN_FLIGHT = 4
+
 
 class _Backup:
     """Preallocated copies of parameters and optimizer state for the device-side select."""
 
     def __init__(self) -> None:
         self.bufs: dict[int, torch.Tensor] = {}
-        self.absent: list[tuple[torch.Tensor, str]] = []  # (param, state key) created by the step
-        self.late: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, saved) on another device
 
     def targets(self, guard: "Guard") -> list[torch.Tensor]:
         ts: list[torch.Tensor] = []
@@ -67,13 +72,17 @@ class _Backup:
 
     @torch.no_grad()
     def select(self, guard: "Guard", pairs: list[tuple[torch.Tensor, torch.Tensor]],
-               ok: torch.Tensor) -> None:
-        self.late = []
+               ok: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keep the update where ``ok`` (a device bool), else restore the saved values. Tensors
+        on another device than ``ok`` (Adam's CPU step counters beside CUDA weights) cannot be
+        selected without a sync: their increment is returned, to be subtracted once the host
+        reads the flag (exact for counters even if later steps have advanced them)."""
+        late: list[tuple[torch.Tensor, torch.Tensor]] = []
         for t, b in pairs:
             if t.device == ok.device:
                 t.copy_(torch.where(ok, t, b))
             else:
-                self.late.append((t, b.clone()))
+                late.append((t, t - b))
         # state created by this step (first update): reset it to its initial zeros on a skip
         for p in guard.probe.params:
             if id(p) in self.had_state:
@@ -84,17 +93,24 @@ class _Backup:
                     if lv.device == ok.device:
                         lv.copy_(torch.where(ok, lv, torch.zeros_like(lv)))
                     else:
-                        self.late.append((lv, torch.zeros_like(lv)))
+                        late.append((lv, lv.clone()))
+        return late
 
-    @torch.no_grad()
-    def undo_late(self) -> None:
-        for t, saved in self.late:
-            t.copy_(saved)
-        self.late = []
+
+@torch.no_grad()
+def undo_late(late: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for t, delta in late:
+        t.sub_(delta)
+
+
+def _ready(entry: tuple) -> bool:
+    event = entry[2]
+    return event is None or event.query()
 
 
 def deferred_step(guard: "Guard", loss: Any) -> bool:
-    if guard._pending is not None:
+    pending = guard._pending
+    while pending and (_ready(pending[0]) or len(pending) >= MAX_IN_FLIGHT):
         drain(guard)
     if not guard.snapshots.snaps and guard.rollbacks == 0:
         guard.snapshots.take(guard.step_count)
@@ -128,13 +144,13 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
             del opt.grad_scale
             del opt.found_inf
         guard._backup = None
+        late: list = []
     else:
         backup = getattr(guard, "_backup", None) or _Backup()
         guard._backup = backup
         pairs = backup.save(guard) if not scaled else []
         guard._optimizer_step(scaled)
-        if not scaled:
-            backup.select(guard, pairs, ok)
+        late = backup.select(guard, pairs, ok) if not scaled else []
     if vec.device.type == "cuda":
         host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
         host.copy_(vec, non_blocking=True)
@@ -142,8 +158,7 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
         event.record()
     else:
         host, event = vec, None
-    guard._pending = (guard.step_count, host, event, idx, with_params, names, kinds, scaled,
-                      [g for g in grads])
+    pending.append((guard.step_count, host, event, idx, with_params, names, kinds, scaled, late))
     if guard._capture is not None:
         guard._capture.release()  # no replay in this mode: keep no references across steps
     if guard.scheduler is not None:
@@ -152,9 +167,8 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
 
 
 def drain(guard: "Guard") -> None:
-    """Read the pending step's statistics on the host and act on them."""
-    step, host, event, idx, with_params, names, kinds, scaled, grads = guard._pending
-    guard._pending = None
+    """Read the oldest pending step's statistics on the host and act on them."""
+    step, host, event, idx, with_params, names, kinds, scaled, late = guard._pending.popleft()
     if event is not None:
         event.synchronize()
     h = host.numpy().astype("float64") if host.device.type == "cpu" else host.cpu().numpy()
@@ -178,8 +192,7 @@ def drain(guard: "Guard") -> None:
         for f in findings:
             guard._emit_finding(f)
         if not ok and not stats.scaler_overflow:
-            if guard._backup is not None:
-                guard._backup.undo_late()
+            undo_late(late)
             guard._act("skip", "non-finite values: update discarded on the device (parameters, "
                                "optimizer moments and step counters untouched)", finding="nonfinite")
         if guard.clipper is not None and not isinstance(guard.clipper, AGC) and ok:
@@ -190,15 +203,19 @@ def drain(guard: "Guard") -> None:
                                    f"{stats.grad_norm:.4g} -> {thr:.4g}", norm=stats.grad_norm,
                            threshold=thr)
         plan = guard.policy.decide(findings, step)
-        late = [(a, f) for a, f in plan.actions if a in ("halt", "rollback", "lr_backoff")]
-        plan.actions = late
+        late_plan = [(a, f) for a, f in plan.actions if a in ("halt", "rollback", "lr_backoff")]
+        plan.actions = late_plan
         severe = any(f.severe for f in findings)
         if severe:
             guard._last_severe = step
         if plan:
             guard._late_remedies(plan, scaled=False)
         guard.lr.tick(troubled=severe)
-        applied = ok and not any(a == "rollback" for a, _ in late)
+        rolled = any(a == "rollback" for a, _ in late_plan)
+        if rolled:
+            # the steps still in flight belong to the abandoned trajectory
+            guard._pending.clear()
+        applied = ok and not rolled
         guard.last_step_applied = applied
         guard._after_step(stats, applied, severe)
     finally:

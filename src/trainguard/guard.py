@@ -231,7 +231,7 @@ class Guard:
         self._restored_step = -1
         self._restored_at = -1
         self._opt_kind = optimizer_kind(optimizer)
-        self._pending: tuple | None = None  # sync=False: last step's device stats
+        self._pending: deque[tuple] = deque()  # sync=False: steps whose statistics are in flight
         self._post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._state_owner: list[int] = []
@@ -323,7 +323,7 @@ class Guard:
         """Flush the sinks (prints the summary on the console) and remove hooks."""
         if self._closed:
             return
-        if not self.sync and self._pending is not None:
+        if not self.sync and self._pending:
             self._drain_pending()
         self._detach()
         text = self.summary()
@@ -895,8 +895,10 @@ class Guard:
         return deferred_step(self, loss)
 
     def _drain_pending(self) -> None:
+        """Read every step whose statistics are still in flight (sync=False)."""
         from .deferred import drain
-        drain(self)
+        while self._pending:
+            drain(self)
 
     def __repr__(self) -> str:
         return (f"Guard(model={type(self.model).__name__}, optimizer={type(self.optimizer).__name__}, "

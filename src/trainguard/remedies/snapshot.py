@@ -6,6 +6,11 @@ Cadence and memory: a snapshot is taken every ``every`` steps (default 100) when
 ``quiet`` steps had no severe finding; ``keep`` (default 2) are held, on ``device`` ("cpu" by
 default). Memory per snapshot = parameters + buffers + optimizer state (Adam: about 3x the
 parameter bytes). Buffers are reused between snapshots, so steady-state cost is one copy.
+
+On CUDA with ``device="cpu"`` the host copies live in pinned memory and are made with
+``non_blocking=True``: the copy overlaps the next steps (it is ordered on the stream before
+them, so it reads the weights of the step it is labelled with); a CUDA event recorded after
+the copies is waited on only when the snapshot is restored.
 """
 from __future__ import annotations
 
@@ -41,6 +46,13 @@ class Snapshot:
     rng: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     restores: int = 0
+    event: Any = None  # CUDA event after an asynchronous device-to-host copy
+
+    def wait(self) -> None:
+        """Block until the asynchronous copies of this snapshot have landed."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
 
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.params + self.buffers)
@@ -52,8 +64,12 @@ class Snapshot:
 def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     src = _local(src.detach())
     if dst is not None and dst.shape == src.shape and dst.dtype == src.dtype:
-        dst.copy_(src)
+        dst.copy_(src, non_blocking=dst.is_pinned())
         return dst
+    if src.is_cuda and torch.device(device).type == "cpu":
+        out = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        out.copy_(src, non_blocking=True)
+        return out
     return src.to(device, copy=True)
 
 
@@ -85,9 +101,13 @@ class SnapshotStore:
             old = reuse.optim[i] if reuse and i < len(reuse.optim) else {}
             optim.append({k: (_copy_into(old.get(k) if isinstance(old.get(k), torch.Tensor) else None, v, self.device)
                               if isinstance(v, torch.Tensor) else v) for k, v in st.items()})
+        event = None
+        if any(t.is_pinned() for t in params[:1] + buffers[:1]):
+            event = torch.cuda.Event()
+            event.record()
         snap = Snapshot(step=step, params=params, buffers=buffers, optim=optim,
                         scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                        rng=_rng_state(), extra=dict(extra or {}))
+                        rng=_rng_state(), extra=dict(extra or {}), event=event)
         self.snaps.append(snap)
         return snap
 
@@ -100,6 +120,7 @@ class SnapshotStore:
 
     @torch.no_grad()
     def restore(self, snap: Snapshot) -> None:
+        snap.wait()
         for p, saved in zip(self.params, snap.params):
             _local(p.data).copy_(saved)
         for b, saved in zip(self.model.buffers(), snap.buffers):

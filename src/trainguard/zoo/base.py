@@ -101,8 +101,40 @@ def register(s: Scenario) -> Scenario:
     return s
 
 
+def _to(v: Any, device: str) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.to(device, non_blocking=True)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_to(u, device) for u in v)
+    return v
+
+
+def on_device(setup: Setup, device: str) -> Setup:
+    """The same run on another device (real fp16/bf16 kernels on CUDA): the model moves in
+    place (the optimizer keeps its parameters), batches follow it, a GradScaler and autocast
+    switch to the device's, and evaluation runs back on the CPU."""
+    if device == "cpu":
+        return setup
+    setup.model.to(device)
+    batches, evaluate = setup.batches, setup.evaluate
+
+    def moved() -> Iterator[tuple[Any, Any]]:
+        for x, y in batches():
+            yield _to(x, device), _to(y, device)
+
+    def evaluate_on_cpu(model: nn.Module) -> float:
+        return evaluate(model.to("cpu"))
+
+    setup.batches, setup.evaluate = moved, evaluate_on_cpu
+    if setup.scaler is not None:
+        setup.scaler = torch.amp.GradScaler(device, init_scale=setup.scaler.get_scale(),
+                                            growth_interval=setup.scaler.get_growth_interval())
+    setup.guard_kwargs = dict(setup.guard_kwargs)
+    return setup
+
+
 def train(setup: Setup, mode: str = "bare", *, remedy: Any = None,
-          guard_factory: Callable[[Setup], Any] | None = None) -> RunResult:
+          guard_factory: Callable[[Setup], Any] | None = None, device: str = "cpu") -> RunResult:
     """Run ``setup`` for ``setup.steps`` steps.
 
     mode "bare": plain ``optimizer.step()``. mode "guarded": ``guard_factory(setup)`` builds a
@@ -110,6 +142,7 @@ def train(setup: Setup, mode: str = "bare", *, remedy: Any = None,
     ``remedy(setup, model, optimizer)`` -> callable run after backward and before the step
     (a baseline such as fixed clipping), returning False to skip the step.
     """
+    setup = on_device(setup, device)
     model, opt = setup.model, setup.optimizer
     guard = guard_factory(setup) if mode == "guarded" else None
     losses: list[float] = []
@@ -122,7 +155,7 @@ def train(setup: Setup, mode: str = "bare", *, remedy: Any = None,
             x, y = next(it)
             opt.zero_grad(set_to_none=True)
             if setup.autocast is not None:
-                with torch.autocast("cpu", dtype=setup.autocast):
+                with torch.autocast(device.split(":")[0], dtype=setup.autocast):
                     out = setup.forward(model, x) if setup.forward else model(x)
                     loss = setup.loss_fn(out, y)
             else:

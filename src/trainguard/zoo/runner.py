@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the table and totals as Markdown to PATH")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: stable timings on shared CPUs)")
+    p.add_argument("--device", default="cpu",
+                   help="run every scenario on this device, e.g. cuda (real fp16/bf16 kernels; "
+                        "default cpu)")
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -185,15 +188,16 @@ def false_alarm(r: RunResult) -> bool:
     return any(f.severe for f in r.findings) or any(a.kind in ALARM_ACTIONS for a in r.actions)
 
 
-def run_one(s: Scenario, seed: int, with_baselines: bool = True) -> dict[str, Any]:
+def run_one(s: Scenario, seed: int, with_baselines: bool = True,
+            device: str = "cpu") -> dict[str, Any]:
     rec: dict[str, Any] = {"scenario": s.name, "category": s.category, "seed": seed,
                            "mechanism": s.mechanism, "expected": list(s.expected),
                            "source": s.source, "criterion": s.criterion,
                            "repairable_online": s.repairable_online,
                            "prescription": s.prescription, "onset": s.onset,
-                           "reference": reference_of(s)}
-    bare = train(s.build(seed), "bare")
-    guarded = train(s.build(seed), "guarded", guard_factory=_guard_factory)
+                           "reference": reference_of(s), "device": device}
+    bare = train(s.build(seed), "bare", device=device)
+    guarded = train(s.build(seed), "guarded", guard_factory=_guard_factory, device=device)
     rec.update({
         "bare_ok": bool(s.passed(bare)), "bare_metric": bare.metric,
         "bare_error": bare.error, "seconds_bare": bare.seconds,
@@ -216,12 +220,12 @@ def run_one(s: Scenario, seed: int, with_baselines: bool = True) -> dict[str, An
     if with_baselines:
         for name, make in baselines().items():
             st = s.build(seed)
-            r = train(st, name, remedy=make(st))
+            r = train(st, name, remedy=make(st), device=device)
             base[name] = {"ok": bool(s.passed(r)), "metric": r.metric, "seconds": r.seconds,
                           "error": r.error}
         st = s.build(seed)
         rem = baseline_random(st, seed, s.name)
-        r = train(st, "random", remedy=rem)
+        r = train(st, "random", remedy=rem, device=device)
         base["random"] = {"ok": bool(s.passed(r)), "metric": r.metric, "seconds": r.seconds,
                           "error": r.error, "remedy": getattr(rem, "describe", "")}
     rec["baselines"] = base
@@ -369,6 +373,11 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
     torch.set_num_threads(max(1, args.threads))
+    if args.device != "cpu":
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            raise SystemExit(f"--device {args.device}: not usable here ({e})")
     chosen = select(args)
     jobs = [(s, seed) for s in chosen for seed in range(args.seeds)]
     records: list[dict[str, Any]] = []
@@ -383,11 +392,11 @@ def run(args: argparse.Namespace) -> int:
             task = progress.add_task("zoo", total=len(jobs))
             for s, seed in jobs:
                 progress.update(task, description=f"{s.name} seed {seed}")
-                records.append(run_one(s, seed, not args.no_baselines))
+                records.append(run_one(s, seed, not args.no_baselines, args.device))
                 progress.advance(task)
     else:  # pragma: no cover
         for s, seed in jobs:
-            records.append(run_one(s, seed, not args.no_baselines))
+            records.append(run_one(s, seed, not args.no_baselines, args.device))
     tot = totals(records)
     tot["wall_seconds"] = time.perf_counter() - t0
     print_report(records, tot)

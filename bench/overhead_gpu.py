@@ -1,0 +1,198 @@
+"""Per-step overhead of the Guard on a GPU: a ~100M-parameter GPT under bf16 autocast.
+
+    python bench/overhead_gpu.py [--layers 12] [--width 768] [--batch 16] [--ctx 512]
+                                 [--rounds 7] [--block 10] [--json PATH]
+
+A nanoGPT-shaped decoder (pre-LN, GELU MLP, untied head, vocabulary 8192) trained with fused
+AdamW (what nanoGPT uses on CUDA) on random tokens. Every variant trains its own copy of the
+same seeded model; variants run in blocks of ``--block`` steps, interleaved round-robin for
+``--rounds`` rounds after a warm-up, each block timed with ``sync()`` at both
+ends, and each block's time divided by the bare block of the same round; the median ratio is
+reported with the added time per step in microseconds.
+
+Variants: bare; ``clip_grad_norm_(1.0)``; ZClip (when the ``zclip`` package is importable);
+``torch.autograd.detect_anomaly``; the Guard at default settings (one host transfer per step);
+``Guard(sync=False)`` (no host sync on the step path). Also measured: the amortised cost of a
+rollback snapshot (pinned host memory, asynchronous copy) and of one sampled probe step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import trainguard as tg  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, ctx: int, d: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.ln(x))
+
+
+def build(a: argparse.Namespace, guard: dict | None = None, anomaly: bool = False,
+          after_backward: Callable[[nn.Module], None] | None = None):
+    torch.manual_seed(0)
+    m = GPT(a.vocab, a.ctx, a.width, a.layers, max(1, a.width // 64)).to(a.device)
+    o = torch.optim.AdamW(m.parameters(), lr=3e-4, fused=True)  # nanoGPT on CUDA
+    g = tg.Guard(m, o, console=False, **guard) if guard is not None else None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        o.zero_grad(set_to_none=True)
+        ctx = torch.autograd.detect_anomaly() if anomaly else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(a.device, dtype=torch.bfloat16):
+                logits = m(x)
+            loss = nn.functional.cross_entropy(logits.float().view(-1, a.vocab), y.view(-1))
+            loss.backward()
+        if after_backward is not None:
+            after_backward(m)
+        if g is not None:
+            g.step(loss)
+        else:
+            o.step()
+    return step, m, o, g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--block", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cuda", help="cuda (default); cpu only to smoke-test")
+    a = ap.parse_args()
+    warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gen = torch.Generator(device=a.device).manual_seed(0)
+    xs = torch.randint(0, a.vocab, (a.block, a.batch, a.ctx), device=a.device, generator=gen)
+    ys = torch.randint(0, a.vocab, (a.block, a.batch, a.ctx), device=a.device, generator=gen)
+    specs: dict[str, dict[str, Any]] = {
+        "bare": {},
+        "clip_grad_norm_": {"after_backward": lambda m: nn.utils.clip_grad_norm_(m.parameters(), 1.0)},
+        "guard": {"guard": {}},
+        "guard sync=False": {"guard": {"sync": False}},
+        "detect_anomaly": {"anomaly": True},
+    }
+    try:
+        from zclip import ZClip  # type: ignore
+        z = ZClip()
+        specs["ZClip"] = {"after_backward": lambda m: z.step(m)}
+    except Exception:  # noqa: BLE001 - optional peer
+        pass
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+                              "ratios": {}, "added_us": {}, "ms": {}}
+    steps = {}
+    for name, spec in specs.items():
+        fn, m, o, g = build(a, **spec)
+        steps[name] = (fn, g)
+        nparam = sum(p.numel() for p in m.parameters())
+    result["params"] = nparam
+    for fn, _ in steps.values():  # warm-up
+        for i in range(3):
+            fn(xs[i], ys[i])
+    sync()
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for r in range(a.rounds):
+        order = list(steps)
+        if r % 2:
+            order.reverse()
+        for name in order:
+            fn, _ = steps[name]
+            sync()
+            t0 = time.perf_counter()
+            for i in range(a.block):
+                fn(xs[i], ys[i])
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    bare = times["bare"]
+    bare_ms = statistics.median(bare) / a.block * 1e3
+    print(f"{result['device']}, torch {torch.__version__}: GPT {a.layers}x{a.width}, "
+          f"{nparam / 1e6:.1f}M parameters, batch {a.batch}x{a.ctx}, bf16 autocast, fused AdamW; "
+          f"bare step {bare_ms:.2f} ms; {a.rounds} interleaved rounds of {a.block} steps")
+    print(f"{'variant':<20}{'ms/step':>10}{'ratio':>8}{'added us/step':>15}")
+    for name, ts in times.items():
+        ratio = statistics.median(t / b for t, b in zip(ts, bare))
+        added = statistics.median((t - b) / a.block * 1e6 for t, b in zip(ts, bare))
+        result["ratios"][name], result["added_us"][name] = ratio, added
+        result["ms"][name] = statistics.median(ts) / a.block * 1e3
+        print(f"{name:<20}{result['ms'][name]:>10.2f}{ratio:>8.3f}{added:>15.0f}")
+    # the rollback snapshot (pinned host memory, asynchronous copy) and a sampled probe step
+    _, g = steps["guard"]
+    store = g.snapshots
+    sync()
+    t0 = time.perf_counter()
+    store.take(10**6)
+    host_ms = (time.perf_counter() - t0) * 1e3
+    sync()
+    total_ms = (time.perf_counter() - t0) * 1e3
+    snap_mb = store.snaps[-1].nbytes() / 2**20
+    every = store.every
+    result["snapshot"] = {"host_ms": host_ms, "until_landed_ms": total_ms, "mb": snap_mb,
+                          "every": every, "amortised_fraction": host_ms / (every * bare_ms)}
+    print(f"snapshot: {snap_mb:.0f} MiB, host blocked {host_ms:.1f} ms, landed after "
+          f"{total_ms:.1f} ms; amortised over {every} steps: {100 * host_ms / (every * bare_ms):.2f}% "
+          "of a step (host time)")
+    fn, g = steps["guard"]
+    ts = []
+    for i in range(5):
+        g.sampler.arm()
+        sync()
+        t0 = time.perf_counter()
+        fn(xs[i % a.block], ys[i % a.block])
+        sync()
+        ts.append(time.perf_counter() - t0)
+    sampled_ms = statistics.median(ts) * 1e3
+    extra = sampled_ms - result["ms"]["guard"]
+    result["sampled_step"] = {"ms": sampled_ms, "extra_ms": extra,
+                              "amortised_fraction": extra / (g.sample_every * bare_ms)}
+    print(f"sampled probe step: {sampled_ms:.2f} ms (+{extra:.2f} ms), amortised over "
+          f"{g.sample_every} steps: {100 * extra / (g.sample_every * bare_ms):.2f}% of a step")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(result, fh, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+
+
+if __name__ == "__main__":
+    main()
