@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only to smoke-test")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler tables (host time per op) of 5 guarded steps")
     a = ap.parse_args()
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -112,6 +114,7 @@ def main() -> None:
         "clip_grad_norm_": {"after_backward": lambda m: nn.utils.clip_grad_norm_(m.parameters(), 1.0)},
         "guard": {"guard": {}},
         "guard sync=False": {"guard": {"sync": False}},
+        "guard clip=None": {"guard": {"clip": None}},
         "detect_anomaly": {"anomaly": True},
     }
     try:
@@ -161,12 +164,13 @@ def main() -> None:
     # the rollback snapshot (pinned host memory, asynchronous copy) and a sampled probe step
     _, g = steps["guard"]
     store = g.snapshots
-    sync()
-    t0 = time.perf_counter()
-    store.take(10**6)
-    host_ms = (time.perf_counter() - t0) * 1e3
-    sync()
-    total_ms = (time.perf_counter() - t0) * 1e3
+    for k in range(3):  # the first takes allocate pinned buffers; the steady state reuses them
+        sync()
+        t0 = time.perf_counter()
+        store.take(10**6 + k)
+        host_ms = (time.perf_counter() - t0) * 1e3
+        sync()
+        total_ms = (time.perf_counter() - t0) * 1e3
     snap_mb = store.snaps[-1].nbytes() / 2**20
     every = store.every
     result["snapshot"] = {"host_ms": host_ms, "until_landed_ms": total_ms, "mb": snap_mb,
@@ -189,6 +193,17 @@ def main() -> None:
                               "amortised_fraction": extra / (g.sample_every * bare_ms)}
     print(f"sampled probe step: {sampled_ms:.2f} ms (+{extra:.2f} ms), amortised over "
           f"{g.sample_every} steps: {100 * extra / (g.sample_every * bare_ms):.2f}% of a step")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device == "cuda" else [])
+        for name in ("guard", "clip_grad_norm_"):
+            fn, _ = steps[name]
+            with profile(activities=acts) as prof:
+                for i in range(5):
+                    fn(xs[i % a.block], ys[i % a.block])
+                sync()
+            print(f"-- profile: {name}, 5 steps, by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(result, fh, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)

@@ -14,7 +14,9 @@ extras="all"
 if [ "${1:-}" = "--test" ]; then
   extras="all,test"
 fi
-.venv/bin/python -m pip install -q -e ".[$extras]"
+# torch named again in the same command: the framework extras (lightning, transformers,
+# accelerate) then install beside the pinned CPU wheel instead of pulling a CUDA torch
+.venv/bin/python -m pip install -q torch==2.13.0 -e ".[$extras]"
 # peer baselines for the zoo and bench/overhead.py (optional; they need nothing beyond torch,
 # so --no-deps keeps pip from touching the pinned torch)
 .venv/bin/python -m pip install -q --no-deps zclip==1.0.0 autoclip==0.2.1 \

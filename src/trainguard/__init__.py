@@ -5,25 +5,36 @@
     ...
     loss.backward()
     guard.step(loss)          # instead of optimizer.step()
+
+or, where a framework calls ``optimizer.step()`` itself::
+
+    optimizer = tg.GuardedOptimizer(torch.optim.AdamW(model.parameters()), model)
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .guard import Guard
+from .core import DecisionCore
 from .policy import DEFAULT_LADDER, Policy
 from .types import (ACTION_KINDS, FINDING_KINDS, Action, Finding, StepStats,
                     TrainingUnstable)
 
 __version__ = "0.1.0"
 
-__all__ = ["Guard", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
+__all__ = ["Guard", "GuardedOptimizer", "DecisionCore", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
            "TrainingUnstable", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate",
            "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    # heavier entry points load on first use
+    # torch loads on first use of a torch entry point: the decision core (DecisionCore,
+    # Policy, the detectors, the records) works where torch is not installed
+    if name == "Guard":
+        from .guard import Guard
+        return Guard
+    if name == "GuardedOptimizer":
+        from .optim import GuardedOptimizer
+        return GuardedOptimizer
     if name == "doctor":
         from .doctor import doctor
         return doctor

@@ -27,6 +27,7 @@ without a sync.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -117,11 +118,15 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
     scaled = guard._scaler_ready()
     extra, names, kinds = guard._extra_tensors(scaled)
     with_params = guard.step_count % guard.param_norm_every == 0
-    vec, idx, n_norms = guard.probe.measure_device(loss, with_params=with_params, extra=extra)
+    known = loss is not None
+    vec, idx, n_norms = guard.probe.measure_device(loss if known else math.nan,
+                                                   with_params=with_params, extra=extra)
     grads = [p.grad for p in guard.probe.params if p.grad is not None]
     with torch.no_grad():
         # only the norms and the loss decide (sampled activation stats use NaN as "n/a")
-        ok = torch.isfinite(vec[:n_norms]).all() & torch.isfinite(vec[-1])
+        ok = torch.isfinite(vec[:n_norms]).all()
+        if known:  # an unknown loss (NaN placeholder) decides nothing
+            ok = ok & torch.isfinite(vec[-1])
         clipper = guard.clipper
         if clipper is not None and not isinstance(clipper, AGC) and grads:
             thr = clipper.threshold()
@@ -158,7 +163,8 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
         event.record()
     else:
         host, event = vec, None
-    pending.append((guard.step_count, host, event, idx, with_params, names, kinds, scaled, late))
+    pending.append((guard.step_count, host, event, idx, with_params, names, kinds, scaled, late,
+                    known))
     if guard._capture is not None:
         guard._capture.release()  # no replay in this mode: keep no references across steps
     if guard.scheduler is not None:
@@ -168,7 +174,7 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
 
 def drain(guard: "Guard") -> None:
     """Read the oldest pending step's statistics on the host and act on them."""
-    step, host, event, idx, with_params, names, kinds, scaled, late = guard._pending.popleft()
+    step, host, event, idx, with_params, names, kinds, scaled, late, known = guard._pending.popleft()
     if event is not None:
         event.synchronize()
     h = host.numpy().astype("float64") if host.device.type == "cpu" else host.cpu().numpy()
@@ -179,6 +185,7 @@ def drain(guard: "Guard") -> None:
         acts = acts or None
     stats = build_stats(step, guard.probe, gn, idx, pn, float(lv[0]), lr=guard._current_lr(),
                         loss_scale=scale, activations=acts, optimizer=guard._opt_kind)
+    stats.loss_known = known
     ok = bool(stats.loss_finite and stats.grads_finite and stats.params_finite)
     if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
         stats.scaler_overflow = True

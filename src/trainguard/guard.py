@@ -16,18 +16,20 @@ step's statistics one step late.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
 import weakref
 from collections import Counter, deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .detect import Detector, default_detectors
+from .core import DecisionCore
+from .detect import Detector
 from .policy import Plan, Policy
 from .remedies.clip import AGC, make_clipper, scale_grads
 from .remedies.buffers import RunningStats
@@ -36,7 +38,7 @@ from .remedies.snapshot import SnapshotStore
 from .report.base import Sink
 from .stats import (ActivationSampler, Probe, StepStats, _local, build_stats, chance_level,
                     optimizer_kind)
-from .types import REMEDIES, SEVERE_KINDS, Action, Finding, TrainingUnstable
+from .types import Action, Finding
 
 
 def _check_int(name: str, v: Any, minimum: int = 1) -> int:
@@ -63,6 +65,22 @@ def _release_hooks(sampler: Any, capture: Any, loopcheck: Any) -> None:
         capture.remove()
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's wrapper (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``): wrappers that do not run ``Optimizer.__init__`` have no
+    hook registry, and their ``step`` adds framework logic (accumulation gating, scaler steps)
+    that the Guard replaces. A GradScaler the wrapper holds is passed as ``scaler=``
+    (``accelerator.scaler``)."""
+    for _ in range(4):
+        if hasattr(optimizer, "_optimizer_step_post_hooks"):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
 def _is_sharded(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -71,6 +89,16 @@ def _is_sharded(model: nn.Module) -> bool:
     except Exception:  # pragma: no cover
         pass
     return any(hasattr(p, "_local_tensor") for p in model.parameters())
+
+
+class _Decision:
+    """One step's measurement, findings and plan, before anything is carried out."""
+    __slots__ = ("stats", "grads", "scaled", "plan", "findings", "severe")
+
+    def __init__(self, stats: StepStats, grads: list, scaled: bool, plan: Plan,
+                 findings: list[Finding], severe: bool) -> None:
+        self.stats, self.grads, self.scaled, self.plan = stats, grads, scaled, plan
+        self.findings, self.severe = findings, severe
 
 
 class Guard:
@@ -144,6 +172,7 @@ class Guard:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer = unwrap_optimizer(optimizer)
         sparse = [n or "(root)" for n, m in model.named_modules()
                   if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)]
         if sparse or isinstance(optimizer, torch.optim.SparseAdam):
@@ -164,17 +193,37 @@ class Guard:
         if locate_dir is not None and os.path.exists(locate_dir) and not os.path.isdir(locate_dir):
             raise ValueError(f"locate_dir must be a directory (it is created if missing), got "
                              f"the file {locate_dir!r}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a trainguard.Policy, got {type(policy).__name__}")
+        if on_reset is not None and not callable(on_reset):
+            raise TypeError(f"on_reset must be callable (it receives the Action), got "
+                            f"{type(on_reset).__name__}")
+        self.on_reset = on_reset
+        self.rank, self.world_size = _dist_info()
+        out: list[Sink] = []
+        if console:
+            from .report.console import ConsoleSink
+            out.append(ConsoleSink(rank=self.rank))
+        if log:
+            from .report.jsonl import JsonlSink
+            out.append(JsonlSink(log, rank=self.rank))
+        out.extend(sinks)
+        me_ = weakref.ref(self)  # the core must not keep the Guard alive
+
+        def on_action(a: Action) -> None:
+            g = me_()
+            if g is not None:
+                g._on_action(a)
+        #: the torch-free decision core: detectors, policy, records, summary, state
+        self.core = DecisionCore(policy=policy, detectors=detectors, sinks=out,
+                                 keep_records=keep_records, chance_loss=chance_loss,
+                                 on_action=on_action)
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
-        self.policy = policy if policy is not None else Policy()
+        if clip == "adaptive" and not self.policy.acts:
+            clip = None  # a policy that never acts does not clip by default either
         self.clipper = make_clipper(clip)
-        self.detectors = list(detectors) if detectors is not None else default_detectors()
         self.sync = bool(sync)
         self.sample_every = _check_int("sample_every", sample_every)
         self.param_norm_every = _check_int("param_norm_every", param_norm_every)
         self.log_every = _check_int("log_every", log_every)
-        self.rank, self.world_size = _dist_info()
         self.probe = Probe(model, optimizer, sharded=_is_sharded(model), process_group=process_group)
         self.sampler = ActivationSampler(model)
         self.running = RunningStats(model)  # BatchNorm statistics a skipped batch must not keep
@@ -182,18 +231,6 @@ class Guard:
                                        every=_check_int("snapshot_every", snapshot_every),
                                        keep=_check_int("snapshots", snapshots), device=snapshot_device)
         self.lr = LRController(factor=self.policy.lr_backoff, min_scale=self.policy.min_lr_scale)
-        self.sinks: list[Sink] = []
-        if console:
-            from .report.console import ConsoleSink
-            self.sinks.append(ConsoleSink(rank=self.rank))
-        if log:
-            from .report.jsonl import JsonlSink
-            self.sinks.append(JsonlSink(log, rank=self.rank))
-        self.sinks.extend(sinks)
-        if on_reset is not None and not callable(on_reset):
-            raise TypeError(f"on_reset must be callable (it receives the Action), got "
-                            f"{type(on_reset).__name__}")
-        self.on_reset = on_reset
         self.locate_enabled = bool(locate)
         self._capture: Any = None
         if self.locate_enabled:
@@ -203,39 +240,20 @@ class Guard:
                                             bundle_dir=locate_dir, model_factory=model_factory)
             except ImportError:  # locate not available
                 self._capture = None
-        if not (chance_loss is None or chance_loss == "auto" or (
-                isinstance(chance_loss, (int, float)) and not isinstance(chance_loss, bool)
-                and math.isfinite(chance_loss) and chance_loss > 0)):
-            raise ValueError(f"chance_loss must be 'auto', None or a positive number (ln V), "
-                             f"got {chance_loss!r}")
-        self._chance_opt = chance_loss
-        self.chance_loss: float | None = None  # the level in use (set at the first step)
-        if isinstance(chance_loss, (int, float)):
-            self._set_chance(float(chance_loss))
-        self.findings: list[Finding] = []
-        self.actions: list[Action] = []
-        self.keep_records = _check_int("keep_records", keep_records)
-        self.finding_counts: Counter[str] = Counter()
-        self.action_counts: Counter[str] = Counter()
-        self._first: dict[str, Finding | Action] = {}  # "finding:kind" / "action:kind" -> first
-        self.history: deque[StepStats] = deque(maxlen=2000)
-        self.counts: Counter[str] = Counter()
-        self.step_count = 0
-        self.applied_steps = 0
-        self.rollbacks = 0
-        self.last_step_applied = True
-        self._last_severe = -10**9
         self._watch_until = -1  # close watch (frequent probes) after a rollback
         # step of the snapshot last restored, and the step it was restored at (a step number,
         # not the snapshot: holding it would keep a dropped snapshot's tensors alive)
         self._restored_step = -1
         self._restored_at = -1
+        self.last_step_applied = True
         self._opt_kind = optimizer_kind(optimizer)
         self._pending: deque[tuple] = deque()  # sync=False: steps whose statistics are in flight
         self._post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._state_owner: list[int] = []
         self._closed = False
+        self._observed: list[Any] = []  # losses shown by observe_loss since the last step
+        self._outside = False  # decide_step: the framework takes the optimizer step itself
         self.sampler.arm()  # the first forward is probed
         from .loopcheck import LoopCheck
         me = weakref.ref(self)  # hooks must not keep the Guard alive
@@ -258,31 +276,134 @@ class Guard:
         self._finalizer = weakref.finalize(self, _release_hooks, self.sampler, self._capture,
                                            self.loopcheck)
 
+    # ------------------------------------------------------------------ the core's records
+    def _on_action(self, a: Action) -> None:
+        if self.on_reset is not None and a.kind in ("skip", "rollback"):
+            self.on_reset(a)
+
+    policy = property(lambda self: self.core.policy)
+    detectors = property(lambda self: self.core.detectors)
+    sinks = property(lambda self: self.core.sinks)
+    findings = property(lambda self: self.core.findings)
+    actions = property(lambda self: self.core.actions)
+    finding_counts = property(lambda self: self.core.finding_counts)
+    action_counts = property(lambda self: self.core.action_counts)
+    history = property(lambda self: self.core.history)
+    keep_records = property(lambda self: self.core.keep_records)
+    chance_loss = property(lambda self: self.core.chance_loss,
+                           doc="The chance level (ln V) in use, or None.")
+
+    @property
+    def counts(self) -> Counter:
+        return self.core.counts
+
+    @property
+    def step_count(self) -> int:
+        return self.core.step_count
+
+    @step_count.setter
+    def step_count(self, v: int) -> None:
+        self.core.step_count = v
+
+    @property
+    def applied_steps(self) -> int:
+        return self.core.applied_steps
+
+    @applied_steps.setter
+    def applied_steps(self, v: int) -> None:
+        self.core.applied_steps = v
+
+    @property
+    def rollbacks(self) -> int:
+        return self.core.rollbacks
+
+    @rollbacks.setter
+    def rollbacks(self, v: int) -> None:
+        self.core.rollbacks = v
+
+    @property
+    def _last_severe(self) -> int:
+        return self.core.last_severe
+
+    @_last_severe.setter
+    def _last_severe(self, v: int) -> None:
+        self.core.last_severe = v
+
     # ------------------------------------------------------------------ public API
-    def step(self, loss: torch.Tensor | float) -> bool:
+    def step(self, loss: torch.Tensor | float | None = None) -> bool:
         """Measure, decide and apply (or skip) the optimizer update. Returns True when the
-        update was applied. Raises :class:`TrainingUnstable` when repairs are exhausted."""
+        update was applied. Raises :class:`TrainingUnstable` when repairs are exhausted.
+
+        ``loss`` is the step's loss (a scalar tensor, no sync needed); ``None`` when the loop
+        cannot show it (then the losses given to :meth:`observe_loss` since the last step are
+        used, and without those the loss-based detectors sit the step out)."""
+        loss = self._loss_for_step(loss)
+        self.loopcheck.before(self.step_count)
+        if self.sync:
+            applied = self._finish(self._decide(loss))
+        else:
+            applied = self._step_deferred(loss)
+        return self._end_step(applied)
+
+    def observe(self, loss: torch.Tensor | float | None = None) -> list[Finding]:
+        """Observe-only: measure the gradients as they are, detect and report, and return this
+        step's findings; never call ``optimizer.step()``, never touch the gradients, the
+        weights or the learning rate (for stacks that must keep their own step: DeepSpeed, a
+        custom trainer). A GradScaler's gradients are read scaled and their norms divided by
+        the scale. Call it once per optimizer step, after the backward pass and before the
+        step."""
+        loss = self._loss_for_step(loss)
+        d = self._decide(loss, observe=True)
+        self.lr.tick(troubled=d.severe)
+        self._after_step(d.stats, True, d.severe, snapshot=False)
+        self.applied_steps -= 1  # the framework applies (or not) the update; not counted here
+        self.step_count += 1
+        self._arm_if_due()
+        return d.findings
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Show the Guard a loss it would not otherwise see (a framework that calls
+        ``optimizer.step()`` itself): call it once per micro-batch with that micro-batch's loss
+        as computed (not divided by the accumulation factor); the next step uses their mean."""
+        self._check_loss(loss)
+        self._observed.append(loss.detach().reshape(()) if isinstance(loss, torch.Tensor)
+                              else float(loss))
+
+    def _check_loss(self, loss: Any) -> None:
         if self._closed:
             raise RuntimeError("this Guard was closed; create a new one to keep training")
-        if not isinstance(loss, (torch.Tensor, float, int)):
+        if loss is None:
+            return
+        if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, float, int)):
             raise TypeError(f"guard.step expects the loss (a scalar tensor or float), got "
                             f"{type(loss).__name__}")
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"guard.step expects a scalar loss, got a tensor of shape {tuple(loss.shape)}")
-        self.loopcheck.before(self.step_count)
-        if self.sync:
-            applied = self._step_sync(loss)
-        else:
-            applied = self._step_deferred(loss)
+
+    def _loss_for_step(self, loss: Any) -> Any:
+        self._check_loss(loss)
+        seen, self._observed = self._observed, []
+        if loss is not None or not seen:
+            return loss
+        if all(isinstance(v, float) for v in seen):
+            return sum(seen) / len(seen)
+        dev = self.probe.device
+        return torch.stack([v.to(dev, torch.float32) if isinstance(v, torch.Tensor)
+                            else torch.tensor(v, device=dev) for v in seen]).mean()
+
+    def _end_step(self, applied: bool) -> bool:
         self.loopcheck.after(self.step_count)
         self.last_step_applied = applied
         self.step_count += 1
+        self._arm_if_due()
+        return applied
+
+    def _arm_if_due(self) -> None:
         every = self.sample_every
         if self.step_count <= self._watch_until:
             every = max(1, every // 10)
         if self.step_count % every == 0:
             self.sampler.arm()
-        return applied
 
     @property
     def lr_scale(self) -> float:
@@ -291,33 +412,7 @@ class Guard:
 
     def summary(self) -> str:
         """A human-readable account of the run so far."""
-        lines = [f"trainguard summary: {self.step_count} steps, {self.applied_steps} updates applied"]
-        if not self.finding_counts and not self.action_counts:
-            lines.append("  no findings, no interventions")
-        by_kind: dict[str, list[Finding]] = {}
-        for f in self.findings:
-            by_kind.setdefault(f.kind, []).append(f)
-        for kind, n in self.finding_counts.items():
-            first = self._first[f"finding:{kind}"]
-            wheres = sorted({f.where for f in by_kind.get(kind, []) + [first] if f.where})
-            at = f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "") if wheres else ""
-            lines.append(f"  finding {kind}: {n}x, first at step {first.step}{at}")
-            lines.append(f"    {first.message}")
-        for kind, n in self.action_counts.items():
-            first = self._first[f"action:{kind}"]
-            lines.append(f"  action {kind}: {n}x, first at step {first.step} ({first.reason})")
-        if self.counts.get("scaler_overflow"):
-            lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
-                         f"{self.counts['scaler_overflow']}")
-        if self.lr.scale != 1.0:
-            lines.append(f"  learning-rate scale now {self.lr.scale:.3g} of the schedule")
-        kinds = [k for k in self.finding_counts if k in SEVERE_KINDS or k == "plateau"]
-        if kinds:
-            lines.append("  what to change:")
-            for k in kinds:
-                for r in REMEDIES.get(k, ())[:2]:
-                    lines.append(f"    - ({k}) {r}")
-        return "\n".join(lines)
+        return self.core.summary(self.lr.scale)
 
     def close(self) -> None:
         """Flush the sinks (prints the summary on the console) and remove hooks."""
@@ -326,9 +421,7 @@ class Guard:
         if not self.sync and self._pending:
             self._drain_pending()
         self._detach()
-        text = self.summary()
-        for s in self.sinks:
-            s.close(text)
+        self.core.close(self.summary())
 
     def _detach(self) -> None:
         """Remove every hook this Guard put on the model and the optimizer."""
@@ -344,20 +437,9 @@ class Guard:
     def state_dict(self) -> dict[str, Any]:
         """Guard state (statistics, escalation counters, LR scale, clip statistics) so a
         resumed run keeps its history. Plain Python values only."""
-        return {
-            "version": 1,
-            "step_count": self.step_count, "applied_steps": self.applied_steps,
-            "rollbacks": self.rollbacks, "counts": dict(self.counts),
-            "chance_loss": self.chance_loss,
-            "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
-            "policy": self.policy.state_dict(), "lr": self.lr.state_dict(),
-            "clip": self.clipper.state_dict() if self.clipper is not None else None,
-            "clip_type": type(self.clipper).__name__ if self.clipper is not None else None,
-            "findings": [f.to_dict() for f in self.findings],
-            "actions": [a.to_dict() for a in self.actions],
-            "finding_counts": dict(self.finding_counts),
-            "action_counts": dict(self.action_counts),
-        }
+        return {**self.core.state_dict(), "lr": self.lr.state_dict(),
+                "clip": self.clipper.state_dict() if self.clipper is not None else None,
+                "clip_type": type(self.clipper).__name__ if self.clipper is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`. All or nothing: a malformed dict raises
@@ -370,73 +452,32 @@ class Guard:
             raise ValueError(f"malformed Guard state: missing {missing}; expected a dict from "
                              "Guard.state_dict()")
         backup = self.state_dict()
-        saved_opt, saved_chance = self._chance_opt, self.chance_loss
+        saved_opt, saved_chance = self.core.chance_option, self.core.chance_loss
         try:
             self._apply_state(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-            self._chance_opt, self.chance_loss = saved_opt, saved_chance
+            self.core.chance_option, self.core.chance_loss = saved_opt, saved_chance
             self._apply_state(backup)
             raise ValueError(f"malformed Guard state ({type(e).__name__}: {e}); the Guard is "
                              "unchanged") from e
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        self.step_count = state["step_count"]
-        self.applied_steps = state["applied_steps"]
-        self.rollbacks = state["rollbacks"]
-        self.counts = Counter(state.get("counts", {}))
-        if self.step_count > 0 and self._chance_opt == "auto":
-            self._chance_opt = None  # decided by the run that saved this state
-            self._set_chance(state.get("chance_loss"))
-        saved = state["detectors"]
-        for d in self.detectors:
-            match = next((s for s in saved if s["type"] == type(d).__name__), None)
-            if match is not None:
-                d.load_state_dict(match["state"])
-        self.policy.load_state_dict(state["policy"])
+        self.core.load_state_dict(state)
         self.lr.load_state_dict(state["lr"])
         if (self.clipper is not None and state.get("clip") is not None
                 and state.get("clip_type", type(self.clipper).__name__) == type(self.clipper).__name__):
             # statistics of another kind of clipper (the run resumed with a new clip=) do not apply
             self.clipper.load_state_dict(state["clip"])
-        self.findings = [Finding(**{k: (tuple(v) if k in ("locations", "remedies") else v)
-                                    for k, v in f.items()}) for f in state.get("findings", [])]
-        self.actions = [Action(**a) for a in state.get("actions", [])]
-        self.finding_counts = Counter(state.get("finding_counts") or
-                                      Counter(f.kind for f in self.findings))
-        self.action_counts = Counter(state.get("action_counts") or
-                                     Counter(a.kind for a in self.actions))
-        self._first = {}
-        for f in self.findings:
-            self._first.setdefault(f"finding:{f.kind}", f)
-        for a in self.actions:
-            self._first.setdefault(f"action:{a.kind}", a)
 
     # ------------------------------------------------------------------ internals
-    def _record(self, items: list, item: Any, counts: Counter, tag: str) -> None:
-        counts[item.kind] += 1
-        self._first.setdefault(f"{tag}:{item.kind}", item)
-        items.append(item)
-        if len(items) > self.keep_records + self.keep_records // 10 + 1:
-            del items[:len(items) - self.keep_records]  # amortised: trims every ~10% growth
-
     def _emit_finding(self, f: Finding) -> None:
-        self._record(self.findings, f, self.finding_counts, "finding")
-        for s in self.sinks:
-            s.on_finding(f)
+        self.core.emit(f)
 
     def _act(self, kind: str, reason: str, **detail: Any) -> Action:
-        a = Action(kind=kind, step=self.step_count, reason=reason, detail=detail)
-        self._record(self.actions, a, self.action_counts, "action")
-        for s in self.sinks:
-            s.on_action(a)
-        if self.on_reset is not None and kind in ("skip", "rollback"):
-            self.on_reset(a)
-        return a
+        return self.core.act(kind, reason, **detail)
 
     def _event(self, kind: str, **data: Any) -> None:
-        self.counts[kind] += 1
-        for s in self.sinks:
-            s.on_event(kind, self.step_count, data)
+        self.core.event(kind, **data)
 
     def _scaler_ready(self) -> bool:
         """Unscale the gradients if the user has not; False if the scaler is disabled."""
@@ -555,8 +596,22 @@ class Guard:
         except (KeyError, IndexError, TypeError, ValueError):
             return None
 
-    def _measure(self, loss: torch.Tensor | float) -> tuple[StepStats, list, bool]:
-        scaled = self._scaler_ready()
+    def _measure(self, loss: torch.Tensor | float | None, observe: bool = False
+                 ) -> tuple[StepStats, list, bool]:
+        divide = None
+        if observe:
+            scaled = False  # never unscale: the framework owns the scaler's protocol
+            sc = self.scaler
+            if sc is not None and getattr(sc, "is_enabled", lambda: True)():
+                states = getattr(sc, "_per_optimizer_states", None)
+                stage = states[id(self.optimizer)]["stage"] if states is not None else None
+                if stage is None or getattr(stage, "name", "") == "READY":
+                    divide = float(sc.get_scale())
+        else:
+            scaled = self._scaler_ready()
+        known = loss is not None
+        if loss is None:
+            loss = math.nan
         with_params = self.step_count % self.param_norm_every == 0
         extra, names, kinds = self._extra_tensors(scaled, buffers=with_params)
         gn, idx, pn, ev, lv = self.probe.measure(loss, with_params=with_params, extra=extra)
@@ -570,9 +625,12 @@ class Guard:
             # rare path: a norm that overflowed fp32 (finite values ~1e20 square past 3.4e38)
             # is not a non-finite gradient; fp64 tells them apart
             gn = self.probe.exact_grad_norms(gn)
+        if divide:
+            gn = gn / divide
         stats = build_stats(self.step_count, self.probe, gn, idx, pn, float(lv[0]),
                             lr=self._current_lr(), loss_scale=scale, activations=acts,
                             optimizer=self._opt_kind, optimizer_state=self._post)
+        stats.loss_known = known
         self._post = None
         if found is not None:
             # the scaler's own verdict: it skips exactly when it found inf/NaN (issue #12: a
@@ -615,10 +673,12 @@ class Guard:
                 self.running.restore()
         return stats, self.probe.last_grads, scaled
 
-    def _step_sync(self, loss: torch.Tensor | float) -> bool:
-        if not self.snapshots.snaps and self.rollbacks == 0:
+    def _decide(self, loss: Any, observe: bool = False) -> "_Decision":
+        """Measure, detect, locate, record the findings and ask the policy: everything up to
+        the plan, nothing carried out yet."""
+        if not observe and not self.snapshots.snaps and self.rollbacks == 0:
             self.snapshots.take(self.step_count)  # before any update: the last-resort rollback
-        stats, grads, scaled = self._measure(loss)
+        stats, grads, scaled = self._measure(loss, observe=observe)
         self.history.append(stats)
         findings = self._detect(stats)
         if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
@@ -626,30 +686,22 @@ class Guard:
         findings = self._locate(findings, stats)
         for f in findings:
             self._emit_finding(f)
-        plan = self.policy.decide(findings, self.step_count)
+        plan = Plan() if observe else self.core.decide(findings)
         severe = any(f.severe for f in findings)
-        if severe:
+        if observe and severe:
             self._last_severe = self.step_count
-        applied = self._execute(plan, stats, grads, scaled)
-        self.lr.tick(troubled=severe)
-        self._after_step(stats, applied, severe)
+        return _Decision(stats, grads, scaled, plan, findings, severe)
+
+    def _finish(self, d: "_Decision") -> bool:
+        """Carry out a decision: remedies, then the optimizer step (or not)."""
+        applied = self._execute(d.plan, d.stats, d.grads, d.scaled)
+        self.lr.tick(troubled=d.severe)
+        self._after_step(d.stats, applied, d.severe)
         return applied
 
     def _detect(self, stats: StepStats) -> list[Finding]:
         """Every detector over one step's statistics (the chance level is fixed first)."""
-        if self._chance_opt == "auto" and self.chance_loss is None and stats.loss_finite:
-            self._chance_opt = None  # decided once, at the first finite loss
-            self._set_chance(chance_level(self.model, stats.loss))
-        return [f for d in self.detectors for f in d.update(stats)]
-
-    def _set_chance(self, level: float | None) -> None:
-        self.chance_loss = level
-        if level is None:
-            return
-        for d in self.detectors:
-            setter = getattr(d, "set_chance", None)
-            if setter is not None:
-                setter(level)
+        return self.core.detect(stats, lambda loss: chance_level(self.model, loss))
 
     def _locate(self, findings: list[Finding], stats: StepStats) -> list[Finding]:
         if self._capture is None or not any(f.kind == "nonfinite" for f in findings):
@@ -666,35 +718,14 @@ class Guard:
         return out
 
     def _halt(self, reason: str, finding: Finding | None) -> None:
-        self._act("halt", reason)
-        story = self._story(reason, finding)
-        for s in self.sinks:
-            s.close(self.summary())
+        err = self.core.halt(reason, finding, self.lr.scale)
         self._detach()
-        raise TrainingUnstable(story, self.findings, self.actions)
-
-    def _story(self, reason: str, finding: Finding | None) -> str:
-        lines = [f"trainguard halted training at step {self.step_count}: {reason}."]
-        if finding is not None:
-            at = f" in {finding.where}" if finding.where else ""
-            lines.append(f"What happened: {finding.kind}{at}: {finding.message}")
-        kinds = self.finding_counts
-        if kinds:
-            lines.append("Findings so far: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
-        acts = Counter({k: n for k, n in self.action_counts.items() if k != "halt"})
-        if acts:
-            lines.append("Repairs tried: " + ", ".join(f"{k} x{n}" for k, n in acts.items())
-                         + f"; learning-rate scale reached {self.lr.scale:.3g}")
-        kind = finding.kind if finding is not None else None
-        rem = finding.remedies if finding is not None else REMEDIES.get(kind or "", ())
-        if rem:
-            lines.append("What to change:")
-            lines.extend(f"  - {r}" for r in rem)
-        return "\n".join(lines)
+        raise err
 
     def _finish_scaler_step(self, scaled: bool) -> None:
-        """Close the scaler's per-step bookkeeping when no optimizer step is taken."""
-        if scaled:
+        """Close the scaler's per-step bookkeeping when no optimizer step is taken (the
+        framework does it when it owns the step)."""
+        if scaled and not self._outside:
             self.scaler.update()
 
     def _late_remedies(self, plan: Plan, scaled: bool) -> bool:
@@ -729,8 +760,7 @@ class Guard:
             self.snapshots.restore(snap)
             self._restored_step, self._restored_at = snap.step, self.step_count
             self.rollbacks += 1
-            for d in self.detectors:
-                d.reset()
+            self.core.reset_detectors()
             self.sampler.arm()  # probe the restored weights on the next step
             self._watch_until = self.step_count + self.sample_every
             self._act("rollback", f"{f.kind}: restored the snapshot of step {snap.step}",
@@ -800,8 +830,34 @@ class Guard:
             self._act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}",
                       norm=norm, threshold=thr)
 
+    def decide_step(self, loss: torch.Tensor | float | None = None) -> bool:
+        """Everything :meth:`step` does except the optimizer's own update, for a framework that
+        takes that step itself right after (the adapters' seam): measure, detect, repair
+        (skip, clip, LR backoff, rollback, halt). Returns True when the framework must apply
+        the update, inside ``with guard.applying():``; False when it must not (a skip or a
+        rollback). A GradScaler given to the Guard is never stepped or updated here: the
+        framework's scaler protocol stays the framework's."""
+        self._outside = True
+        try:
+            return self.step(loss)
+        finally:
+            self._outside = False
+
+    @contextlib.contextmanager
+    def applying(self) -> Iterator[None]:
+        """Around the framework's own ``optimizer.step()`` after :meth:`decide_step` returned
+        True: the Guard's LR scale is in force and the step is not taken for a foreign one."""
+        self.loopcheck.inside = True
+        try:
+            with self.lr.applied(self.optimizer):
+                yield
+        finally:
+            self.loopcheck.inside = False
+
     def _optimizer_step(self, scaled: bool) -> None:
         """The user's update, at the Guard's LR scale (through the scaler under fp16)."""
+        if self._outside:
+            return  # the framework steps right after decide_step, inside applying()
         self.loopcheck.inside = True
         try:
             with self.lr.applied(self.optimizer):
@@ -814,7 +870,7 @@ class Guard:
             self.loopcheck.inside = False
 
     def _apply(self, scaled: bool, stats: StepStats) -> bool:
-        sample = stats.activations is not None
+        sample = stats.activations is not None and not self._outside
         params = [_local(p.detach()) for p in self.probe.params]
         before = [p.clone() for p in params] if sample else None
         self._optimizer_step(scaled)
@@ -879,15 +935,15 @@ class Guard:
             out["eps"] = eps_val if eps_val is not None else math.nan
         return out or None
 
-    def _after_step(self, stats: StepStats, applied: bool, severe: bool) -> None:
+    def _after_step(self, stats: StepStats, applied: bool, severe: bool,
+                    snapshot: bool = True) -> None:
         if applied:
             self.applied_steps += 1
         quiet = self.step_count - self._last_severe > 10
-        if applied and quiet and (self.step_count + 1) % self.snapshots.every == 0:
+        if snapshot and applied and quiet and (self.step_count + 1) % self.snapshots.every == 0:
             self.snapshots.take(self.step_count + 1)
         if self.sinks and (self.step_count % self.log_every == 0 or severe or stats.activations):
-            for s in self.sinks:
-                s.on_stats(stats)
+            self.core.stats(stats)
 
     # ------------------------------------------------------------------ sync=False
     def _step_deferred(self, loss: torch.Tensor | float) -> bool:

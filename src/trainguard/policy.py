@@ -124,8 +124,19 @@ class Policy:
 
     @classmethod
     def monitor_only(cls) -> "Policy":
-        """Report findings, never act (no clip, skip, backoff, rollback or halt)."""
+        """Report findings, never act (no clip, skip, backoff, rollback or halt).
+
+        ``guard.step(loss)`` under this policy still applies the loop's own update, unchanged
+        (it replaces ``optimizer.step()``); use ``guard.observe(loss)`` where the framework
+        steps itself."""
         return cls({k: () for k in DEFAULT_LADDER})
+
+    @property
+    def acts(self) -> bool:
+        """False for a policy that never acts (:meth:`monitor_only`): no ladder has a rung and
+        nothing halts. The Guard then does not clip either (its default ``clip="adaptive"``
+        becomes ``None``)."""
+        return bool(self.halt_on) or any(bool(r) for r in self.ladder.values())
 
     def decide(self, findings: Sequence[Finding], step: int) -> Plan:
         plan = Plan()

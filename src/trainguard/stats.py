@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .names import clean_name
 from .types import StepStats
 
 _ACTIVATION_KINDS: dict[type, str] = {
@@ -111,9 +112,9 @@ class ActivationSampler:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.targets = [(name, m, k) for name, m in model.named_modules()
+        self.targets = [(clean_name(name, ""), m, k) for name, m in model.named_modules()
                         if (k := activation_kind(m)) is not None]
-        self.recurrent = [(name, m) for name, m in model.named_modules()
+        self.recurrent = [(clean_name(name, ""), m) for name, m in model.named_modules()
                           if isinstance(m, nn.RNNBase)]
         self._handles: list[Any] = []
         self.results: dict[str, tuple[str, torch.Tensor]] = {}
@@ -143,7 +144,7 @@ class ActivationSampler:
             pre(mod, self._through_time(name, mod))
         # module attribution for softmax calls, and the spy around the root forward
         for name, mod in self.model.named_modules():
-            pre(mod, self._push(name))
+            pre(mod, self._push(clean_name(name, "")))
             post(mod, self._pop)
         pre(self.model, self._enter_spy)
         post(self.model, self._exit_spy)
@@ -310,9 +311,7 @@ class Probe:
         index: dict[str, int] = {}
         group = []
         for n in names:
-            mod = n.rsplit(".", 1)[0] if "." in n else "(root)"
-            mod = mod.replace("_fsdp_wrapped_module.", "").replace("module.", "", 1) \
-                if mod.startswith(("module.", "_fsdp")) else mod
+            mod = clean_name(n.rsplit(".", 1)[0] if "." in n else "")
             if mod not in index:
                 index[mod] = len(self.modules)
                 self.modules.append(mod)

@@ -118,10 +118,20 @@ class StepStats:
     #: modules whose optimizer state (Adam's exp_avg/exp_avg_sq, RMSprop's square_avg,
     #: Adagrad's sum, momentum buffers) holds NaN/Inf (checked on the parameter-norm cadence)
     nonfinite_optimizer_modules: Sequence[str] = ()
+    #: False when the loop never showed the Guard this step's loss (a framework that keeps it,
+    #: ``GuardedOptimizer.step()`` without a closure or ``observe_loss``): ``loss`` is NaN and
+    #: the loss-based detectors (spike, divergence, plateau) sit the step out
+    loss_known: bool = True
 
     @property
     def loss_finite(self) -> bool:
-        return _finite(self.loss)
+        """The loss is finite, or unknown (an unknown loss is not evidence of anything)."""
+        return not self.loss_known or _finite(self.loss)
+
+    @property
+    def loss_usable(self) -> bool:
+        """The loss is known and finite: the loss-based detectors may read it."""
+        return self.loss_known and _finite(self.loss)
 
     @property
     def grads_finite(self) -> bool:

@@ -39,7 +39,7 @@ def exploded(d: Detector, s: StepStats) -> bool:
     units killed by a huge step), not vanishing gradients, which keep the loss near its start
     (issue #9: an LSTM LM at SGD lr 100 sat at 30-100 nats from 6.3 and was called
     vanishing; an IRNN blown up at step 1 had exactly zero gradients in its dead units)."""
-    if not s.loss_finite:
+    if not s.loss_usable:
         return False
     if d.first_loss is None:  # type: ignore[attr-defined]
         d.first_loss = s.loss  # type: ignore[attr-defined]

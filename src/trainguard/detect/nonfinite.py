@@ -85,7 +85,8 @@ class NonFiniteDetector(Detector):
             what = f"the loss is {s.loss}"
         else:
             origin, where = "backward", bad_grads
-            what = f"the gradient norm is {s.grad_norm} while the loss is finite ({s.loss:.4g})"
+            what = (f"the gradient norm is {s.grad_norm} while the loss is finite ({s.loss:.4g})"
+                    if s.loss_known else f"the gradient norm is {s.grad_norm}")
         if s.loss_scale is not None and loss_ok and not bad_params:
             what += (f"; the fp16 loss scale has collapsed to {s.loss_scale:g}, so gradients "
                      "overflow even unscaled")

@@ -179,7 +179,7 @@ class DivergenceDetector(Detector):
         self.ruin_quiet_until = -1
 
     def update(self, s: StepStats) -> list[Finding]:
-        if not s.loss_finite or s.scaler_overflow:
+        if not s.loss_usable or s.scaler_overflow:
             return []
         loss = s.loss
         self.recent.append(loss)
@@ -380,7 +380,7 @@ class PlateauDetector(Detector):
         self.reported = False
 
     def update(self, s: StepStats) -> list[Finding]:
-        if not s.loss_finite or s.scaler_overflow:
+        if not s.loss_usable or s.scaler_overflow:
             return []
         self.seen += 1
         _watch_lr(self, s)

@@ -193,7 +193,7 @@ class LossSpikeDetector(_LogJump):
         return sudden and (self.initial is None or v - med > self.floor * abs(self.initial))
 
     def update(self, s: StepStats) -> list[Finding]:
-        if not s.loss_finite or s.scaler_overflow:
+        if not s.loss_usable or s.scaler_overflow:
             return []
         jump, ev = self._judge(s.loss)
         if not jump:

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..types import Finding
 
-_WRAPPER_SEGMENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+from ..names import clean_name  # noqa: F401  (re-exported: locate's public helper)
 _MAX_LEAVES = 256
 
 
@@ -60,15 +60,6 @@ def unwrap(model: nn.Module) -> nn.Module:
         else:
             break
     return model
-
-
-def clean_name(name: str) -> str:
-    """A module path as the user's model names it: wrapper segments removed, root "(root)"."""
-    parts = [p for p in name.split(".") if p and p not in _WRAPPER_SEGMENTS]
-    if parts and parts[0] == "module" and name.startswith("module."):
-        # DDP's prefix (only when the path came from the wrapper itself)
-        parts = parts[1:]
-    return ".".join(parts) or "(root)"
 
 
 def module_names(model: nn.Module) -> dict[int, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..names import clean_name
 from ..stats import _local
 
 
@@ -36,7 +37,7 @@ class RunningStats:
                 self.all.append(t)
                 if t.is_floating_point():
                     self.floats.append(t)
-                    self.names.append(mname or "(root)")
+                    self.names.append(clean_name(mname))
         self.copy = [t.detach().clone() for t in self.all]
         # a norm cannot be taken in a narrower type than its input (float64 models)
         self.dtype = (torch.float64 if any(t.dtype == torch.float64 for t in self.floats)

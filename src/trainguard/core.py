@@ -1,0 +1,253 @@
+"""The decision core: StepStats in -> detectors -> policy -> a plan out, with the records.
+
+It imports no torch (numpy only), so one core serves every training loop: the torch Guard (and
+the GuardedOptimizer and framework callbacks built on it), and loops of other frameworks.
+
+    core = DecisionCore()
+    findings = core.detect(stats)            # StepStats -> findings (recorded, sent to sinks)
+    plan = core.decide(findings)             # the policy's plan: [(action, finding), ...]
+    core.act("skip", "nonfinite: ...")       # the caller carries it out, then records it
+    core.step_count += 1
+
+It owns what a run remembers: the findings and actions (bounded lists, unbounded counts), event
+counters, the statistics history, the step counters, the chance level of the loss, the summary
+and the halt story, and their ``state_dict``. Carrying a plan out (clipping gradients, LR,
+rollback, the optimizer step) belongs to the framework side.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from typing import Any, Callable, Iterable, Sequence
+
+from .detect import Detector, default_detectors
+from .policy import Plan, Policy
+from .report.base import Sink
+from .types import REMEDIES, SEVERE_KINDS, Action, Finding, StepStats, TrainingUnstable
+
+
+def _finding(d: dict[str, Any]) -> Finding:
+    return Finding(**{k: (tuple(v) if k in ("locations", "remedies") else v) for k, v in d.items()})
+
+
+def check_int(name: str, v: Any, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+class DecisionCore:
+    """Detectors, policy and records of one run, free of any framework.
+
+    Args:
+        policy: a :class:`Policy` (default ladders).
+        detectors: detector instances (default: one per finding kind).
+        sinks: listeners (console, JSONL, ...): they receive every finding, action, event and
+            the sampled statistics.
+        keep_records: ``findings`` / ``actions`` keep at most this many recent entries; the
+            counts keep everything.
+        chance_loss: ``"auto"`` (set at the first usable loss by ``infer_chance``), a positive
+            number (ln V), or ``None``.
+        on_action: called with every recorded :class:`Action`.
+    """
+
+    def __init__(self, *, policy: Policy | None = None, detectors: Sequence[Detector] | None = None,
+                 sinks: Iterable[Sink] = (), keep_records: int = 10_000,
+                 chance_loss: float | str | None = "auto",
+                 on_action: Callable[[Action], None] | None = None) -> None:
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a trainguard.Policy, got {type(policy).__name__}")
+        if not (chance_loss is None or chance_loss == "auto" or (
+                isinstance(chance_loss, (int, float)) and not isinstance(chance_loss, bool)
+                and math.isfinite(chance_loss) and chance_loss > 0)):
+            raise ValueError(f"chance_loss must be 'auto', None or a positive number (ln V), "
+                             f"got {chance_loss!r}")
+        self.policy = policy if policy is not None else Policy()
+        self.detectors = list(detectors) if detectors is not None else default_detectors()
+        self.sinks: list[Sink] = list(sinks)
+        self.keep_records = check_int("keep_records", keep_records)
+        self.on_action = on_action
+        self.findings: list[Finding] = []
+        self.actions: list[Action] = []
+        self.finding_counts: Counter[str] = Counter()
+        self.action_counts: Counter[str] = Counter()
+        self.first: dict[str, Finding | Action] = {}  # "finding:kind" / "action:kind" -> first
+        self.history: deque[StepStats] = deque(maxlen=2000)
+        self.counts: Counter[str] = Counter()
+        self.step_count = 0
+        self.applied_steps = 0
+        self.rollbacks = 0
+        self.last_severe = -10**9
+        self.chance_option = chance_loss
+        self.chance_loss: float | None = None  # the level in use
+        if isinstance(chance_loss, (int, float)):
+            self.set_chance(float(chance_loss))
+
+    # -- decisions ---------------------------------------------------------------------------
+    def detect(self, stats: StepStats,
+               infer_chance: Callable[[float], float | None] | None = None) -> list[Finding]:
+        """Every detector over one step's statistics (the chance level is fixed first)."""
+        if self.chance_option == "auto" and self.chance_loss is None and stats.loss_usable:
+            self.chance_option = None  # decided once, at the first usable loss
+            self.set_chance(infer_chance(stats.loss) if infer_chance is not None else None)
+        return [f for d in self.detectors for f in d.update(stats)]
+
+    def decide(self, findings: Sequence[Finding], step: int | None = None) -> Plan:
+        """The policy's plan for these findings (and the bookkeeping of severe steps)."""
+        step = self.step_count if step is None else step
+        if any(f.severe for f in findings):
+            self.last_severe = step
+        return self.policy.decide(findings, step)
+
+    def set_chance(self, level: float | None) -> None:
+        self.chance_loss = level
+        if level is None:
+            return
+        for d in self.detectors:
+            setter = getattr(d, "set_chance", None)
+            if setter is not None:
+                setter(level)
+
+    def reset_detectors(self) -> None:
+        """After a rollback: the windows describe the abandoned trajectory."""
+        for d in self.detectors:
+            d.reset()
+
+    # -- records -----------------------------------------------------------------------------
+    def _record(self, items: list, item: Any, counts: Counter, tag: str) -> None:
+        counts[item.kind] += 1
+        self.first.setdefault(f"{tag}:{item.kind}", item)
+        items.append(item)
+        if len(items) > self.keep_records + self.keep_records // 10 + 1:
+            del items[:len(items) - self.keep_records]  # amortised: trims every ~10% growth
+
+    def emit(self, f: Finding) -> None:
+        self._record(self.findings, f, self.finding_counts, "finding")
+        for s in self.sinks:
+            s.on_finding(f)
+
+    def act(self, kind: str, reason: str, step: int | None = None, **detail: Any) -> Action:
+        a = Action(kind=kind, step=self.step_count if step is None else step, reason=reason,
+                   detail=detail)
+        self._record(self.actions, a, self.action_counts, "action")
+        for s in self.sinks:
+            s.on_action(a)
+        if self.on_action is not None:
+            self.on_action(a)
+        return a
+
+    def event(self, kind: str, step: int | None = None, **data: Any) -> None:
+        self.counts[kind] += 1
+        for s in self.sinks:
+            s.on_event(kind, self.step_count if step is None else step, data)
+
+    def stats(self, stats: StepStats) -> None:
+        for s in self.sinks:
+            s.on_stats(stats)
+
+    # -- words -------------------------------------------------------------------------------
+    def summary(self, lr_scale: float = 1.0) -> str:
+        """A human-readable account of the run so far."""
+        lines = [f"trainguard summary: {self.step_count} steps, {self.applied_steps} updates applied"]
+        if not self.finding_counts and not self.action_counts:
+            lines.append("  no findings, no interventions")
+        by_kind: dict[str, list[Finding]] = {}
+        for f in self.findings:
+            by_kind.setdefault(f.kind, []).append(f)
+        for kind, n in self.finding_counts.items():
+            first = self.first[f"finding:{kind}"]
+            wheres = sorted({f.where for f in by_kind.get(kind, []) + [first] if f.where})
+            at = f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "") if wheres else ""
+            lines.append(f"  finding {kind}: {n}x, first at step {first.step}{at}")
+            lines.append(f"    {first.message}")
+        for kind, n in self.action_counts.items():
+            first = self.first[f"action:{kind}"]
+            lines.append(f"  action {kind}: {n}x, first at step {first.step} ({first.reason})")
+        if self.counts.get("scaler_overflow"):
+            lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
+                         f"{self.counts['scaler_overflow']}")
+        if lr_scale != 1.0:
+            lines.append(f"  learning-rate scale now {lr_scale:.3g} of the schedule")
+        kinds = [k for k in self.finding_counts if k in SEVERE_KINDS or k == "plateau"]
+        if kinds:
+            lines.append("  what to change:")
+            for k in kinds:
+                for r in REMEDIES.get(k, ())[:2]:
+                    lines.append(f"    - ({k}) {r}")
+        return "\n".join(lines)
+
+    def story(self, reason: str, finding: Finding | None, lr_scale: float = 1.0) -> str:
+        """The explanation a halt carries: what happened, what was tried, what to change."""
+        lines = [f"trainguard halted training at step {self.step_count}: {reason}."]
+        if finding is not None:
+            at = f" in {finding.where}" if finding.where else ""
+            lines.append(f"What happened: {finding.kind}{at}: {finding.message}")
+        kinds = self.finding_counts
+        if kinds:
+            lines.append("Findings so far: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))
+        acts = Counter({k: n for k, n in self.action_counts.items() if k != "halt"})
+        if acts:
+            lines.append("Repairs tried: " + ", ".join(f"{k} x{n}" for k, n in acts.items())
+                         + f"; learning-rate scale reached {lr_scale:.3g}")
+        kind = finding.kind if finding is not None else None
+        rem = finding.remedies if finding is not None else REMEDIES.get(kind or "", ())
+        if rem:
+            lines.append("What to change:")
+            lines.extend(f"  - {r}" for r in rem)
+        return "\n".join(lines)
+
+    def halt(self, reason: str, finding: Finding | None, lr_scale: float = 1.0) -> TrainingUnstable:
+        """Record the halt, close the sinks, and return the exception to raise."""
+        self.act("halt", reason)
+        story = self.story(reason, finding, lr_scale)
+        self.close(self.summary(lr_scale))
+        return TrainingUnstable(story, self.findings, self.actions)
+
+    def close(self, text: str) -> None:
+        for s in self.sinks:
+            s.close(text)
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values only."""
+        return {
+            "version": 1,
+            "step_count": self.step_count, "applied_steps": self.applied_steps,
+            "rollbacks": self.rollbacks, "counts": dict(self.counts),
+            "chance_loss": self.chance_loss,
+            "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
+            "policy": self.policy.state_dict(),
+            "findings": [f.to_dict() for f in self.findings],
+            "actions": [a.to_dict() for a in self.actions],
+            "finding_counts": dict(self.finding_counts),
+            "action_counts": dict(self.action_counts),
+            "first": {k: v.to_dict() for k, v in self.first.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Not atomic on its own: callers keep a backup (see ``Guard.load_state_dict``)."""
+        self.step_count = state["step_count"]
+        self.applied_steps = state["applied_steps"]
+        self.rollbacks = state["rollbacks"]
+        self.counts = Counter(state.get("counts", {}))
+        if self.step_count > 0 and self.chance_option == "auto":
+            self.chance_option = None  # decided by the run that saved this state
+            self.set_chance(state.get("chance_loss"))
+        saved = state["detectors"]
+        for d in self.detectors:
+            match = next((s for s in saved if s["type"] == type(d).__name__), None)
+            if match is not None:
+                d.load_state_dict(match["state"])
+        self.policy.load_state_dict(state["policy"])
+        self.findings = [_finding(f) for f in state.get("findings", [])]
+        self.actions = [Action(**a) for a in state.get("actions", [])]
+        self.finding_counts = Counter(state.get("finding_counts") or
+                                      Counter(f.kind for f in self.findings))
+        self.action_counts = Counter(state.get("action_counts") or
+                                     Counter(a.kind for a in self.actions))
+        self.first = {k: (_finding(v) if k.startswith("finding:") else Action(**v))
+                      for k, v in (state.get("first") or {}).items()}
+        for f in self.findings:
+            self.first.setdefault(f"finding:{f.kind}", f)
+        for a in self.actions:
+            self.first.setdefault(f"action:{a.kind}", a)

@@ -1,0 +1,204 @@
+"""Hugging Face ``Trainer`` (transformers 5.x): ``GuardCallback`` and ``GuardTrainer``.
+
+    from trainguard.integrations.transformers import GuardCallback, GuardTrainer
+    trainer = GuardTrainer(model=model, args=args, train_dataset=ds)   # guard_options={...}
+    trainer.train()
+    print(trainer.guard.summary())
+
+    # or, on a stock Trainer (statistics read after the Trainer's max_grad_norm clipping):
+    cb = GuardCallback()
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()
+
+What a callback cannot reach, and how this module reaches it:
+
+- *The loss.* Callbacks receive neither the loss nor the gradient norm. The callback reads
+  ``outputs.loss`` through a forward hook on the model (training forwards only; each
+  micro-batch's loss as the model computed it, so gradient accumulation gives their mean), before
+  ``logging_nan_inf_filter`` replaces a NaN loss in the logs: a NaN is a finding here.
+- *The update.* ``on_pre_optimizer_step`` cannot veto the step, so the callback wraps the step
+  of the torch optimizer inside accelerate's ``AcceleratedOptimizer`` (the method accelerate
+  calls, fp16 GradScaler path included). A skip leaves parameters, moments and step counters
+  untouched and is reported to accelerate as a skipped step, so the Trainer does not advance its
+  LR scheduler (``optimizer_step_was_skipped``); ``state.global_step`` still advances (the
+  Trainer counts loop iterations).
+- *Statistics before ``max_grad_norm`` clipping.* The Trainer clips right before
+  ``on_pre_optimizer_step``, through a private method. ``GuardTrainer`` (a ``Trainer``
+  subclass that adds the callback itself) measures and decides just before that clip; the
+  callback alone on a stock Trainer measures after it, so its gradient norms are the clipped ones
+  (NaN/Inf are caught either way; a gradient explosion shows as a loss spike instead).
+  With ``max_grad_norm=0`` both measure the raw gradients.
+
+Also: ``should_save`` is refused while weights are non-finite; findings and actions are added to
+the Trainer's logs (``trainguard/...`` counters, in ``on_log``: integrations that run before the
+callback see them at the next log); a halt raises :class:`trainguard.TrainingUnstable` with the
+story out of ``trainer.train()``.
+
+Not supported: DeepSpeed (it steps inside ``backward``; use ``GuardCallback(observe=True)``,
+which measures, detects and reports but never acts), ``Guard(sync=False)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    import transformers
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover
+    raise ImportError("trainguard.integrations.transformers needs transformers 5.x: "
+                      "pip install 'trainguard[transformers]'") from e
+
+from ..guard import Guard, unwrap_optimizer
+
+_MAJOR = int(transformers.__version__.split(".")[0])
+if _MAJOR != 5:  # pragma: no cover
+    raise ImportError(f"trainguard.integrations.transformers supports transformers 5.x, found "
+                      f"{transformers.__version__}")
+
+
+def _loss_of(out: Any) -> torch.Tensor | None:
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) \
+            and out[0].numel() == 1:
+        loss = out[0]
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return loss.detach().reshape(()).float()
+    return None
+
+
+class GuardCallback(TrainerCallback):
+    """The Guard for a Hugging Face ``Trainer``; ``callback.guard`` once training has begun.
+
+    Args:
+        observe: measure, detect and report only (``Guard.observe``), never act.
+        **guard_options: :class:`trainguard.Guard` keywords; the GradScaler is accelerate's.
+    """
+
+    def __init__(self, observe: bool = False, **guard_options: Any) -> None:
+        if guard_options.get("sync") is False:
+            raise ValueError("GuardCallback does not support sync=False: the Trainer takes the "
+                             "optimizer step, so the Guard decides on the host before it")
+        if "scaler" in guard_options:
+            raise ValueError("GuardCallback takes the GradScaler from accelerate; do not pass "
+                             "scaler=")
+        self.observe = bool(observe)
+        self.options = guard_options
+        self.guard: Guard | None = None
+        self._losses: list[torch.Tensor] = []
+        self._go: bool | None = None
+        self._hook: Any = None
+        self._undo: list[Any] = []
+        self._logged: dict[str, int] = {}
+
+    # -- set-up -----------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        if model is None or optimizer is None:
+            raise ValueError("GuardCallback: the Trainer passed no model/optimizer to "
+                             "on_train_begin (transformers 5.x expected)")
+        inner = unwrap_optimizer(optimizer)
+        options = dict(self.options)
+        options.setdefault("console", state.is_world_process_zero)
+        self.guard = Guard(model, inner, scaler=getattr(optimizer, "scaler", None), **options)
+        self._hook = model.register_forward_hook(self._capture)
+        if not self.observe:
+            self._wrap(optimizer, inner)
+
+    def _capture(self, module: Any, args: Any, out: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            loss = _loss_of(out)
+            if loss is not None:
+                self._losses.append(loss)
+
+    def _window_loss(self) -> torch.Tensor | None:
+        losses, self._losses = self._losses, []
+        return torch.stack(losses).mean() if losses else None
+
+    def _wrap(self, accelerated: Any, inner: torch.optim.Optimizer) -> None:
+        orig = getattr(accelerated, "_optimizer_original_step_method", None) or inner.step
+        marks = hasattr(accelerated, "_is_overflow")
+
+        def guarded(*a: Any, **k: Any) -> Any:
+            go, self._go = self._go, None
+            if go is None:
+                go = self.guard.decide_step(self._window_loss()) if self.guard else True
+            if marks and getattr(accelerated, "scaler", None) is None:
+                accelerated._is_overflow = not go  # the Trainer then holds its scheduler
+            if not go:
+                return None
+            if hasattr(accelerated, "_accelerate_step_called"):
+                accelerated._accelerate_step_called = True  # the scaler path: "stepped"
+            assert self.guard is not None
+            with self.guard.applying():
+                return orig(*a, **k)
+
+        if getattr(accelerated, "scaler", None) is not None and hasattr(
+                accelerated, "_optimizer_patched_step_method"):
+            old = accelerated._optimizer_patched_step_method
+            accelerated._optimizer_patched_step_method = guarded
+            self._undo.append(lambda: setattr(accelerated, "_optimizer_patched_step_method", old))
+        else:
+            had = inner.__dict__.get("step")
+            inner.step = guarded  # type: ignore[method-assign]
+            self._undo.append(lambda: setattr(inner, "step", had) if had is not None
+                              else inner.__dict__.pop("step", None))
+
+    def _teardown(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.guard is not None and not self.guard._closed:
+            self.guard.close()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._teardown()
+
+    # -- per step ---------------------------------------------------------------------------
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.observe and self.guard is not None:
+            self.guard.observe(self._window_loss())
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kwargs: Any) -> None:
+        if control.should_save and model is not None and not all(
+                torch.isfinite(p).all() for p in model.parameters()):
+            control.should_save = False  # never write non-finite weights
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        if logs is None or self.guard is None:
+            return
+        for kind, n in self.guard.finding_counts.items():
+            logs[f"trainguard/finding/{kind}"] = n
+        for kind, n in self.guard.action_counts.items():
+            logs[f"trainguard/action/{kind}"] = n
+
+
+class GuardTrainer(Trainer):
+    """A ``Trainer`` with the Guard attached, measuring before ``max_grad_norm`` clipping.
+
+    ``GuardTrainer(..., guard_options={...})``; ``trainer.guard`` is the Guard once training
+    has begun. Needed only for pre-clip statistics: the Trainer clips in a private method that
+    no callback can precede (see the module docstring)."""
+
+    def __init__(self, *args: Any, guard_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard_callback = GuardCallback(**(guard_options or {}))
+        self.add_callback(self.guard_callback)
+
+    @property
+    def guard(self) -> Guard | None:
+        return self.guard_callback.guard
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        cb = self.guard_callback
+        if cb.guard is not None and not cb.observe:
+            cb._go = cb.guard.decide_step(cb._window_loss())  # before the Trainer's clip
+        return super()._clip_grad_norm(model)
+
+
+__all__ = ["GuardCallback", "GuardTrainer"]

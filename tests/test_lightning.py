@@ -1,0 +1,152 @@
+"""Lightning 2.x adapter (issue #10, item 3): real, tiny Trainer runs on CPU."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+L = pytest.importorskip("lightning.pytorch")
+from trainguard.integrations.lightning import GuardCallback  # noqa: E402
+
+import trainguard as tg  # noqa: E402
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    return torch.utils.data.TensorDataset(x, y)
+
+
+class Net(L.LightningModule):
+    def __init__(self, lr=1e-2, nan_at=None, lr_boost=None, manual=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+        self.lr, self.nan_at, self.lr_boost = lr, nan_at, lr_boost
+        self.automatic_optimization = not manual
+        self.losses: list[float] = []
+        self.calls = 0
+
+    def _loss(self, batch):
+        x, y = batch
+        if self.nan_at is not None and self.calls == self.nan_at:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        self.calls += 1
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return self._loss(batch)
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = self._loss(batch)
+        self.manual_backward(loss)
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.lr_boost is not None:
+            start, stop, factor = self.lr_boost
+            for g in self.trainer.optimizers[0].param_groups:
+                g["lr"] = self.lr * (factor if start <= self.calls < stop else 1.0)
+
+
+def _fit(model, callbacks=(), steps=40, **kw):
+    loader = torch.utils.data.DataLoader(_data(), batch_size=32, shuffle=False)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks), **kw)
+    trainer.fit(model, loader)
+    return trainer
+
+
+def _params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("kw", [{}, {"gradient_clip_val": 1.0}, {"accumulate_grad_batches": 2},
+                                {"precision": "bf16-mixed"}])
+def test_healthy_run_is_the_bare_run(kw):
+    bare = Net()
+    _fit(bare, **kw)
+    cb = GuardCallback(console=False)
+    guarded = Net()
+    _fit(guarded, [cb], **kw)
+    g = cb.guard
+    assert g is not None and g.step_count == (40 if "accumulate_grad_batches" not in kw else 40)
+    assert not [f for f in g.findings if f.severe], [str(f) for f in g.findings]
+    assert not [a for a in g.actions if a.kind != "clip"], [str(a) for a in g.actions]
+    for a, b in zip(_params(bare), _params(guarded)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_nan_batch_is_skipped_at_its_step(manual):
+    cb = GuardCallback(console=False)
+    m = Net(nan_at=25, manual=manual)
+    _fit(m, [cb])
+    g = cb.guard
+    assert [a.step for a in g.actions if a.kind == "skip"] == [25]
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    ref = Net()
+    _fit(ref)
+    assert abs(m.losses[-1] - ref.losses[-1]) < 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="Lightning runs '16-mixed' on CUDA only (bench/gpu.sh runs it)")
+def test_fp16_mixed_precision_scaler_protocol_kept():
+    cb = GuardCallback(console=False)
+    m = Net(nan_at=20)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=32)
+    trainer = L.Trainer(max_steps=40, accelerator="cuda", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb], precision="16-mixed")
+    trainer.fit(m, loader)
+    g = cb.guard
+    assert g.scaler is not None
+    assert 20 in [f.step for f in g.findings if f.kind == "nonfinite"]
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_lr_times_100_is_repaired_or_halted_with_the_story():
+    cb = GuardCallback(console=False)
+    m = Net(lr=1e-2, lr_boost=(20, 26, 1e4))
+    try:
+        _fit(m, [cb], steps=60)
+    except tg.TrainingUnstable as e:
+        assert "trainguard halted" in str(e)
+    g = cb.guard
+    assert {a.kind for a in g.actions} & {"skip", "rollback", "lr_backoff", "clip", "halt"}
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_observe_only_never_acts():
+    cb = GuardCallback(observe=True, console=False)
+    m = Net(nan_at=10)
+    bare = Net(nan_at=10)
+    _fit(bare, steps=20)
+    _fit(m, [cb], steps=20)
+    assert any(f.kind == "nonfinite" for f in cb.guard.findings)
+    assert cb.guard.actions == []
+    for a, b in zip(_params(bare), _params(m)):
+        assert torch.equal(a, b) or (torch.isnan(a).any() and torch.isnan(b).any())
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="sync=False"):
+        GuardCallback(sync=False)
+    with pytest.raises(ValueError, match="scaler"):
+        GuardCallback(scaler=object())

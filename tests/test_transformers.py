@@ -1,0 +1,109 @@
+"""Hugging Face Trainer adapter (issue #10, item 4): real, tiny Trainer runs on CPU."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from trainguard.integrations.transformers import GuardCallback, GuardTrainer  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class Tiny(nn.Module):
+    """A plain module with the Trainer's contract: forward(**batch) -> {"loss", "logits"}."""
+
+    def __init__(self, nan_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+        self.nan_at, self.calls, self.losses = nan_at, 0, []
+
+    def forward(self, x, labels=None):
+        if self.training:
+            if self.calls == self.nan_at:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            self.calls += 1
+        logits = self.net(x)
+        loss = nn.functional.cross_entropy(logits, labels)
+        if self.training:
+            self.losses.append(float(loss.detach()))
+        return {"loss": loss, "logits": logits}
+
+
+def _dataset(n=512):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=16,
+                learning_rate=1e-2, report_to=[], logging_steps=10, save_strategy="no",
+                use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
+                disable_tqdm=True, lr_scheduler_type="linear")
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _train(tmp_path, model, cls=transformers.Trainer, callbacks=(), **kw):
+    extra = {"guard_options": kw.pop("guard_options")} if "guard_options" in kw else {}
+    tr = cls(model=model, args=_args(tmp_path, **kw), train_dataset=_dataset(),
+             callbacks=list(callbacks), **extra)
+    tr.train()
+    return tr
+
+
+@pytest.mark.parametrize("kw", [{}, {"gradient_accumulation_steps": 2}, {"max_grad_norm": 0.0}])
+def test_healthy_run_is_the_bare_run(tmp_path, kw):
+    bare = Tiny()
+    _train(tmp_path, bare, **kw)
+    cb = GuardCallback(console=False)
+    m = Tiny()
+    _train(tmp_path, m, callbacks=[cb], **kw)
+    g = cb.guard
+    assert g.step_count == 30
+    assert all(s.loss_known for s in g.history)
+    assert not [f for f in g.findings if f.severe], [str(f) for f in g.findings]
+    assert not [a for a in g.actions if a.kind != "clip"], [str(a) for a in g.actions]
+    for a, b in zip(bare.parameters(), m.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_trainer", [False, True])
+def test_nan_batch_is_skipped_and_the_scheduler_holds(tmp_path, use_trainer):
+    m = Tiny(nan_at=12)
+    if use_trainer:
+        tr = _train(tmp_path, m, cls=GuardTrainer, guard_options={"console": False})
+        g = tr.guard
+    else:
+        cb = GuardCallback(console=False)
+        tr = _train(tmp_path, m, callbacks=[cb])
+        g = cb.guard
+    assert [a.step for a in g.actions if a.kind == "skip"] == [12]
+    assert any(f.kind == "nonfinite" and f.step == 12 for f in g.findings)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    # 29 applied updates: the linear schedule stepped 29 times, not 30
+    assert tr.lr_scheduler.last_epoch == 29
+    ref = Tiny()
+    _train(tmp_path, ref)
+    assert abs(m.losses[-1] - ref.losses[-1]) < 0.15
+
+
+def test_guard_trainer_measures_before_max_grad_norm(tmp_path):
+    tr = _train(tmp_path, Tiny(), cls=GuardTrainer, guard_options={"console": False},
+                max_grad_norm=1e-3, max_steps=5)
+    assert max(s.grad_norm for s in tr.guard.history) > 1e-2  # the raw norms, not 1e-3
+
+
+def test_observe_only_never_acts(tmp_path):
+    cb = GuardCallback(observe=True, console=False)
+    m = Tiny(nan_at=5)
+    _train(tmp_path, m, callbacks=[cb], max_steps=10)
+    assert any(f.kind == "nonfinite" for f in cb.guard.findings)
+    assert cb.guard.actions == []
