@@ -150,3 +150,30 @@ def test_bad_options_are_refused():
         GuardCallback(sync=False)
     with pytest.raises(ValueError, match="scaler"):
         GuardCallback(scaler=object())
+
+
+def test_findings_reach_the_loggers_and_state_is_checkpointed(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+    cb = GuardCallback(console=False)
+    m = Net(nan_at=12)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=32)
+    trainer = L.Trainer(max_steps=20, accelerator="cpu", devices=1,
+                        logger=CSVLogger(str(tmp_path), name="run"), enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(m, loader)
+    text = "".join(p.read_text() for p in tmp_path.rglob("metrics.csv"))
+    assert "trainguard/action/skip" in text and "trainguard/finding/nonfinite" in text
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=False)["trainguard"]
+    assert saved["action_counts"] == {"skip": 1}
+
+
+def test_no_checkpoint_of_nonfinite_weights(tmp_path):
+    cb = GuardCallback(console=False)
+    m = Net()
+    _fit(m, [cb], steps=5)
+    with torch.no_grad():
+        m.net[0].weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        cb.on_save_checkpoint(None, m, {})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from .detect import Detector, default_detectors
 from .policy import Plan, Policy
@@ -27,7 +27,9 @@ from .types import REMEDIES, SEVERE_KINDS, Action, Finding, StepStats, TrainingU
 
 
 def _finding(d: dict[str, Any]) -> Finding:
-    return Finding(**{k: (tuple(v) if k in ("locations", "remedies") else v) for k, v in d.items()})
+    fields: dict[str, Any] = {k: (tuple(v) if k in ("locations", "remedies") else v)
+                              for k, v in d.items()}
+    return Finding(**fields)
 
 
 def check_int(name: str, v: Any, minimum: int = 1) -> int:
@@ -155,14 +157,15 @@ class DecisionCore:
         for f in self.findings:
             by_kind.setdefault(f.kind, []).append(f)
         for kind, n in self.finding_counts.items():
-            first = self.first[f"finding:{kind}"]
+            first = cast(Finding, self.first[f"finding:{kind}"])
             wheres = sorted({f.where for f in by_kind.get(kind, []) + [first] if f.where})
             at = f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "") if wheres else ""
             lines.append(f"  finding {kind}: {n}x, first at step {first.step}{at}")
             lines.append(f"    {first.message}")
         for kind, n in self.action_counts.items():
-            first = self.first[f"action:{kind}"]
-            lines.append(f"  action {kind}: {n}x, first at step {first.step} ({first.reason})")
+            first_action = cast(Action, self.first[f"action:{kind}"])
+            lines.append(f"  action {kind}: {n}x, first at step {first_action.step} "
+                         f"({first_action.reason})")
         if self.counts.get("scaler_overflow"):
             lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
                          f"{self.counts['scaler_overflow']}")

@@ -141,13 +141,13 @@ def deferred_step(guard: "Guard", loss: Any) -> bool:
     if not scaled and getattr(opt, "_step_supports_amp_scaling", False):
         # fused optimizers skip inside their kernel, step counters included (the GradScaler
         # protocol): an exact device-side skip without any backup copy
-        opt.grad_scale = None
-        opt.found_inf = (~ok).float().to(guard.probe.device)
+        setattr(opt, "grad_scale", None)
+        setattr(opt, "found_inf", (~ok).float().to(guard.probe.device))
         try:
             guard._optimizer_step(False)
         finally:
-            del opt.grad_scale
-            del opt.found_inf
+            delattr(opt, "grad_scale")
+            delattr(opt, "found_inf")
         guard._backup = None
         late: list = []
     else:

@@ -22,7 +22,7 @@ import os
 import warnings
 import weakref
 from collections import Counter, deque
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -254,6 +254,7 @@ class Guard:
         self._closed = False
         self._observed: list[Any] = []  # losses shown by observe_loss since the last step
         self._outside = False  # decide_step: the framework takes the optimizer step itself
+        self._backup: Any = None  # sync=False: preallocated copies for the device-side select
         self.sampler.arm()  # the first forward is probed
         from .loopcheck import LoopCheck
         me = weakref.ref(self)  # hooks must not keep the Guard alive
@@ -642,7 +643,9 @@ class Guard:
         if not with_params and not (stats.loss_finite and stats.grads_finite):
             # something is non-finite: measure the parameters now (rare, off the healthy path)
             # so that corrupted weights are named at once
-            _, _, pn, _, _ = self.probe.measure(0.0, with_params=True)
+            _, _, pn_now, _, _ = self.probe.measure(0.0, with_params=True)
+            assert pn_now is not None
+            pn = pn_now
             with np.errstate(over="ignore", invalid="ignore"):
                 stats.param_norms = self.probe.group_norms(pn, self.probe._all_idx).tolist()
                 stats.param_norm = float(np.sqrt(np.sum(np.square(pn))))
@@ -717,7 +720,7 @@ class Guard:
         self._capture.release()
         return out
 
-    def _halt(self, reason: str, finding: Finding | None) -> None:
+    def _halt(self, reason: str, finding: Finding | None) -> NoReturn:
         err = self.core.halt(reason, finding, self.lr.scale)
         self._detach()
         raise err
@@ -776,9 +779,9 @@ class Guard:
                            f"schedule (policy.min_lr_scale={self.policy.min_lr_scale:g})", f)
             if lr_cause:
                 self.counts["lr_cause_cuts"] += 1
-            before, after = self.lr.backoff(factor, recover=not lr_cause)
-            self._act("lr_backoff", f"{f.kind}: learning-rate scale {before:.3g} -> {after:.3g}",
-                      before=before, after=after, finding=f.kind)
+            was, now = self.lr.backoff(factor, recover=not lr_cause)
+            self._act("lr_backoff", f"{f.kind}: learning-rate scale {was:.3g} -> {now:.3g}",
+                      before=was, after=now, finding=f.kind)
         return skip
 
     def _execute(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], scaled: bool) -> bool:
@@ -880,8 +883,8 @@ class Guard:
             with torch.no_grad():
                 diffs = list(torch._foreach_sub(params, before))
                 n = len(params)
-                v = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=self.probe.norm_dtype))
-                v = self.probe._reduce(v, n_norms=2 * n).cpu().numpy()
+                vt = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=self.probe.norm_dtype))
+                v = self.probe._reduce(vt, n_norms=2 * n).cpu().numpy()
                 dn, bn = v[:n], v[n:]
             idx = np.arange(len(dn))
             gd, gb = self.probe.group_norms(dn, idx), self.probe.group_norms(bn, idx)

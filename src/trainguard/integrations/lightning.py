@@ -42,7 +42,7 @@ try:
 except ImportError:  # pragma: no cover - the standalone package
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
-        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef,assignment]
     except ImportError as e:
         raise ImportError("trainguard.integrations.lightning needs Lightning 2.x: "
                           "pip install 'trainguard[lightning]'") from e
