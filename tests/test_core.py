@@ -82,3 +82,17 @@ def test_unknown_loss_is_not_a_finding():
                       loss_known=False)
         assert core.detect(s) == []
         core.step_count += 1
+
+
+def test_deferred_mode_is_built_on_the_pieces_not_on_the_guard():
+    """sync=False uses the core, the step probe and the executor: it imports no Guard and
+    reaches into no Guard (issue #10: it drove 15 private members and overwrote step_count)."""
+    import ast
+    import inspect
+
+    import trainguard.deferred as deferred
+    tree = ast.parse(inspect.getsource(deferred))
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "guard" not in modules and not any((m or "").endswith(".guard") for m in modules)
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert "guard" not in names and "Guard" not in names

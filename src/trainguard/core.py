@@ -86,6 +86,28 @@ class DecisionCore:
             self.set_chance(float(chance_loss))
 
     # -- decisions ---------------------------------------------------------------------------
+    def run(self, stats: StepStats, *, infer_chance: Callable[[float], float | None] | None = None,
+            refine: Callable[[list[Finding], StepStats], list[Finding]] | None = None,
+            plan: bool = True) -> tuple[list[Finding], Plan, bool]:
+        """The one decision loop every mode shares: detectors, the locate hook (``refine``), the
+        records and sinks, the policy. Dated with ``stats.step``. Returns (findings, plan,
+        severe); ``plan=False`` (observe-only) records and reports but plans nothing."""
+        findings = self.detect(stats, infer_chance)
+        if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
+            self.event("scaler_overflow", step=stats.step, loss_scale=stats.loss_scale)
+        if refine is not None:
+            findings = refine(findings, stats)
+        for f in findings:
+            self.emit(f)
+        severe = any(f.severe for f in findings)
+        if plan:
+            out = self.decide(findings, stats.step)
+        else:
+            out = Plan()
+            if severe:
+                self.last_severe = stats.step
+        return findings, out, severe
+
     def detect(self, stats: StepStats,
                infer_chance: Callable[[float], float | None] | None = None) -> list[Finding]:
         """Every detector over one step's statistics (the chance level is fixed first)."""
@@ -179,9 +201,11 @@ class DecisionCore:
                     lines.append(f"    - ({k}) {r}")
         return "\n".join(lines)
 
-    def story(self, reason: str, finding: Finding | None, lr_scale: float = 1.0) -> str:
+    def story(self, reason: str, finding: Finding | None, lr_scale: float = 1.0,
+              step: int | None = None) -> str:
         """The explanation a halt carries: what happened, what was tried, what to change."""
-        lines = [f"trainguard halted training at step {self.step_count}: {reason}."]
+        at = self.step_count if step is None else step
+        lines = [f"trainguard halted training at step {at}: {reason}."]
         if finding is not None:
             at = f" in {finding.where}" if finding.where else ""
             lines.append(f"What happened: {finding.kind}{at}: {finding.message}")
@@ -199,10 +223,11 @@ class DecisionCore:
             lines.extend(f"  - {r}" for r in rem)
         return "\n".join(lines)
 
-    def halt(self, reason: str, finding: Finding | None, lr_scale: float = 1.0) -> TrainingUnstable:
+    def halt(self, reason: str, finding: Finding | None, lr_scale: float = 1.0,
+             step: int | None = None) -> TrainingUnstable:
         """Record the halt, close the sinks, and return the exception to raise."""
-        self.act("halt", reason)
-        story = self.story(reason, finding, lr_scale)
+        self.act("halt", reason, step=step)
+        story = self.story(reason, finding, lr_scale, step)
         self.close(self.summary(lr_scale))
         return TrainingUnstable(story, self.findings, self.actions)
 

@@ -27,16 +27,17 @@ without a sync.
 """
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from .core import DecisionCore
+from .measure import StepProbe
 from .remedies.clip import AGC
-from .stats import _local, build_stats
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .guard import Guard
+from .remedies.executor import Executor
+from .stats import _local
 
 #: statistics vectors in flight before the host waits for the oldest (CUDA); a decision
 #: (rollback, LR backoff, halt) comes at most this many steps after the step it is about
@@ -49,30 +50,32 @@ class _Backup:
     def __init__(self) -> None:
         self.bufs: dict[int, torch.Tensor] = {}
 
-    def targets(self, guard: "Guard") -> list[torch.Tensor]:
+    def targets(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         ts: list[torch.Tensor] = []
-        for p in guard.probe.params:
+        for p in params:
             ts.append(_local(p.data))
-            for v in guard.optimizer.state.get(p, {}).values():
+            for v in optimizer.state.get(p, {}).values():
                 if isinstance(v, torch.Tensor):
                     ts.append(_local(v))
         return ts
 
     @torch.no_grad()
-    def save(self, guard: "Guard") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def save(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer
+             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         pairs = []
-        for t in self.targets(guard):
+        for t in self.targets(params, optimizer):
             b = self.bufs.get(id(t))
             if b is None or b.shape != t.shape or b.dtype != t.dtype or b.device != t.device:
                 b = torch.empty_like(t)
                 self.bufs[id(t)] = b
             b.copy_(t)
             pairs.append((t, b))
-        self.had_state = {id(p) for p in guard.probe.params if guard.optimizer.state.get(p)}
+        self.had_state = {id(p) for p in params if optimizer.state.get(p)}
         return pairs
 
     @torch.no_grad()
-    def select(self, guard: "Guard", pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    def select(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+               pairs: list[tuple[torch.Tensor, torch.Tensor]],
                ok: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keep the update where ``ok`` (a device bool), else restore the saved values. Tensors
         on another device than ``ok`` (Adam's CPU step counters beside CUDA weights) cannot be
@@ -85,10 +88,10 @@ class _Backup:
             else:
                 late.append((t, t - b))
         # state created by this step (first update): reset it to its initial zeros on a skip
-        for p in guard.probe.params:
+        for p in params:
             if id(p) in self.had_state:
                 continue
-            for k, v in guard.optimizer.state.get(p, {}).items():
+            for k, v in optimizer.state.get(p, {}).items():
                 if isinstance(v, torch.Tensor):
                     lv = _local(v)
                     if lv.device == ok.device:
@@ -109,121 +112,115 @@ def _ready(entry: tuple) -> bool:
     return event is None or event.query()
 
 
-def deferred_step(guard: "Guard", loss: Any) -> bool:
-    pending = guard._pending
-    while pending and (_ready(pending[0]) or len(pending) >= MAX_IN_FLIGHT):
-        drain(guard)
-    if not guard.snapshots.snaps and guard.rollbacks == 0:
-        guard.snapshots.take(guard.step_count)
-    scaled = guard._scaler_ready()
-    extra, names, kinds = guard._extra_tensors(scaled)
-    with_params = guard.step_count % guard.param_norm_every == 0
-    known = loss is not None
-    vec, idx, n_norms = guard.probe.measure_device(loss if known else math.nan,
-                                                   with_params=with_params, extra=extra)
-    grads = [p.grad for p in guard.probe.params if p.grad is not None]
-    with torch.no_grad():
-        # only the norms and the loss decide (sampled activation stats use NaN as "n/a")
-        ok = torch.isfinite(vec[:n_norms]).all()
-        if known:  # an unknown loss (NaN placeholder) decides nothing
-            ok = ok & torch.isfinite(vec[-1])
-        clipper = guard.clipper
-        if clipper is not None and not isinstance(clipper, AGC) and grads:
-            thr = clipper.threshold()
-            if thr != float("inf"):
-                total = vec[:len(idx)].square().sum().sqrt()
-                coef = torch.clamp(thr / (total + 1e-6), max=1.0)
-                coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
-        elif isinstance(clipper, AGC):
-            clipper.apply(guard.probe.params)
-    opt = guard.optimizer
-    if not scaled and getattr(opt, "_step_supports_amp_scaling", False):
-        # fused optimizers skip inside their kernel, step counters included (the GradScaler
-        # protocol): an exact device-side skip without any backup copy
-        setattr(opt, "grad_scale", None)
-        setattr(opt, "found_inf", (~ok).float().to(guard.probe.device))
-        try:
-            guard._optimizer_step(False)
-        finally:
-            delattr(opt, "grad_scale")
-            delattr(opt, "found_inf")
-        guard._backup = None
+class DeferredStepper:
+    """``sync=False`` on the same pieces as the default mode: the step probe measures (into a
+    device vector), the executor steps and, once the host reads the vector, carries out the
+    late part of the core's plan (rollback, LR backoff, halt), dated with the step it is about."""
+
+    def __init__(self, core: DecisionCore, measure: StepProbe, executor: Executor, *,
+                 infer_chance: Callable[[float], float | None],
+                 release: Callable[[], None]) -> None:
+        self.core, self.measure, self.executor = core, measure, executor
+        self.infer_chance = infer_chance
+        self.release = release  # drop locate's references (no replay in this mode)
+        self.pending: deque[tuple] = deque()
+        self.backup: _Backup | None = None
+
+    def step(self, loss: Any, step: int) -> bool:
+        """Measure, skip on the device when non-finite, clip, step; decide later."""
+        pending = self.pending
+        while pending and (_ready(pending[0]) or len(pending) >= MAX_IN_FLIGHT):
+            self.drain_one()
+        ex, measure = self.executor, self.measure
+        if not ex.snapshots.snaps and self.core.rollbacks == 0:
+            ex.snapshots.take(step)
+        scaled = ex.scaler_ready()
+        vec, idx, n_norms, meta = measure.device_vector(loss, step, scaled)
+        known = meta[-1]
+        params = measure.probe.params
+        grads = [p.grad for p in params if p.grad is not None]
+        with torch.no_grad():
+            # only the norms and the loss decide (sampled activation stats use NaN as "n/a")
+            ok = torch.isfinite(vec[:n_norms]).all()
+            if known:  # an unknown loss (NaN placeholder) decides nothing
+                ok = ok & torch.isfinite(vec[-1])
+            clipper = ex.clipper
+            if clipper is not None and not isinstance(clipper, AGC) and grads:
+                thr = clipper.threshold()
+                if thr != float("inf"):
+                    total = vec[:len(idx)].square().sum().sqrt()
+                    coef = torch.clamp(thr / (total + 1e-6), max=1.0)
+                    coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+                    torch._foreach_mul_(grads, coef.to(grads[0].device))
+            elif isinstance(clipper, AGC):
+                clipper.apply(params)
+        opt = ex.optimizer
         late: list = []
-    else:
-        backup = getattr(guard, "_backup", None) or _Backup()
-        guard._backup = backup
-        pairs = backup.save(guard) if not scaled else []
-        guard._optimizer_step(scaled)
-        late = backup.select(guard, pairs, ok) if not scaled else []
-    if vec.device.type == "cuda":
-        host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
-        host.copy_(vec, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-    else:
-        host, event = vec, None
-    pending.append((guard.step_count, host, event, idx, with_params, names, kinds, scaled, late,
-                    known))
-    if guard._capture is not None:
-        guard._capture.release()  # no replay in this mode: keep no references across steps
-    if guard.scheduler is not None:
-        guard.scheduler.step()
-    return True
+        if not scaled and getattr(opt, "_step_supports_amp_scaling", False):
+            # fused optimizers skip inside their kernel, step counters included (the
+            # GradScaler protocol): an exact device-side skip without any backup copy
+            setattr(opt, "grad_scale", None)
+            setattr(opt, "found_inf", (~ok).float().to(measure.probe.device))
+            try:
+                ex.optimizer_step(False)
+            finally:
+                delattr(opt, "grad_scale")
+                delattr(opt, "found_inf")
+            self.backup = None
+        else:
+            backup = self.backup or _Backup()
+            self.backup = backup
+            pairs = backup.save(params, opt) if not scaled else []
+            ex.optimizer_step(scaled)
+            late = backup.select(params, opt, pairs, ok) if not scaled else []
+        if vec.device.type == "cuda":
+            host = torch.empty(vec.shape, dtype=vec.dtype, pin_memory=True)
+            host.copy_(vec, non_blocking=True)
+            event: Any = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = vec, None
+        pending.append((step, host, event, meta, late))
+        self.release()
+        if ex.scheduler is not None:
+            ex.scheduler.step()
+        return True
 
-
-def drain(guard: "Guard") -> None:
-    """Read the oldest pending step's statistics on the host and act on them."""
-    step, host, event, idx, with_params, names, kinds, scaled, late, known = guard._pending.popleft()
-    if event is not None:
-        event.synchronize()
-    h = host.numpy().astype("float64") if host.device.type == "cpu" else host.cpu().numpy()
-    gn, idx, pn, ev, lv = guard.probe.split(h, idx, with_params)
-    scale, acts = guard._unpack_extra(ev, names, kinds)
-    if acts:
-        acts.pop("__found_inf__", None)
-        acts = acts or None
-    stats = build_stats(step, guard.probe, gn, idx, pn, float(lv[0]), lr=guard._current_lr(),
-                        loss_scale=scale, activations=acts, optimizer=guard._opt_kind)
-    stats.loss_known = known
-    ok = bool(stats.loss_finite and stats.grads_finite and stats.params_finite)
-    if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
-        stats.scaler_overflow = True
-    guard.history.append(stats)
-    saved_count = guard.step_count
-    guard.step_count = step  # findings and actions carry the step they are about
-    try:
-        findings = guard._detect(stats)
-        if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
-            guard._event("scaler_overflow", loss_scale=stats.loss_scale)
-        for f in findings:
-            guard._emit_finding(f)
+    def drain_one(self) -> None:
+        """Read the oldest pending step's statistics on the host and act on them."""
+        step, host, event, meta, late = self.pending.popleft()
+        if event is not None:
+            event.synchronize()
+        h = host.numpy().astype(np.float64) if host.device.type == "cpu" else host.cpu().numpy()
+        ex, core = self.executor, self.core
+        stats = self.measure.host_stats(step, h, meta, ex.current_lr())
+        ok = bool(stats.loss_finite and stats.grads_finite and stats.params_finite)
+        core.history.append(stats)
+        findings, plan, severe = core.run(stats, infer_chance=self.infer_chance)
         if not ok and not stats.scaler_overflow:
             undo_late(late)
-            guard._act("skip", "non-finite values: update discarded on the device (parameters, "
-                               "optimizer moments and step counters untouched)", finding="nonfinite")
-        if guard.clipper is not None and not isinstance(guard.clipper, AGC) and ok:
-            thr = guard.clipper.threshold()
-            guard.clipper.coefficient(stats.grad_norm)  # update the statistics
+            core.act("skip", "non-finite values: update discarded on the device (parameters, "
+                             "optimizer moments and step counters untouched)", step=step,
+                     finding="nonfinite")
+        clipper = ex.clipper
+        if clipper is not None and not isinstance(clipper, AGC) and ok:
+            thr = clipper.threshold()
+            clipper.coefficient(stats.grad_norm)  # update the statistics
             if stats.grad_norm > thr:
-                guard._act("clip", f"{guard.clipper.name} clipping (on device): gradient norm "
-                                   f"{stats.grad_norm:.4g} -> {thr:.4g}", norm=stats.grad_norm,
-                           threshold=thr)
-        plan = guard.policy.decide(findings, step)
-        late_plan = [(a, f) for a, f in plan.actions if a in ("halt", "rollback", "lr_backoff")]
-        plan.actions = late_plan
-        severe = any(f.severe for f in findings)
-        if severe:
-            guard._last_severe = step
+                core.act("clip", f"{clipper.name} clipping (on device): gradient norm "
+                                 f"{stats.grad_norm:.4g} -> {thr:.4g}", step=step,
+                         norm=stats.grad_norm, threshold=thr)
+        plan.actions = [(a, f) for a, f in plan.actions if a in ("halt", "rollback", "lr_backoff")]
         if plan:
-            guard._late_remedies(plan, scaled=False)
-        guard.lr.tick(troubled=severe)
-        rolled = any(a == "rollback" for a, _ in late_plan)
+            ex.late(plan, step, scaled=False)
+        ex.lr.tick(troubled=severe)
+        rolled = "rollback" in plan.kinds()
         if rolled:
-            # the steps still in flight belong to the abandoned trajectory
-            guard._pending.clear()
+            self.pending.clear()  # the steps still in flight belong to the abandoned trajectory
         applied = ok and not rolled
-        guard.last_step_applied = applied
-        guard._after_step(stats, applied, severe)
-    finally:
-        guard.step_count = saved_count
+        ex.after_step(stats, applied, severe, step)
+
+    def drain(self) -> None:
+        """Read every step whose statistics are still in flight."""
+        while self.pending:
+            self.drain_one()

@@ -84,6 +84,10 @@ class SnapshotStore:
         self.every, self.keep, self.device = every, keep, device
         self.snaps: list[Snapshot] = []
         self._spare: Snapshot | None = None
+        # the step of the snapshot last restored and the step it was restored at (numbers, not
+        # the snapshot: holding it would keep a dropped snapshot's tensors alive)
+        self.restored_step = -1
+        self.restored_at = -1
 
     @torch.no_grad()
     def take(self, step: int, extra: dict[str, Any] | None = None) -> Snapshot:
@@ -118,8 +122,25 @@ class SnapshotStore:
         older = [s for s in self.snaps if s.step <= before_step]
         return older[-1] if older else self.snaps[0]
 
+    def choose(self, before_step: int, healthy: Any = None) -> Snapshot | None:
+        """The snapshot a rollback at ``before_step + 1`` restores: the newest taken at or before
+        ``before_step``, or before ``healthy`` (the last step a detector saw healthy, e.g. before
+        units were killed). A snapshot restored since that healthy step holds the damage too:
+        it is dropped and the one before it chosen."""
+        before = before_step
+        if isinstance(healthy, int) and 0 <= healthy < before:
+            before = healthy
+        snap = self.pick(before_step=before)
+        if (isinstance(healthy, int) and snap is not None and snap.step == self.restored_step
+                and healthy < self.restored_at):
+            self.drop(snap)
+            snap = self.pick(before_step=before)
+        return snap
+
     @torch.no_grad()
-    def restore(self, snap: Snapshot) -> None:
+    def restore(self, snap: Snapshot, at_step: int = -1) -> None:
+        """Restore ``snap`` into the model, optimizer, scaler and RNGs (at step ``at_step``)."""
+        self.restored_step, self.restored_at = snap.step, at_step
         snap.wait()
         for p, saved in zip(self.params, snap.params):
             _local(p.data).copy_(saved)

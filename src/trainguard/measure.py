@@ -1,0 +1,341 @@
+"""The torch side's measurement of one step: gradients, parameters, optimizer state, normalisation
+buffers, the GradScaler's verdict and the sampled activations in one device vector, turned into a
+:class:`StepStats` record; and the post-update statistics of sampled steps (update-to-weight
+ratios, Adam's epsilon dominance, 16-bit swamping).
+
+``StepProbe`` owns the fused norm probe (:class:`~trainguard.stats.Probe`), the activation sampler
+(and its cadence) and the BatchNorm running-statistics copy. It decides nothing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .remedies.buffers import RunningStats
+from .stats import ActivationSampler, Probe, _local, build_stats, optimizer_kind
+from .types import StepStats
+
+
+def scaler_enabled(scaler: Any) -> bool:
+    return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
+
+
+def scaler_stage_ready(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """True when the scaler has not unscaled this optimizer's gradients yet."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    stage = states[id(optimizer)]["stage"] if states is not None else None
+    return stage is None or getattr(stage, "name", "") == "READY"
+
+
+class StepProbe:
+    """Measures steps of ``model`` trained by ``optimizer`` (see the module docstring).
+
+    Args:
+        sample_every: activation probes and post-update statistics on the first step and every
+            this many steps (every ``sample_every // 10`` during a close watch).
+        param_norm_every: parameter norms, optimizer-state norms and buffer checks every this
+            many steps (and at once on a non-finite step).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, *,
+                 sharded: bool, process_group: Any, sample_every: int,
+                 param_norm_every: int) -> None:
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.probe = Probe(model, optimizer, sharded=sharded, process_group=process_group)
+        self.sampler = ActivationSampler(model)
+        self.running = RunningStats(model)  # BatchNorm statistics a skipped batch must not keep
+        self.sample_every = sample_every
+        self.param_norm_every = param_norm_every
+        self.watch_until = -1  # close watch (frequent probes) after a rollback
+        self.opt_kind = optimizer_kind(optimizer)
+        self.post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
+        self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
+        self._state_owner: list[int] = []
+        self.sampler.arm()  # the first forward is probed
+
+    # -- cadence ----------------------------------------------------------------------------
+    def arm_if_due(self, step: int) -> None:
+        """``step`` is the number of the next step."""
+        every = self.sample_every
+        if step <= self.watch_until:
+            every = max(1, every // 10)
+        if step % every == 0:
+            self.sampler.arm()
+
+    def watch(self, step: int) -> None:
+        """After a rollback: probe the restored weights at once, then often for a while."""
+        self.sampler.arm()
+        self.watch_until = step + self.sample_every
+
+    def with_params(self, step: int) -> bool:
+        return step % self.param_norm_every == 0
+
+    # -- the step's vector --------------------------------------------------------------------
+    def extra_tensors(self, scaled: bool, buffers: bool = False
+                      ) -> tuple[list[torch.Tensor], list[str], dict]:
+        extra: list[torch.Tensor] = []
+        names: list[str] = []
+        n_buf = {}
+        if buffers and self.running:
+            extra.append(self.running.norms())
+            names.append("__buffers__")
+            n_buf = {"__buffers__": len(self.running.floats)}
+        if buffers:
+            state, self._state_owner = self.optimizer_state_tensors()
+            if state:
+                with torch.no_grad():
+                    extra.append(torch.stack(torch._foreach_norm(state, 2,
+                                                                 dtype=self.probe.norm_dtype)))
+                names.append("__optstate__")
+                n_buf["__optstate__"] = len(state)
+        if scaled and getattr(self.scaler, "_scale", None) is not None:
+            extra.append(self.scaler._scale.detach().float().reshape(1))
+            names.append("__scale__")
+        found = self.scaler_found_inf() if scaled else None
+        if found is not None:
+            extra.append(found)
+            names.append("__found_inf__")
+        acts = self.sampler.collect()
+        for name, (kind, t) in acts.items():
+            extra.append(t)
+            names.append(name)
+        return extra, names, {**{n: k for n, (k, _) in acts.items()}, **n_buf}
+
+    def optimizer_state_tensors(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Floating-point optimizer state shaped like its parameter (moments, square averages,
+        momentum buffers), with the index of the parameter each belongs to. Read on the
+        parameter-norm cadence: Inf in Adam's exp_avg_sq freezes a weight silently (issue #12,
+        item 3)."""
+        out: list[torch.Tensor] = []
+        owner: list[int] = []
+        state = self.optimizer.state
+        for i, p in enumerate(self.probe.params):
+            st = state.get(p)
+            if not st:
+                continue
+            for v in st.values():
+                if (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0
+                        and v.numel() == p.numel()):
+                    out.append(_local(v.detach()))
+                    owner.append(i)
+        return out, owner
+
+    def scaler_found_inf(self) -> torch.Tensor | None:
+        """The scaler's own verdict after ``unscale_`` (the inf/NaN count it will skip the
+        step on), as a 1-element tensor for the step's one transfer; None when the scaler
+        keeps no such state (then the verdict is inferred from the gradient norms)."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        st = states.get(id(self.optimizer)) if isinstance(states, dict) else None
+        found = st.get("found_inf_per_device") if isinstance(st, dict) else None
+        if not found:
+            return None
+        dev = self.probe.device
+        return torch.stack([t.detach().to(dev, torch.float32).reshape(()) for t in found.values()]
+                           ).sum().reshape(1)
+
+    @staticmethod
+    def unpack_extra(vals: np.ndarray, names: list[str], kinds: dict) -> tuple[float | None, dict | None]:
+        scale = None
+        acts: dict[str, dict] = {}
+        i = 0
+        for n in names:
+            if n == "__scale__":
+                scale = float(vals[i])
+                i += 1
+                continue
+            if n == "__found_inf__":
+                acts["__found_inf__"] = {"value": float(vals[i])}
+                i += 1
+                continue
+            if n in ("__buffers__", "__optstate__"):
+                k = int(kinds[n])
+                acts[n] = {"values": vals[i:i + k]}
+                i += k
+                continue
+            dead, sat, q, units = vals[i:i + 4]
+            i += 4
+            if kinds[n] == "recurrent":  # backward signal through time (first vs last step)
+                first, last = float(dead), float(sat)
+                acts[n] = {"kind": "recurrent", "dead_fraction": None, "saturated_fraction": None,
+                           "second_moment": None, "steps": int(units),
+                           "time_grad_ratio": first / last if last > 0 else math.nan}
+                continue
+            if kinds[n] == "softmax":  # attention: one-hot row fraction and max |logit|
+                acts[n] = {"kind": "softmax", "dead_fraction": None,
+                           "saturated_fraction": None if math.isnan(sat) else float(sat),
+                           "second_moment": None, "max_logit": float(q), "units": int(units)}
+                continue
+            acts[n] = {"kind": kinds[n], "dead_fraction": None if math.isnan(dead) else float(dead),
+                       "saturated_fraction": None if math.isnan(sat) else float(sat),
+                       "second_moment": float(q), "units": int(units)}
+        return scale, (acts or None)
+
+    # -- the default mode: one transfer -------------------------------------------------------
+    def measure(self, loss: torch.Tensor | float | None, step: int, *, scaled: bool,
+                lr: float | None, divide: float | None = None) -> tuple[StepStats, list]:
+        """The step's statistics (one host transfer; rare extra reads on non-finite steps).
+        ``divide``: the gradients are still multiplied by a loss scale (observe-only)."""
+        known = loss is not None
+        if loss is None:
+            loss = math.nan
+        with_params = self.with_params(step)
+        extra, names, kinds = self.extra_tensors(scaled, buffers=with_params)
+        probe = self.probe
+        gn, idx, pn, ev, lv = probe.measure(loss, with_params=with_params, extra=extra)
+        scale, acts = self.unpack_extra(ev, names, kinds)
+        found = acts.pop("__found_inf__", None) if acts else None
+        bufs = acts.pop("__buffers__", None) if acts else None
+        ost = acts.pop("__optstate__", None) if acts else None
+        if acts is not None and not acts:
+            acts = None
+        if not np.isfinite(gn).all():
+            # rare path: a norm that overflowed fp32 (finite values ~1e20 square past 3.4e38)
+            # is not a non-finite gradient; fp64 tells them apart
+            gn = probe.exact_grad_norms(gn)
+        if divide:
+            gn = gn / divide
+        stats = build_stats(step, probe, gn, idx, pn, float(lv[0]), lr=lr, loss_scale=scale,
+                            activations=acts, optimizer=self.opt_kind, optimizer_state=self.post)
+        stats.loss_known = known
+        self.post = None
+        if found is not None:
+            # the scaler's own verdict: it skips exactly when it found inf/NaN (issue #12: a
+            # norm overflow was taken for a scaler skip, the scaler applied the update, and
+            # guard.step returned False)
+            stats.scaler_overflow = found["value"] > 0 and stats.loss_finite and stats.params_finite
+        elif scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
+            stats.scaler_overflow = True
+        if not with_params and not (stats.loss_finite and stats.grads_finite):
+            # something is non-finite: measure the parameters now (rare, off the healthy path)
+            # so that corrupted weights are named at once
+            _, _, pn_now, _, _ = probe.measure(0.0, with_params=True)
+            assert pn_now is not None
+            with np.errstate(over="ignore", invalid="ignore"):
+                stats.param_norms = probe.group_norms(pn_now, probe._all_idx).tolist()
+                stats.param_norm = float(np.sqrt(np.sum(np.square(pn_now))))
+            if self.running:
+                bufs = {"values": self.running.norms().cpu().numpy()}
+        if stats.param_norms is not None and not stats.params_finite:
+            # an fp32 norm overflows for finite weights of ~1e19: tell them from NaN/Inf
+            pn64 = probe.exact_param_norms()
+            g64 = probe.group_norms(pn64, probe._all_idx)
+            with np.errstate(over="ignore", invalid="ignore"):
+                huge = [m for m, a, b in zip(probe.modules, stats.param_norms, g64)
+                        if not math.isfinite(a) and math.isfinite(b)]
+            if huge:
+                stats.huge_param_modules = huge
+                stats.param_norms = g64.tolist()
+                stats.param_norm = float(np.sqrt(np.sum(np.square(pn64))))
+        if ost is not None:
+            bad = np.flatnonzero(~np.isfinite(ost["values"]))
+            if len(bad):
+                stats.nonfinite_optimizer_modules = sorted(
+                    {probe.modules[probe.group[self._state_owner[i]]] for i in bad})
+        if bufs is not None:
+            ok = np.isfinite(bufs["values"])
+            if ok.all():
+                self.running.keep()  # verified: the copy a skip restores
+            else:
+                stats.nonfinite_buffers = sorted({self.running.names[i] for i in np.flatnonzero(~ok)})
+                self.running.restore()
+        return stats, probe.last_grads
+
+    # -- sync=False: the vector stays on the device --------------------------------------------
+    def device_vector(self, loss: torch.Tensor | float | None, step: int, scaled: bool
+                      ) -> tuple[torch.Tensor, Any, int, tuple]:
+        """(vector, index, number of norms, what the host needs to read it later)."""
+        known = loss is not None
+        extra, names, kinds = self.extra_tensors(scaled)
+        with_params = self.with_params(step)
+        vec, idx, n_norms = self.probe.measure_device(loss if known else math.nan,
+                                                      with_params=with_params, extra=extra)
+        return vec, idx, n_norms, (idx, with_params, names, kinds, scaled, known)
+
+    def host_stats(self, step: int, host: np.ndarray, meta: tuple, lr: float | None) -> StepStats:
+        idx, with_params, names, kinds, scaled, known = meta
+        gn, idx, pn, ev, lv = self.probe.split(host, idx, with_params)
+        scale, acts = self.unpack_extra(ev, names, kinds)
+        if acts:
+            acts.pop("__found_inf__", None)
+            acts = acts or None
+        stats = build_stats(step, self.probe, gn, idx, pn, float(lv[0]), lr=lr,
+                            loss_scale=scale, activations=acts, optimizer=self.opt_kind)
+        stats.loss_known = known
+        if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
+            stats.scaler_overflow = True
+        return stats
+
+    # -- after the update (sampled steps) -------------------------------------------------------
+    def before_update(self, stats: StepStats) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """On a sampled step: the parameters and a copy of them, to diff after the update."""
+        if stats.activations is None:
+            return None
+        params = [_local(p.detach()) for p in self.probe.params]
+        return params, [p.clone() for p in params]
+
+    def after_update(self, saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+                     stats: StepStats) -> None:
+        """Update-to-weight ratios into ``stats``; optimizer-state statistics for the next
+        step's record (``self.post``)."""
+        if saved is None:
+            return
+        params, before = saved
+        probe = self.probe
+        with torch.no_grad():
+            diffs = list(torch._foreach_sub(params, before))
+            n = len(params)
+            vt = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=probe.norm_dtype))
+            v = probe._reduce(vt, n_norms=2 * n).cpu().numpy()
+            dn, bn = v[:n], v[n:]
+        idx = np.arange(len(dn))
+        gd, gb = probe.group_norms(dn, idx), probe.group_norms(bn, idx)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(gb > 0, gd / gb, np.nan)
+            stats.update_ratios = ratios.tolist()
+        self.post = self._optimizer_state(params, diffs)
+        if np.isfinite(ratios).any():  # read by the next step's detectors (plateau)
+            self.post = dict(self.post or {}, update_ratio=float(np.nanmedian(ratios)))
+
+    @torch.no_grad()
+    def _optimizer_state(self, params: list[torch.Tensor], diffs: list[torch.Tensor]) -> dict[str, float] | None:
+        """On sampled steps: Adam's epsilon dominance and 16-bit update swamping (one transfer)."""
+        counts: list[torch.Tensor] = []
+        eps_val = None
+        for p, lp, d in zip(self.probe.params, params, diffs):
+            g = p.grad
+            if g is None:
+                continue
+            g = _local(g)
+            z = torch.zeros((), device=lp.device)
+            if lp.dtype in (torch.float16, torch.bfloat16):
+                nz = g != 0
+                counts += [nz.sum().float(), (nz & (d == 0)).sum().float()]
+            else:
+                counts += [z, z]
+            st = self.optimizer.state.get(p, {})
+            grp = self._group_of.get(id(p))
+            v, step = st.get("exp_avg_sq"), st.get("step")
+            if v is not None and step is not None and grp is not None and "eps" in grp and "betas" in grp:
+                eps_val = float(grp["eps"])
+                b2 = float(grp["betas"][1])
+                t = float(step)
+                vh = _local(v).float() / max(1 - b2 ** t, 1e-12)
+                seen = vh > 0
+                counts += [seen.sum().float(), (seen & (vh.sqrt() < eps_val)).sum().float()]
+            else:
+                counts += [z, z]
+        if not counts:
+            return None
+        c = self.probe._reduce(torch.stack([x.to(self.probe.device) for x in counts]), n_norms=0)
+        c = c.cpu().numpy().reshape(-1, 4).sum(axis=0)
+        out: dict[str, float] = {}
+        if c[0] > 0:
+            out["swamped_fraction"] = float(c[1] / c[0])
+        if c[2] > 0:
+            out["eps_dominated_fraction"] = float(c[3] / c[2])
+            out["eps"] = eps_val if eps_val is not None else math.nan
+        return out or None

@@ -1,0 +1,221 @@
+"""The executor: carries out a plan on the torch side (halt, rollback, LR backoff, skip, clip, the
+optimizer step), with the GradScaler's bookkeeping. It decides nothing: the plan comes from the
+:class:`~trainguard.core.DecisionCore`, and every action is recorded there, dated with the step it
+is about (``step=``), so the deferred mode (which acts on a step a few steps late) uses the same
+code.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator, NoReturn
+
+import torch
+
+from ..core import DecisionCore
+from ..measure import StepProbe, scaler_enabled, scaler_stage_ready
+from ..policy import Plan, Policy
+from ..types import Finding, StepStats
+from .clip import AGC, scale_grads
+from .lr import LRController
+from .snapshot import SnapshotStore
+
+
+class Executor:
+    """Carries out plans for one optimizer (see the module docstring).
+
+    ``on_halt`` runs before :class:`~trainguard.TrainingUnstable` is raised (the Guard removes its
+    hooks there). ``outside``: the framework takes the optimizer step itself right after
+    (``Guard.decide_step``): the executor then never steps the optimizer nor touches the scaler's
+    protocol, and ``applying()`` puts the LR scale in force around the framework's step.
+    """
+
+    def __init__(self, core: DecisionCore, measure: StepProbe, optimizer: torch.optim.Optimizer,
+                 *, scaler: Any, scheduler: Any, clipper: Any, lr: LRController,
+                 snapshots: SnapshotStore, loopcheck: Any, log_every: int,
+                 on_halt: Callable[[], None]) -> None:
+        self.core, self.measure, self.optimizer = core, measure, optimizer
+        self.scaler, self.scheduler, self.clipper = scaler, scheduler, clipper
+        self.lr, self.snapshots, self.loopcheck = lr, snapshots, loopcheck
+        self.log_every = log_every
+        self.on_halt = on_halt
+        self.outside = False
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    # -- the GradScaler ---------------------------------------------------------------------
+    def scaler_ready(self) -> bool:
+        """Unscale the gradients if the user has not; False if there is no enabled scaler."""
+        sc = self.scaler
+        if not scaler_enabled(sc):
+            return False
+        if scaler_stage_ready(sc, self.optimizer):
+            sc.unscale_(self.optimizer)
+        return True
+
+    def scale_divisor(self) -> float | None:
+        """Observe-only: the loss scale still in the gradients (never unscale them)."""
+        sc = self.scaler
+        if scaler_enabled(sc) and scaler_stage_ready(sc, self.optimizer):
+            return float(sc.get_scale())
+        return None
+
+    def finish_scaler_step(self, scaled: bool) -> None:
+        """Close the scaler's per-step bookkeeping when no optimizer step is taken (the
+        framework does it when it owns the step)."""
+        if scaled and not self.outside:
+            self.scaler.update()
+
+    def current_lr(self) -> float | None:
+        try:
+            lr = self.optimizer.param_groups[0]["lr"]
+            return float(lr) * self.lr.scale
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+
+    # -- the plan ---------------------------------------------------------------------------
+    def halt(self, reason: str, finding: Finding | None, step: int | None = None) -> NoReturn:
+        err = self.core.halt(reason, finding, self.lr.scale, step)
+        self.on_halt()
+        raise err
+
+    def late(self, plan: Plan, step: int, scaled: bool) -> bool:
+        """halt, rollback and lr_backoff (what can still be done a few steps late); True when
+        the step's update must not be applied."""
+        kinds = plan.kinds()
+        by = dict(plan.actions)
+        core = self.core
+        if "halt" in kinds:
+            f = by["halt"]
+            self.halt(f"{f.kind} is configured to halt the run (policy.halt_on)", f, step)
+        skip = False
+        if "rollback" in kinds:
+            f = by["rollback"]
+            healthy = f.evidence.get("healthy_step") if isinstance(f.evidence, dict) else None
+            snap = self.snapshots.choose(before_step=step - 1, healthy=healthy)
+            if snap is None:
+                self.finish_scaler_step(scaled)
+                self.halt("a rollback was needed but no snapshot is held", f, step)
+            if core.rollbacks >= self.policy.max_rollbacks:
+                self.finish_scaler_step(scaled)
+                self.halt(f"{core.rollbacks} rollbacks did not stabilise the run "
+                          f"(policy.max_rollbacks={self.policy.max_rollbacks})", f, step)
+            self.finish_scaler_step(scaled)
+            scaled = False
+            self.snapshots.restore(snap, at_step=step)
+            core.rollbacks += 1
+            core.reset_detectors()
+            self.measure.watch(step)  # probe the restored weights on the next step, then often
+            core.act("rollback", f"{f.kind}: restored the snapshot of step {snap.step}", step=step,
+                     to_step=snap.step, finding=f.kind)
+            skip = True
+        if "lr_backoff" in kinds:
+            f = by["lr_backoff"]
+            lr_cause = f.evidence.get("cause") == "learning_rate"
+            factor = self.policy.backoff_factor(f, repeat=core.counts["lr_cause_cuts"])
+            if not self.lr.can_backoff(factor):
+                self.finish_scaler_step(scaled)
+                self.halt(f"the learning rate is already down to {self.lr.scale:.3g} of its "
+                          f"schedule (policy.min_lr_scale={self.policy.min_lr_scale:g})", f, step)
+            if lr_cause:
+                core.counts["lr_cause_cuts"] += 1
+            was, now = self.lr.backoff(factor, recover=not lr_cause)
+            core.act("lr_backoff", f"{f.kind}: learning-rate scale {was:.3g} -> {now:.3g}",
+                     step=step, before=was, after=now, finding=f.kind)
+        return skip
+
+    def execute(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], scaled: bool,
+                step: int) -> bool:
+        """The whole plan of a step measured now; returns whether the update was applied."""
+        if self.late(plan, step, scaled):
+            return False
+        by = dict(plan.actions)
+        if "skip" in by:
+            f = by["skip"]
+            if not stats.scaler_overflow:  # else the scaler skips by itself below
+                self.finish_scaler_step(scaled)
+                running = self.measure.running
+                if running:
+                    running.restore()  # the skipped batch's forward leaves no trace
+                self.core.act("skip", f"{f.kind}: update not applied (parameters, optimizer "
+                                      "moments and step counters untouched"
+                              + ("; normalisation running statistics restored" if running else "")
+                              + ")", step=step, finding=f.kind)
+                return False
+        self.clip(plan, stats, grads, step)
+        return self.apply(scaled, stats)
+
+    def clip(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], step: int) -> None:
+        if not stats.grads_finite:
+            return
+        norm = stats.grad_norm
+        thr = math.inf
+        reason = ""
+        clipper = self.clipper
+        if clipper is not None and not isinstance(clipper, AGC):
+            coef = clipper.coefficient(norm)
+            if coef < 1.0:
+                thr, reason = norm * coef, f"{clipper.name} clipping"
+        by = dict(plan.actions)
+        if "clip" in by:
+            f = by["clip"]
+            ref = f.evidence.get("median")
+            if isinstance(ref, (int, float)) and ref > 0 and 2 * ref < thr:
+                thr, reason = 2 * ref, f"{f.kind}: clipped to 2x the median norm"
+            elif not reason:
+                reason = f"{f.kind}: clipped by {clipper.name if clipper else 'policy'}"
+        if isinstance(clipper, AGC):
+            n = clipper.apply(self.measure.probe.params)
+            if n:
+                self.core.act("clip", f"agc: {n} units clipped to {clipper.clip_factor} of "
+                                      "their weight norm", step=step, units=n)
+        if thr < norm:
+            scale_grads(grads, thr / (norm + 1e-6))
+            self.core.act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}", step=step,
+                          norm=norm, threshold=thr)
+
+    # -- the update ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def applying(self) -> Iterator[None]:
+        """The Guard's LR scale in force, and the step not taken for a foreign one."""
+        self.loopcheck.inside = True
+        try:
+            with self.lr.applied(self.optimizer):
+                yield
+        finally:
+            self.loopcheck.inside = False
+
+    def optimizer_step(self, scaled: bool) -> None:
+        """The user's update, at the Guard's LR scale (through the scaler under fp16)."""
+        if self.outside:
+            return  # the framework steps right after decide_step, inside applying()
+        with self.applying():
+            if scaled:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+
+    def apply(self, scaled: bool, stats: StepStats) -> bool:
+        saved = None if self.outside else self.measure.before_update(stats)
+        self.optimizer_step(scaled)
+        if stats.scaler_overflow:
+            return False
+        self.measure.after_update(saved, stats)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return True
+
+    # -- bookkeeping after a step -------------------------------------------------------------
+    def after_step(self, stats: StepStats, applied: bool, severe: bool, step: int,
+                   snapshot: bool = True) -> None:
+        core = self.core
+        if applied:
+            core.applied_steps += 1
+        quiet = step - core.last_severe > 10
+        if snapshot and applied and quiet and (step + 1) % self.snapshots.every == 0:
+            self.snapshots.take(step + 1)
+        if core.sinks and (step % self.log_every == 0 or severe or stats.activations):
+            core.stats(stats)
