@@ -82,6 +82,7 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
         "bare": _loop(model, width),
         "guard": _loop(model, width, guard={}),
         "guard sync=False": _loop(model, width, guard={"sync": False}),
+        "guard param_norm_every=1": _loop(model, width, guard={"param_norm_every": 1}),
         "bare (fused Adam)": _loop(model, width, fused=True),
         "guard sync=False, fused": _loop(model, width, guard={"sync": False}, fused=True),
         "detect_anomaly": _loop(model, width, anomaly=True),

@@ -2,6 +2,8 @@
 fp32 is not the loss scaler's own skip. Each test fails on the code before the fix."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -356,3 +358,115 @@ def test_the_guards_hooks_do_not_travel_with_the_model(tmp_path):
     assert any(f for f in g.history if f.activations)  # the probes still ran on sampled steps
     g.close()
     assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+def _mlp_run(steps, poke_at=None, poke=None, **guard_kw):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    g = tg.Guard(m, o, console=False, **guard_kw)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(steps):
+        x = torch.randn(32, 16, generator=gen)
+        y = (x[:, 0] > 0).long()
+        if t == poke_at:
+            poke(m, o)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        g.step(loss)
+    return m, o, g
+
+
+def _latent_inf(m, o):
+    """-Inf into the bias of a ReLU unit: the unit is dead, the loss and gradients stay finite
+    and the bias never moves again, so only a read of the weights sees it."""
+    with torch.no_grad():
+        m[0].bias[3] = -math.inf
+
+
+def test_a_snapshot_never_holds_corrupted_weights():
+    """Fault campaign (bench/faults.py): Inf injected at step 13 between parameter checks was
+    copied into the step-16 snapshot; the rollback at step 20 restored it and the run ended
+    with Inf weights. Snapshots are verified now: the corrupted one is refused, the rollback
+    restores the verified step-8 snapshot."""
+    m, o, g = _mlp_run(24, poke_at=13, poke=_latent_inf, snapshot_every=8)
+    g.close()
+    assert g.counts.get("snapshot_refused", 0) >= 1
+    rb = [a for a in g.actions if a.kind == "rollback"]
+    assert rb and rb[0].detail["to_step"] <= 13
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_a_run_never_ends_on_corruption_made_after_the_last_check():
+    m, o, g = _mlp_run(23, poke_at=21, poke=_latent_inf, snapshot_every=8)
+    assert not all(torch.isfinite(p).all() for p in m.parameters())  # not yet seen
+    g.close()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert any(a.kind == "rollback" and "at close" in a.reason for a in g.actions)
+    assert any(f.kind == "nonfinite" and f.origin == "parameters" for f in g.findings)
+
+
+def test_finite_but_huge_weights_are_named():
+    def huge(m, o):
+        with torch.no_grad():
+            m[0].bias[3] = -3e16
+    m, o, g = _mlp_run(22, poke_at=15, poke=huge)
+    f = [f for f in g.findings if f.kind == "nonfinite" and f.origin == "parameters"]
+    assert f and f[0].step == 20 and "huge" in f[0].message
+    g.close()
+    assert all(p.abs().max() < 1e15 for p in m.parameters())
+
+
+def test_an_absurd_early_loss_is_a_spike():
+    """A bit flip in a logit (1.4 -> 1.9e36) at step 17 left the loss at 1.9e36 with normal
+    gradients: no finding before the loss-spike detector had 20 steps of history."""
+    from trainguard.detect import LossSpikeDetector
+    d = LossSpikeDetector()
+    from trainguard.types import StepStats
+    for t in range(17):
+        assert d.update(StepStats(step=t, loss=1.4 - 0.01 * t, grad_norm=1.0)) == []
+    f = d.update(StepStats(step=17, loss=1.9e36, grad_norm=1.0))
+    assert f and f[0].kind == "loss_spike"
+    assert d.update(StepStats(step=18, loss=1.2, grad_norm=1.0)) == []
+
+
+def test_a_fed_back_hidden_state_is_not_called_the_batch():
+    """The PyTorch examples' RNN LM feeds the hidden state of the last batch back in; when it
+    went NaN the halt blamed "the batch" (args[1]). It is named as the model's own output now,
+    and the remedy says to reset it (on_reset does)."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.rnn = nn.GRU(8, 16, batch_first=True)
+            self.out = nn.Linear(16, 20)
+            self.poison = False
+
+        def forward(self, x, h):
+            y, h = self.rnn(self.emb(x), h)
+            if self.poison:
+                h = h * float("nan")  # the state handed back to the loop goes bad
+            return self.out(y), h
+
+    torch.manual_seed(0)
+    m = LM()
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    resets = []
+    g = tg.Guard(m, o, console=False, on_reset=resets.append)
+    h = torch.zeros(1, 4, 16)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(6):
+        x = torch.randint(0, 20, (4, 6), generator=gen)
+        o.zero_grad()
+        m.poison = t == 3
+        logits, h_new = m(x, h)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 20), x.reshape(-1))
+        loss.backward()
+        g.step(loss)
+        h = h_new.detach()
+    f = [f for f in g.findings if f.kind == "nonfinite" and f.step == 4]
+    assert f, [str(x) for x in g.findings]
+    assert f[0].where == "args[1]" and f[0].evidence["locate"].get("fed_back") is True
+    assert "fed back" in f[0].message and "on_reset" in f[0].remedies[0]
+    assert [a.step for a in resets] == [4, 5]

@@ -132,8 +132,6 @@ class DeferredStepper:
         while pending and (_ready(pending[0]) or len(pending) >= MAX_IN_FLIGHT):
             self.drain_one()
         ex, measure = self.executor, self.measure
-        if not ex.snapshots.snaps and self.core.rollbacks == 0:
-            ex.snapshots.take(step)
         scaled = ex.scaler_ready()
         vec, idx, n_norms, meta = measure.device_vector(loss, step, scaled)
         known = meta[-1]

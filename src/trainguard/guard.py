@@ -308,6 +308,8 @@ class Guard:
         step = self.core.step_count
         self.loopcheck.before(step)
         if self._deferred is not None:
+            if not self.snapshots.snaps and self.core.rollbacks == 0:
+                self.executor.snapshot(step)  # before any update (verified)
             applied = self._deferred.step(loss, step)
         else:
             applied = self._finish(self._decide(loss))
@@ -374,8 +376,35 @@ class Guard:
             return
         if self._deferred is not None:
             self._deferred.drain()
+        if self.core.step_count > 0:
+            self._final_check()
         self._detach()
         self.core.close(self.summary())
+
+    def _final_check(self) -> None:
+        """At close, one read of parameters, optimizer state and buffers: a run never ends on
+        state corrupted since the last check (issue #12: faults in the last steps before a
+        parameter check left Inf or 1e33 weights). Corrupted state is reported and the newest
+        verified snapshot restored (with a ``rollback`` action); with none held, the finding
+        says so."""
+        from .detect.nonfinite import NonFiniteDetector
+        step = self.core.step_count
+        stats, _ = self.measure.measure(None, step, scaled=False, lr=None, force_params=True)
+        bad = (not stats.params_finite or stats.huge_param_modules
+               or stats.nonfinite_optimizer_modules or stats.nonfinite_buffers)
+        if not bad:
+            return
+        findings = NonFiniteDetector().update(stats)
+        for f in findings:
+            self.core.emit(f)
+        f = findings[0] if findings else None
+        snap = self.snapshots.choose(before_step=step - 1)
+        if f is not None and snap is not None and f.origin != "buffers":
+            self.snapshots.restore(snap, at_step=step)
+            self.core.rollbacks += 1
+            self.core.act("rollback", f"at close: {f.kind} ({f.origin}): restored the verified "
+                                      f"snapshot of step {snap.step}", step=step,
+                          to_step=snap.step, finding=f.kind)
 
     def __enter__(self) -> "Guard":
         return self
@@ -479,7 +508,7 @@ class Guard:
         step = self.core.step_count
         ex = self.executor
         if not observe and not self.snapshots.snaps and self.core.rollbacks == 0:
-            self.snapshots.take(step)  # before any update: the last-resort rollback
+            ex.snapshot(step)  # before any update: the last-resort rollback (verified)
         scaled = False if observe else ex.scaler_ready()
         divide = ex.scale_divisor() if observe else None
         stats, grads = self.measure.measure(loss, step, scaled=scaled, lr=ex.current_lr(),

@@ -19,6 +19,15 @@ from .remedies.buffers import RunningStats
 from .stats import ActivationSampler, Probe, _local, build_stats, optimizer_kind
 from .types import StepStats
 
+#: A module whose weights' norm exceeds this is corrupted even though finite. No trained layer
+#: comes near it (weight norms of real models are O(1)-O(1e3); fp16's largest value is 65504),
+#: while a flipped exponent bit turns an ordinary weight into ~1e38 and a runaway update leaves
+#: 1e20-1e37 (the fault campaign, bench/faults.py): 1e15 sits orders of magnitude from both.
+HUGE_WEIGHT = 1e15
+#: Optimizer state above this is corrupted: Adam's exp_avg_sq would need gradients of 1e15, a
+#: momentum buffer gradients of 1e30 (an exponent bit flip leaves ~1e38; bench/faults.py).
+HUGE_STATE = 1e30
+
 
 def scaler_enabled(scaler: Any) -> bool:
     return scaler is not None and bool(getattr(scaler, "is_enabled", lambda: True)())
@@ -55,6 +64,7 @@ class StepProbe:
         self.post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._state_owner: list[int] = []
+        self.force_params = False  # read parameters etc. at the next step whatever the cadence
         self.sampler.arm()  # the first forward is probed
 
     # -- cadence ----------------------------------------------------------------------------
@@ -73,6 +83,15 @@ class StepProbe:
 
     def with_params(self, step: int) -> bool:
         return step % self.param_norm_every == 0
+
+    def agree(self, ok: bool) -> bool:
+        """``ok`` on every rank (a MIN all-reduce when distributed; the same flag otherwise)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or self.probe._world() == 1:
+            return ok
+        t = torch.tensor([1.0 if ok else 0.0], device=self.probe.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.probe.process_group)
+        return bool(t.item() > 0)
 
     # -- the step's vector --------------------------------------------------------------------
     def extra_tensors(self, scaled: bool, buffers: bool = False
@@ -176,13 +195,17 @@ class StepProbe:
 
     # -- the default mode: one transfer -------------------------------------------------------
     def measure(self, loss: torch.Tensor | float | None, step: int, *, scaled: bool,
-                lr: float | None, divide: float | None = None) -> tuple[StepStats, list]:
+                lr: float | None, divide: float | None = None,
+                force_params: bool = False) -> tuple[StepStats, list]:
         """The step's statistics (one host transfer; rare extra reads on non-finite steps).
-        ``divide``: the gradients are still multiplied by a loss scale (observe-only)."""
+        ``divide``: the gradients are still multiplied by a loss scale (observe-only).
+        ``force_params``: read parameters, optimizer state and buffers this step whatever the
+        cadence (after a snapshot failed its check, and at close)."""
         known = loss is not None
         if loss is None:
             loss = math.nan
-        with_params = self.with_params(step)
+        with_params = force_params or self.force_params or self.with_params(step)
+        self.force_params = False
         extra, names, kinds = self.extra_tensors(scaled, buffers=with_params)
         probe = self.probe
         gn, idx, pn, ev, lv = probe.measure(loss, with_params=with_params, extra=extra)
@@ -230,6 +253,10 @@ class StepProbe:
                 stats.huge_param_modules = huge
                 stats.param_norms = g64.tolist()
                 stats.param_norm = float(np.sqrt(np.sum(np.square(pn64))))
+        elif stats.param_norms is not None and stats.param_norm is not None \
+                and stats.param_norm > HUGE_WEIGHT:
+            stats.huge_param_modules = [m for m, a in zip(probe.modules, stats.param_norms)
+                                        if a > HUGE_WEIGHT]
         if ost is not None:
             bad = np.flatnonzero(~np.isfinite(ost["values"]))
             if len(bad):

@@ -36,8 +36,8 @@ class NonFiniteDetector(Detector):
                 kind="nonfinite", step=s.step, where=huge[0], locations=tuple(huge),
                 severity="critical", origin="parameters",
                 message=(f"the weights of {', '.join(huge[:3])}{' ...' if len(huge) > 3 else ''}"
-                         " are finite but huge: their norm overflows fp32 (|w| ~1e19 or more; "
-                         "a previous update or a load corrupted them)"),
+                         f" are finite but huge (weight norm {s.param_norm:.3g}, above 1e15: "
+                         "a runaway update, a load or a bit flip corrupted them)"),
                 evidence={"loss": s.loss, "grad_norm": s.grad_norm, "param_norm": s.param_norm,
                           "huge_param_modules": huge},
             )]

@@ -21,6 +21,8 @@ Loss spike, after ``min_history`` = 20 steps, when all three hold:
     converged loss (zoo ``adam_stale_second_moment``; Bai et al. 2025). An order of magnitude
     separates the two with room on both sides.
   Losses that are not all positive fall back to ``z`` = 7 on the raw values (OLMo 2).
+  In the first ``min_history`` steps one rule judges: the loss is more than ``early_ratio`` =
+  1e4 times the largest loss so far (see ``LossSpikeDetector.early_ratio`` for the numbers).
 
 Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
   * ``log(norm)`` is more than ``z`` = 4 standard deviations above the window's mean;
@@ -178,14 +180,27 @@ class LossSpikeDetector(_LogJump):
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 2.0,
                  floor: float = 0.1, min_history: int = 20, jump: float = 2.5,
-                 gradual: float = 10.0) -> None:
+                 gradual: float = 10.0, early_ratio: float = 1e4) -> None:
         super().__init__(window, z, ratio, min_history)
         check_positive("floor", floor)
         check_positive("jump", jump)
         check_positive("gradual", gradual)
+        check_positive("early_ratio", early_ratio)
         self.floor = floor
         self.jump = jump
         self.gradual = gradual
+        #: In the first ``min_history`` steps (no statistics yet) a loss more than this many
+        #: times the largest loss so far is a spike. 1e4 is far above any healthy start: the
+        #: catapult phase of a large learning rate raises the loss at most ~7x (zoo control
+        #: ``healthy_gpt_no_warmup``; issue #9), and an LR too high ruins a run by 10-20x over
+        #: several steps (lr_* scenarios: 4.5 -> ~50 nats), which the divergence rules own.
+        #: The fault campaign (bench/faults.py) injects a logit bit flip whose loss is 1.9e36
+        #: after a healthy 1.4: without this rule it went unreported until step 20.
+        self.early_ratio = early_ratio
+
+    def _early(self, v: float) -> bool:
+        h = self.history
+        return bool(h) and math.isfinite(v) and max(h) > 0 and v > self.early_ratio * max(h)
 
     def _floor_ok(self, v: float, med: float) -> bool:
         prev = self.history[-1] if self.history else None

@@ -23,10 +23,19 @@ import torch
 from torch import nn
 
 from ..types import Finding
-from ._replay import (Location, autocast_state, nonfinite_params, parameters_location,
-                      replay_step, tensor_leaves, unwrap)
+from ._replay import (Location, _arg_path, autocast_state, nonfinite_params,
+                      parameters_location, replay_step, tensor_leaves, unwrap)
 
 _RANDOM_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _signature(t: torch.Tensor) -> tuple:
+    """Storage identity of a tensor (``h.detach()`` shares its storage with ``h``)."""
+    try:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype,
+                t.device)
+    except (RuntimeError, NotImplementedError):  # tensors without storage (fake, sparse)
+        return (id(t),)
 
 
 def has_randomness(model: nn.Module) -> bool:
@@ -153,6 +162,9 @@ class StepCapture:
             return None
         self._hooked = True
         leaves = tensor_leaves(out)
+        # signatures of this step's outputs: a later input with the same storage is the
+        # model's own output fed back (an RNN's hidden state), not the batch (issue #12, 10)
+        self._outputs_now = {_signature(t) for _, t in leaves}
         self.grads = [None] * len(leaves)
         if self.keep_output_grad:
             for i, (_, t) in enumerate(leaves):
@@ -170,6 +182,8 @@ class StepCapture:
     # ------------------------------------------------------------------ protocol
     def release(self) -> None:
         """End of a step: drop the references to this step's inputs and gradients."""
+        self._prev_outputs = getattr(self, "_outputs_now", set())
+        self._outputs_now: set = set()
         self._prev_healthy = self.taken and not self._refined
         self._updated = False
         self._clear()
@@ -238,9 +252,33 @@ class StepCapture:
         # so only this rank's replay (its output gradient) can blame the loss function
         loss = float(loss) if isinstance(loss, (int, float)) and _world() == 1 else None
         grads = self.grads if any(g is not None for g in self.grads) else None
-        return replay_step(self.inner, self.args, self.kwargs or {}, grad_outputs=grads,
-                           loss_value=loss, rng=self.rng, cuda_rng=self.cuda_rng,
-                           autocast=self.autocast, grad_enabled=True)
+        loc = replay_step(self.inner, self.args, self.kwargs or {}, grad_outputs=grads,
+                          loss_value=loss, rng=self.rng, cuda_rng=self.cuda_rng,
+                          autocast=self.autocast, grad_enabled=True)
+        if loc.origin == "input":
+            self._name_fed_back(loc)
+        return loc
+
+    def _name_fed_back(self, loc: Location) -> None:
+        """An input that is the model's own output of the previous step (a recurrent hidden
+        state fed back by the loop) is named as such, not as the batch: a skip cannot clean
+        it, the loop must reset it (``Guard(on_reset=...)``)."""
+        prev = getattr(self, "_prev_outputs", set())
+        if not prev:
+            return
+        for path, t in tensor_leaves((self.args or (), self.kwargs or {})):
+            if _arg_path(path) == loc.where and _signature(t) in prev:
+                loc.evidence["fed_back"] = True
+                loc.message = (f"model input {loc.where} is the model's own output of the "
+                               "previous step, fed back by the training loop (a recurrent "
+                               "hidden state), and it holds NaN/Inf: a skipped step does not "
+                               "clean it; reset it in Guard(on_reset=...) (e.g. re-initialise "
+                               "the hidden state) or detach and re-create it each batch")
+                loc.remedies = ("reset the fed-back state on a skip or rollback: "
+                                "tg.Guard(model, opt, on_reset=lambda action: reset_hidden())",
+                                "find the step that first made it non-finite (an exploding "
+                                "recurrence: clip gradients, lower the LR)")
+                return
 
     def _update_explains(self, names: list[str]) -> bool:
         """Positive evidence that the last update made the weights non-finite: the

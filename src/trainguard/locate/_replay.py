@@ -309,6 +309,8 @@ class Location:
     locations: tuple[str, ...] = ()
     evidence: dict[str, Any] = field(default_factory=dict)
     finding: Finding | None = None
+    #: what to change, when it differs from the origin's usual remedies (a fed-back state)
+    remedies: tuple[str, ...] = ()
 
     @property
     def found(self) -> bool:
@@ -327,7 +329,7 @@ class Location:
             msg = f"{self.message} (detector: {base.message})"
         elif base is not None and not self.found:
             msg = f"{base.message}; replay: {self.message}"
-        rem = _ORIGIN_REMEDIES.get(self.origin or "", ())
+        rem = self.remedies or _ORIGIN_REMEDIES.get(self.origin or "", ())
         rem = rem + tuple(r for r in (base.remedies if base is not None else ()) if r not in rem)
         where = self.where if self.found else (base.where if base is not None else "")
         locs = self.locations if self.found else (base.locations if base is not None else ())

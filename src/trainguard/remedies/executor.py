@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, NoReturn
 import torch
 
 from ..core import DecisionCore
-from ..measure import StepProbe, scaler_enabled, scaler_stage_ready
+from ..measure import HUGE_STATE, HUGE_WEIGHT, StepProbe, scaler_enabled, scaler_stage_ready
 from ..policy import Plan, Policy
 from ..types import Finding, StepStats
 from .clip import AGC, scale_grads
@@ -209,6 +209,19 @@ class Executor:
         return True
 
     # -- bookkeeping after a step -------------------------------------------------------------
+    def snapshot(self, step: int) -> bool:
+        """Take a rollback snapshot of verified state only (issue #12: a snapshot taken between
+        parameter checks held the corruption a later rollback restored). A failed check takes
+        none and has the next step read parameters, optimizer state and buffers, so the
+        corruption is named and rolled back to an older verified snapshot."""
+        if not self.measure.agree(self.snapshots.verify(HUGE_WEIGHT, HUGE_STATE)):
+            self.measure.force_params = True
+            self.core.event("snapshot_refused", step=step,
+                            reason="parameters, optimizer state or buffers failed the check")
+            return False
+        self.snapshots.take(step)
+        return True
+
     def after_step(self, stats: StepStats, applied: bool, severe: bool, step: int,
                    snapshot: bool = True) -> None:
         core = self.core
@@ -216,6 +229,6 @@ class Executor:
             core.applied_steps += 1
         quiet = step - core.last_severe > 10
         if snapshot and applied and quiet and (step + 1) % self.snapshots.every == 0:
-            self.snapshots.take(step + 1)
+            self.snapshot(step + 1)
         if core.sinks and (step % self.log_every == 0 or severe or stats.activations):
             core.stats(stats)

@@ -14,6 +14,7 @@ the copies is waited on only when the snapshot is restored.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,24 @@ class SnapshotStore:
                         rng=_rng_state(), extra=dict(extra or {}), event=event)
         self.snaps.append(snap)
         return snap
+
+    @torch.no_grad()
+    def verify(self, huge: float, huge_state: float) -> bool:
+        """Every parameter finite and below ``huge`` in magnitude, every optimizer-state tensor
+        finite and below ``huge_state``, every float buffer finite: a snapshot of anything else
+        would be restored by a rollback as if it were good (one read of the state, at snapshot
+        cadence only)."""
+        params = [_local(p.detach()) for p in self.params]
+        bufs = [_local(b) for b in self.model.buffers() if b.is_floating_point()]
+        state = [_local(v) for p in self.params for v in self.optimizer.state.get(p, {}).values()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
+        for group, limit in ((params, huge), (state, huge_state), (bufs, math.inf)):
+            group = [t for t in group if t.numel()]  # a shard can be empty (FSDP)
+            if group:
+                m = torch.stack([t.float() for t in torch._foreach_norm(group, math.inf)])
+                if not bool(torch.isfinite(m).all()) or float(m.max()) >= limit:
+                    return False
+        return True
 
     def pick(self, before_step: int) -> Snapshot | None:
         """The newest snapshot taken at or before ``before_step`` (else the oldest held)."""
