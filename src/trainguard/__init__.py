@@ -15,13 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from .core import DecisionCore
+from .monitor import Decision, Monitor
 from .policy import DEFAULT_LADDER, Policy
 from .types import (ACTION_KINDS, FINDING_KINDS, Action, Finding, StepStats,
                     TrainingUnstable)
 
 __version__ = "0.1.0"
 
-__all__ = ["Guard", "GuardedOptimizer", "DecisionCore", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
+__all__ = ["Guard", "GuardedOptimizer", "DecisionCore", "Monitor", "Decision", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
            "TrainingUnstable", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate",
            "__version__"]
 

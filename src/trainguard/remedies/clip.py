@@ -12,12 +12,14 @@ is recomputed and nothing is done on steps that need no clipping.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is touched: the clippers' statistics
+    import torch   # also serve the torch-free NumPy Monitor
 
 
-def scale_grads(grads: Sequence[torch.Tensor], coef: float) -> None:
+def scale_grads(grads: Sequence["torch.Tensor"], coef: float) -> None:
+    import torch
     if grads and coef != 1.0:
         torch._foreach_mul_(list(grads), coef)
 
@@ -142,9 +144,14 @@ class AGC:
     def coefficient(self, norm: float) -> float:
         return 1.0
 
-    @torch.no_grad()
-    def apply(self, params: Sequence[torch.Tensor]) -> int:
+    def apply(self, params: Sequence["torch.Tensor"]) -> int:
         """Clip in place; returns the number of units clipped (0 means nothing changed)."""
+        import torch
+        with torch.no_grad():
+            return self._apply(params)
+
+    def _apply(self, params: Sequence["torch.Tensor"]) -> int:
+        import torch
         clipped = torch.zeros((), dtype=torch.int64)
         for p in params:
             if p.grad is None:

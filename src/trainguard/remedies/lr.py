@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # the scale arithmetic is torch-free (the NumPy Monitor uses it)
+    import torch
 
 
 class LRController:
@@ -59,18 +60,14 @@ class LRController:
             self.scale = min(self.ceiling, self.scale * self.growth)
 
     @contextmanager
-    def applied(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    def applied(self, optimizer: "torch.optim.Optimizer") -> Iterator[None]:
         if self.scale == 1.0:
             yield
             return
         saved = [g["lr"] for g in optimizer.param_groups]
         try:
             for g in optimizer.param_groups:
-                lr = g["lr"]
-                if isinstance(lr, torch.Tensor):
-                    g["lr"] = lr * self.scale
-                else:
-                    g["lr"] = lr * self.scale
+                g["lr"] = g["lr"] * self.scale  # a float or a tensor LR alike
             yield
         finally:
             for g, lr in zip(optimizer.param_groups, saved):
