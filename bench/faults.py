@@ -39,6 +39,7 @@ import warnings
 from collections import Counter, defaultdict
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -152,10 +153,10 @@ def fault_value(kind: str, old: float) -> float:
 
 
 def poke(t: torch.Tensor, idx: int, kind: str) -> None:
-    flat = t.view(-1)
-    i = idx % flat.numel()
+    i = idx % t.numel()
+    at = tuple(int(j) for j in np.unravel_index(i, tuple(t.shape))) if t.dim() else ()
     with torch.no_grad():
-        flat[i] = fault_value(kind, float(flat[i].float()))
+        t[at] = fault_value(kind, float(t[at].float()))
 
 
 def bad(t: torch.Tensor) -> bool:
@@ -292,6 +293,8 @@ def main() -> None:
         for mname in models:
             for oname in OPTIMIZERS:
                 for prec in PRECISIONS:
+                    if mname == "lstm" and prec != "fp32":
+                        continue  # CPU autocast has no bf16/fp16 LSTM kernel (oneDNN refuses it)
                     records.append({**run(mname, oname, prec, seed, a.steps, None), "reference": True})
                     rng = random.Random(f"{mname}:{oname}:{prec}:{seed}")
                     for kind in KINDS:

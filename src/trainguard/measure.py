@@ -24,9 +24,10 @@ from .types import StepStats
 #: while a flipped exponent bit turns an ordinary weight into ~1e38 and a runaway update leaves
 #: 1e20-1e37 (the fault campaign, bench/faults.py): 1e15 sits orders of magnitude from both.
 HUGE_WEIGHT = 1e15
-#: Optimizer state above this is corrupted: Adam's exp_avg_sq would need gradients of 1e15, a
-#: momentum buffer gradients of 1e30 (an exponent bit flip leaves ~1e38; bench/faults.py).
-HUGE_STATE = 1e30
+#: Optimizer state whose norm exceeds this is corrupted: Adam's exp_avg_sq would need gradients
+#: of ~3e7 sustained, a momentum buffer gradients of 1e14, Adagrad's sum 1e12 steps of |g| = 1e3.
+#: An exponent bit flip leaves 1e26-1e38 (bench/faults.py), a weight frozen by it forever.
+HUGE_STATE = 1e15
 
 
 def scaler_enabled(scaler: Any) -> bool:
@@ -94,12 +95,15 @@ class StepProbe:
         return bool(t.item() > 0)
 
     # -- the step's vector --------------------------------------------------------------------
-    def extra_tensors(self, scaled: bool, buffers: bool = False
+    def extra_tensors(self, scaled: bool, buffers: bool = False, running: bool = False
                       ) -> tuple[list[torch.Tensor], list[str], dict]:
+        """``buffers``: optimizer-state norms (parameter cadence); ``running``: the
+        normalisation layers' running statistics (a few small tensors: every step in the
+        default mode, so a batch that poisons them is caught, and skipped, at its own step)."""
         extra: list[torch.Tensor] = []
         names: list[str] = []
         n_buf = {}
-        if buffers and self.running:
+        if (buffers or running) and self.running:
             extra.append(self.running.norms())
             names.append("__buffers__")
             n_buf = {"__buffers__": len(self.running.floats)}
@@ -206,7 +210,7 @@ class StepProbe:
             loss = math.nan
         with_params = force_params or self.force_params or self.with_params(step)
         self.force_params = False
-        extra, names, kinds = self.extra_tensors(scaled, buffers=with_params)
+        extra, names, kinds = self.extra_tensors(scaled, buffers=with_params, running=True)
         probe = self.probe
         gn, idx, pn, ev, lv = probe.measure(loss, with_params=with_params, extra=extra)
         scale, acts = self.unpack_extra(ev, names, kinds)
@@ -258,14 +262,16 @@ class StepProbe:
             stats.huge_param_modules = [m for m, a in zip(probe.modules, stats.param_norms)
                                         if a > HUGE_WEIGHT]
         if ost is not None:
-            bad = np.flatnonzero(~np.isfinite(ost["values"]))
+            with np.errstate(invalid="ignore"):
+                bad = np.flatnonzero(~np.isfinite(ost["values"]) | (ost["values"] > HUGE_STATE))
             if len(bad):
                 stats.nonfinite_optimizer_modules = sorted(
                     {probe.modules[probe.group[self._state_owner[i]]] for i in bad})
         if bufs is not None:
             ok = np.isfinite(bufs["values"])
             if ok.all():
-                self.running.keep()  # verified: the copy a skip restores
+                if with_params:
+                    self.running.keep()  # verified: the copy a skip restores (on the cadence)
             else:
                 stats.nonfinite_buffers = sorted({self.running.names[i] for i in np.flatnonzero(~ok)})
                 self.running.restore()

@@ -48,8 +48,9 @@ class NonFiniteDetector(Detector):
                 kind="nonfinite", step=s.step, where=bad_opt[0], locations=tuple(bad_opt),
                 severity="critical", origin="optimizer",
                 message=(f"the optimizer state of {', '.join(bad_opt[:3])}"
-                         f"{' ...' if len(bad_opt) > 3 else ''} holds NaN/Inf (e.g. Adam's "
-                         "exp_avg_sq overflowed): those weights silently stop moving"),
+                         f"{' ...' if len(bad_opt) > 3 else ''} holds NaN/Inf or absurd values "
+                         "(norm above 1e15: Adam's exp_avg_sq overflowed or was corrupted): "
+                         "those weights silently stop moving"),
                 evidence={"loss": s.loss, "grad_norm": s.grad_norm,
                           "nonfinite_optimizer_modules": bad_opt},
                 remedies=("roll back to a snapshot with finite optimizer state",
