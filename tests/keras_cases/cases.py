@@ -160,5 +160,6 @@ def case_bad_input():
 
 
 if __name__ == "__main__":
-    name = sys.argv[1]
-    print(json.dumps(globals()[f"case_{name}"](), default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+    names = sys.argv[1:]
+    out = {n: globals()[f"case_{n}"]() for n in names}
+    print(json.dumps(out, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
