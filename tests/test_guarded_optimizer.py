@@ -166,3 +166,44 @@ def test_accelerate_loop_with_accumulation_and_clip(mode):
     assert g.step_count == 20
     assert [a.step for a in g.actions if a.kind == "skip"] == [10]
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_accelerate_healthy_run_is_the_bare_run_and_an_lr_burst_is_repaired():
+    accelerate = pytest.importorskip("accelerate")
+    finals = []
+    for guarded in (False, True):
+        acc = accelerate.Accelerator(cpu=True)
+        m, opt = _setup()
+        if guarded:
+            opt = tg.GuardedOptimizer(opt, m, console=False)
+        m, opt = acc.prepare(m, opt)
+        for t, x, y in _batches(40):
+            loss = nn.functional.cross_entropy(m(x), y)
+            acc.backward(loss)
+            if guarded:
+                opt.optimizer.guard.observe_loss(loss)
+            opt.step()
+            opt.zero_grad()
+        finals.append([p.detach().clone() for p in m.parameters()])
+        if guarded:
+            assert not opt.optimizer.guard.findings
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    # lr x1e4 for three steps
+    acc = accelerate.Accelerator(cpu=True)
+    m, opt = _setup()
+    opt = tg.GuardedOptimizer(opt, m, console=False)
+    m, opt = acc.prepare(m, opt)
+    g = opt.optimizer.guard
+    try:
+        for t, x, y in _batches(60):
+            for grp in opt.param_groups:
+                grp["lr"] = 1e2 if 20 <= t < 23 else 1e-2
+            loss = nn.functional.cross_entropy(m(x), y)
+            acc.backward(loss)
+            g.observe_loss(loss)
+            opt.step()
+            opt.zero_grad()
+    except tg.TrainingUnstable as e:
+        assert "trainguard halted" in str(e)
+    assert {a.kind for a in g.actions} & {"rollback", "lr_backoff", "halt", "skip", "clip"}
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -15,7 +15,7 @@ BACKENDS = ["tensorflow", "torch"]
 
 
 CASES = {"tensorflow": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "deep_sigmoid_fit",
-                        "tape_loop", "bad_input"],
+                        "tape_loop", "bad_input", "zoo_subset"],
          "torch": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "tape_loop"]}
 _results: dict[str, dict] = {}
 
@@ -82,3 +82,9 @@ def test_bad_input_is_refused_clearly():
     r = run("bad_input", "tensorflow")
     assert "keras.optimizers.Optimizer" in r["wrap"]
     assert "shape" in r["shape"] and "expected" in r["shape"]
+
+
+def test_keras_zoo_scenarios_fail_bare_and_are_repaired():
+    r = run("zoo_subset", "tensorflow")
+    for name, rec in r.items():
+        assert not rec["bare_ok"] and rec["guarded_ok"] and rec["named"], (name, rec)

@@ -107,3 +107,23 @@ def test_observe_only_never_acts(tmp_path):
     _train(tmp_path, m, callbacks=[cb], max_steps=10)
     assert any(f.kind == "nonfinite" for f in cb.guard.findings)
     assert cb.guard.actions == []
+
+
+def test_lr_burst_is_repaired_or_halted_with_the_story(tmp_path):
+    """lr x1e4 for a few steps (a bad schedule): repaired, or halted with the story."""
+    import trainguard as tg
+
+    class Burst(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            for g in optimizer.param_groups:
+                g["lr"] = 1e2 if 8 <= state.global_step < 12 else 1e-2
+
+    cb = GuardCallback(console=False)
+    m = Tiny()
+    try:
+        _train(tmp_path, m, callbacks=[Burst(), cb], lr_scheduler_type="constant")
+    except tg.TrainingUnstable as e:
+        assert "trainguard halted" in str(e)
+    g = cb.guard
+    assert {a.kind for a in g.actions} & {"skip", "rollback", "lr_backoff", "clip", "halt"}
+    assert all(torch.isfinite(p).all() for p in m.parameters())

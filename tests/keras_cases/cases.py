@@ -159,6 +159,19 @@ def case_bad_input():
     return out
 
 
+def case_zoo_subset():
+    """Two Keras zoo scenarios through the zoo's runner: GD past the curvature limit (repaired by
+    a rollback to the snapshot taken before the optimizer existed: that rollback used to reset
+    the learning-rate variable to zero with the rest, and the run stopped learning) and a NaN
+    batch (one skip)."""
+    from trainguard.zoo import keras_zoo
+    out = {}
+    for s in keras_zoo.select(["keras_curvature_sgd_past_limit", "keras_data_nan_batch"]):
+        r = keras_zoo.run_one(s, 0)
+        out[s.name] = {k: r[k] for k in ("bare_ok", "guarded_ok", "named", "actions")}
+    return out
+
+
 if __name__ == "__main__":
     names = sys.argv[1:]
     out = {n: globals()[f"case_{n}"]() for n in names}

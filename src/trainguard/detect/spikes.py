@@ -22,7 +22,7 @@ Loss spike, after ``min_history`` = 20 steps, when all three hold:
     separates the two with room on both sides.
   Losses that are not all positive fall back to ``z`` = 7 on the raw values (OLMo 2).
   In the first ``min_history`` steps one rule judges: the loss is more than ``early_ratio`` =
-  1e4 times the largest loss so far (see ``LossSpikeDetector.early_ratio`` for the numbers).
+  1e6 times the largest loss so far (see ``LossSpikeDetector.early_ratio`` for the numbers).
 
 Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
   * ``log(norm)`` is more than ``z`` = 4 standard deviations above the window's mean;
@@ -180,7 +180,7 @@ class LossSpikeDetector(_LogJump):
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 2.0,
                  floor: float = 0.1, min_history: int = 20, jump: float = 2.5,
-                 gradual: float = 10.0, early_ratio: float = 1e4) -> None:
+                 gradual: float = 10.0, early_ratio: float = 1e6) -> None:
         super().__init__(window, z, ratio, min_history)
         check_positive("floor", floor)
         check_positive("jump", jump)
@@ -190,12 +190,14 @@ class LossSpikeDetector(_LogJump):
         self.jump = jump
         self.gradual = gradual
         #: In the first ``min_history`` steps (no statistics yet) a loss more than this many
-        #: times the largest loss so far is a spike. 1e4 is far above any healthy start: the
-        #: catapult phase of a large learning rate raises the loss at most ~7x (zoo control
-        #: ``healthy_gpt_no_warmup``; issue #9), and an LR too high ruins a run by 10-20x over
-        #: several steps (lr_* scenarios: 4.5 -> ~50 nats), which the divergence rules own.
-        #: The fault campaign (bench/faults.py) injects a logit bit flip whose loss is 1.9e36
-        #: after a healthy 1.4: without this rule it went unreported until step 20.
+        #: times the largest loss so far is a spike. 1e6 is far above any healthy start (the
+        #: catapult phase of a large learning rate raises the loss at most ~7x, zoo control
+        #: ``healthy_gpt_no_warmup``) and above the early ruins other detectors own: an LR too
+        #: high, 10-20x over several steps (lr_* scenarios, divergence), and the IRNN's
+        #: explosion at step 1, 1.6e5x (``lr_relu_rnn_early_explosion``, grad_explosion clips
+        #: it; at 1e4 this rule took the step first and skipped it instead). The fault campaign
+        #: (bench/faults.py) injects a logit bit flip whose loss is 1.9e36 after a healthy 1.4:
+        #: without this rule it went unreported until step 20.
         self.early_ratio = early_ratio
 
     def _early(self, v: float) -> bool:

@@ -162,6 +162,10 @@ def _group(norms: np.ndarray, of: np.ndarray, n: int) -> np.ndarray:
         return np.sqrt(np.bincount(of, weights=np.square(norms), minlength=n))
 
 
+def _is_lr(var: Any) -> bool:
+    return (getattr(var, "path", None) or getattr(var, "name", "")).endswith("learning_rate")
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
 
@@ -405,12 +409,16 @@ class Guard(keras.callbacks.Callback):
             step, saved_vars, saved_opt = older[-1]
             for var, val in zip(variables, saved_vars):
                 var.assign(val)
+            # the learning rate is not state to roll back: the LR controller and the user's
+            # schedule own it (resetting it with the rest set it to zero: no more learning)
             if len(saved_opt) == len(opt_vars):
                 for var, val in zip(opt_vars, saved_opt):
-                    var.assign(val)
+                    if not _is_lr(var):
+                        var.assign(val)
             else:  # the optimizer was built after the snapshot: back to its initial state
                 for var in opt_vars:
-                    var.assign(np.zeros(tuple(var.shape), dtype=np.dtype(var.dtype)))
+                    if not _is_lr(var):
+                        var.assign(np.zeros(tuple(var.shape), dtype=np.dtype(var.dtype)))
             self._snaps = [s for s in self._snaps if s[0] <= step]
             core.rollbacks += 1
             core.reset_detectors()

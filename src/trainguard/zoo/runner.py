@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the table and totals as Markdown to PATH")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: stable timings on shared CPUs)")
+    p.add_argument("--framework", choices=("torch", "keras"), default="torch",
+                   help="torch (default): the full zoo; keras: its Keras 3 subset, run with "
+                        "trainguard.integrations.keras (backend from KERAS_BACKEND)")
     p.add_argument("--device", default="cpu",
                    help="run every scenario on this device, e.g. cuda (real fp16/bf16 kernels; "
                         "default cpu)")
@@ -378,6 +381,8 @@ def run(args: argparse.Namespace) -> int:
             torch.empty(0, device=args.device)
         except (RuntimeError, AssertionError) as e:
             raise SystemExit(f"--device {args.device}: not usable here ({e})")
+    if getattr(args, "framework", "torch") == "keras":
+        return _run_keras(args)
     chosen = select(args)
     jobs = [(s, seed) for s in chosen for seed in range(args.seeds)]
     records: list[dict[str, Any]] = []
@@ -397,6 +402,29 @@ def run(args: argparse.Namespace) -> int:
     else:  # pragma: no cover
         for s, seed in jobs:
             records.append(run_one(s, seed, not args.no_baselines, args.device))
+    tot = totals(records)
+    tot["wall_seconds"] = time.perf_counter() - t0
+    print_report(records, tot)
+    if args.json:
+        write_json(args.json, records)
+        write_json(os.path.splitext(args.json)[0] + ".totals.json", [tot])
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as fh:
+            fh.write(markdown(records, tot))
+    return 0
+
+
+def _run_keras(args: argparse.Namespace) -> int:
+    """``--framework keras``: the Keras subset (zoo/keras_zoo.py), scored with the same totals."""
+    try:
+        from . import keras_zoo
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit(f"--framework keras needs Keras 3: pip install 'trainguard[keras]' ({e})")
+    if args.device != "cpu":
+        raise SystemExit("--framework keras runs on Keras' own device placement; drop --device")
+    t0 = time.perf_counter()
+    records = [keras_zoo.run_one(s, seed) for s in keras_zoo.select(args.only)
+               for seed in range(args.seeds)]
     tot = totals(records)
     tot["wall_seconds"] = time.perf_counter() - t0
     print_report(records, tot)
