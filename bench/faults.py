@@ -9,7 +9,8 @@ Adagrad) x 3 precisions (fp32; bf16 autocast; fp16 autocast + GradScaler), each 
 a fault (the reference: any severe finding or intervention there is a false alarm) and once per
 fault: 4 kinds (NaN, +Inf, -Inf, a flip of the float32 exponent's top bit) x 6 locations (the input
 batch, a module's output, a gradient, a parameter, the loss, the optimizer state), injected at a
-seeded step of a seeded run. 108 configurations, 2,592 injections.
+seeded step of a seeded run. 96 configurations (the LSTM runs in fp32 only: CPU autocast has no
+bf16/fp16 LSTM kernel), 2,304 injections.
 
 Per injected run, judged by the harness on its own reads of the tensors (not the Guard's):
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from typing import Any, Callable, Iterable, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from .detect import Detector, default_detectors
 from .policy import Plan, Policy
 from .report.base import Sink
 from .types import REMEDIES, SEVERE_KINDS, Action, Finding, StepStats, TrainingUnstable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .remedies.lr import LRController
 
 
 def _finding(d: dict[str, Any]) -> Finding:
@@ -132,6 +135,57 @@ class DecisionCore:
             if setter is not None:
                 setter(level)
 
+    # -- the late remedies' bookkeeping, shared by every executor (torch, Keras, NumPy) --------
+    def backoff_lr(self, f: Finding, lr: "LRController", step: int) -> None:
+        """Cut the LR scale for finding ``f`` (10x then sqrt(10) per repeat when it names the
+        learning rate as its cause; no regrowth then), or halt when the floor is reached."""
+        lr_cause = f.evidence.get("cause") == "learning_rate"
+        factor = self.policy.backoff_factor(f, repeat=self.counts["lr_cause_cuts"])
+        if not lr.can_backoff(factor):
+            raise self.halt(f"the learning rate is already down to {lr.scale:.3g} of its schedule "
+                            f"(policy.min_lr_scale={self.policy.min_lr_scale:g})", f, lr.scale,
+                            step)
+        if lr_cause:
+            self.counts["lr_cause_cuts"] += 1
+        was, now = lr.backoff(factor, recover=not lr_cause)
+        self.act("lr_backoff", f"{f.kind}: learning-rate scale {was:.3g} -> {now:.3g}", step=step,
+                 before=was, after=now, finding=f.kind)
+
+    def clip_scale(self, clipper: Any, f: Finding | None, norm: float, step: int) -> float:
+        """The factor (<= 1) to scale this step's gradients by: the clipper's own threshold,
+        or twice the recent median norm when a finding asked for a clip; records the action."""
+        if not math.isfinite(norm):
+            return 1.0
+        thr, reason = math.inf, ""
+        if clipper is not None and getattr(clipper, "name", "") != "agc":
+            coef = clipper.coefficient(norm)
+            if coef < 1.0:
+                thr, reason = norm * coef, f"{clipper.name} clipping"
+        if f is not None:
+            ref = f.evidence.get("median")
+            if isinstance(ref, (int, float)) and ref > 0 and 2 * ref < thr:
+                thr, reason = 2 * ref, f"{f.kind}: clipped to 2x the median norm"
+        if thr < norm:
+            self.act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}", step=step,
+                     norm=norm, threshold=thr)
+            return thr / (norm + 1e-6)
+        return 1.0
+
+    def check_rollback(self, f: Finding, have_snapshot: bool, lr_scale: float, step: int) -> None:
+        """Raise the halt when a rollback cannot help: no snapshot, or too many already."""
+        if not have_snapshot:
+            raise self.halt("a rollback was needed but no snapshot is held", f, lr_scale, step)
+        if self.rollbacks >= self.policy.max_rollbacks:
+            raise self.halt(f"{self.rollbacks} rollbacks did not stabilise the run "
+                            f"(policy.max_rollbacks={self.policy.max_rollbacks})", f, lr_scale,
+                            step)
+
+    def rolled_back(self, f: Finding, step: int, to_step: int, what: str) -> None:
+        """Record a rollback the executor just carried out; the detectors start afresh."""
+        self.rollbacks += 1
+        self.reset_detectors()
+        self.act("rollback", f"{f.kind}: {what}", step=step, to_step=to_step, finding=f.kind)
+
     def reset_detectors(self) -> None:
         """After a rollback: the windows describe the abandoned trajectory."""
         for d in self.detectors:
@@ -207,8 +261,8 @@ class DecisionCore:
         at = self.step_count if step is None else step
         lines = [f"trainguard halted training at step {at}: {reason}."]
         if finding is not None:
-            at = f" in {finding.where}" if finding.where else ""
-            lines.append(f"What happened: {finding.kind}{at}: {finding.message}")
+            where = f" in {finding.where}" if finding.where else ""
+            lines.append(f"What happened: {finding.kind}{where}: {finding.message}")
         kinds = self.finding_counts
         if kinds:
             lines.append("Findings so far: " + ", ".join(f"{k} x{n}" for k, n in kinds.items()))

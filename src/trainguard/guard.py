@@ -190,14 +190,8 @@ class Guard:
                             f"{type(on_reset).__name__}")
         self.on_reset = on_reset
         self.rank, self.world_size = _dist_info()
-        out: list[Sink] = []
-        if console:
-            from .report.console import ConsoleSink
-            out.append(ConsoleSink(rank=self.rank))
-        if log:
-            from .report.jsonl import JsonlSink
-            out.append(JsonlSink(log, rank=self.rank))
-        out.extend(sinks)
+        from .report import build_sinks
+        out = build_sinks(console, log, sinks, rank=self.rank)
         me_ = weakref.ref(self)  # the core must not keep the Guard alive
 
         def on_action(a: Action) -> None:
@@ -395,8 +389,8 @@ class Guard:
         if not bad:
             return
         findings = NonFiniteDetector().update(stats)
-        for f in findings:
-            self.core.emit(f)
+        for found in findings:
+            self.core.emit(found)
         f = findings[0] if findings else None
         snap = self.snapshots.choose(before_step=step - 1)
         if f is not None and snap is not None and f.origin != "buffers":

@@ -284,7 +284,7 @@ class StepProbe:
         known = loss is not None
         extra, names, kinds = self.extra_tensors(scaled)
         with_params = self.with_params(step)
-        vec, idx, n_norms = self.probe.measure_device(loss if known else math.nan,
+        vec, idx, n_norms = self.probe.measure_device(math.nan if loss is None else loss,
                                                       with_params=with_params, extra=extra)
         return vec, idx, n_norms, (idx, with_params, names, kinds, scaled, known)
 

@@ -105,15 +105,9 @@ class Monitor:
         if isinstance(clip, str) and clip == "agc":
             raise ValueError("Monitor does not support clip='agc' (unit-wise clipping needs the "
                              "layer structure); use 'adaptive', a number or None")
-        out: list[Sink] = []
-        if console:
-            from .report.console import ConsoleSink
-            out.append(ConsoleSink())
-        if log:
-            from .report.jsonl import JsonlSink
-            out.append(JsonlSink(log))
-        out.extend(sinks)
-        self.core = DecisionCore(policy=policy, detectors=detectors, sinks=out,
+        from .report import build_sinks
+        self.core = DecisionCore(policy=policy, detectors=detectors,
+                                 sinks=build_sinks(console, log, sinks),
                                  keep_records=keep_records, chance_loss=chance_loss)
         if clip == "adaptive" and not self.core.policy.acts:
             clip = None
@@ -246,24 +240,13 @@ class Monitor:
             self._rollback(by["rollback"], t)
             apply, rolled = False, True
         if "lr_backoff" in by:
-            f = by["lr_backoff"]
-            lr_cause = f.evidence.get("cause") == "learning_rate"
-            factor = core.policy.backoff_factor(f, repeat=core.counts["lr_cause_cuts"])
-            if not self.lr.can_backoff(factor):
-                raise core.halt(f"the learning rate is already down to {self.lr.scale:.3g} of its "
-                                f"schedule (policy.min_lr_scale={core.policy.min_lr_scale:g})",
-                                f, self.lr.scale, t)
-            if lr_cause:
-                core.counts["lr_cause_cuts"] += 1
-            was, now = self.lr.backoff(factor, recover=not lr_cause)
-            core.act("lr_backoff", f"{f.kind}: learning-rate scale {was:.3g} -> {now:.3g}",
-                     step=t, before=was, after=now, finding=f.kind)
+            core.backoff_lr(by["lr_backoff"], self.lr, t)
         if apply and "skip" in by:
             f = by["skip"]
             core.act("skip", f"{f.kind}: update not applied", step=t, finding=f.kind)
             apply = False
         if apply and math.isfinite(gtot):
-            clip_scale = self._clip(by.get("clip"), gtot, t)
+            clip_scale = core.clip_scale(self.clipper, by.get("clip"), gtot, t)
         self.lr.tick(troubled=severe)
         if apply:
             core.applied_steps += 1
@@ -274,22 +257,6 @@ class Monitor:
                         rolled_back=rolled, findings=findings,
                         actions=list(core.actions[n_actions:]))
 
-    def _clip(self, f: Finding | None, norm: float, t: int) -> float:
-        thr, reason = math.inf, ""
-        if self.clipper is not None:
-            coef = self.clipper.coefficient(norm)
-            if coef < 1.0:
-                thr, reason = norm * coef, f"{self.clipper.name} clipping"
-        if f is not None:
-            ref = f.evidence.get("median")
-            if isinstance(ref, (int, float)) and ref > 0 and 2 * ref < thr:
-                thr, reason = 2 * ref, f"{f.kind}: clipped to 2x the median norm"
-        if thr < norm:
-            self.core.act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}", step=t,
-                          norm=norm, threshold=thr)
-            return thr / (norm + 1e-12)
-        return 1.0
-
     def _snapshot(self, t: int, pn: list[float]) -> None:
         if not all(math.isfinite(v) and v < HUGE_WEIGHT for v in pn):
             return  # never keep corrupted parameters as a rollback target
@@ -299,20 +266,12 @@ class Monitor:
     def _rollback(self, f: Finding, t: int) -> None:
         core = self.core
         older = [s for s in self._snaps if s[0] <= t - 1] or self._snaps[:1]
-        if not older:
-            raise core.halt("a rollback was needed but no snapshot is held", f, self.lr.scale, t)
-        if core.rollbacks >= core.policy.max_rollbacks:
-            raise core.halt(f"{core.rollbacks} rollbacks did not stabilise the run "
-                            f"(policy.max_rollbacks={core.policy.max_rollbacks})", f,
-                            self.lr.scale, t)
+        core.check_rollback(f, bool(older), self.lr.scale, t)
         step, saved = older[-1]
         for k, v in saved.items():
             _restore(self.params[k], v)
         self._snaps = [s for s in self._snaps if s[0] <= step]
-        core.rollbacks += 1
-        core.reset_detectors()
-        core.act("rollback", f"{f.kind}: restored the parameters of step {step} in place",
-                 step=t, to_step=step, finding=f.kind)
+        core.rolled_back(f, t, step, f"restored the parameters of step {step} in place")
 
     def _watch_rebinding(self, pn: list[float]) -> None:
         """A loop that rebinds (``w = w - lr * g``) leaves the Monitor's arrays untouched:

@@ -115,9 +115,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.iterations
 
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
-        if not self.built:
+        if not self.built:  # type: ignore[has-type]
             with _kbackend.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
+                self.build(list(trainable_variables or []))
             self.built = True
         grads = list(grads)
         norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32")))) for g in grads])
@@ -148,7 +148,7 @@ def _layers(variables: Sequence[Any]) -> tuple[list[str], np.ndarray]:
     index: dict[str, int] = {}
     of = []
     for v in variables:
-        n = getattr(v, "path", None) or getattr(v, "name", "var")
+        n = str(getattr(v, "path", None) or getattr(v, "name", "var"))
         n = n.rsplit("/", 1)[0] if "/" in n else n
         if n not in index:
             index[n] = len(names)
@@ -163,7 +163,7 @@ def _group(norms: np.ndarray, of: np.ndarray, n: int) -> np.ndarray:
 
 
 def _is_lr(var: Any) -> bool:
-    return (getattr(var, "path", None) or getattr(var, "name", "")).endswith("learning_rate")
+    return str(getattr(var, "path", None) or getattr(var, "name", "")).endswith("learning_rate")
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -188,15 +188,9 @@ class Guard(keras.callbacks.Callback):
                  chance_loss: float | None = None, console: bool = False, log: str | None = None,
                  sinks: Iterable[Sink] = (), keep_records: int = 10_000) -> None:
         super().__init__()
-        out: list[Sink] = []
-        if console:
-            from ..report.console import ConsoleSink
-            out.append(ConsoleSink())
-        if log:
-            from ..report.jsonl import JsonlSink
-            out.append(JsonlSink(log))
-        out.extend(sinks)
-        self.core = DecisionCore(policy=policy, detectors=detectors, sinks=out,
+        from ..report import build_sinks
+        self.core = DecisionCore(policy=policy, detectors=detectors,
+                                 sinks=build_sinks(console, log, sinks),
                                  keep_records=keep_records, chance_loss=chance_loss)
         if clip == "adaptive" and not self.core.policy.acts:
             clip = None
@@ -245,10 +239,11 @@ class Guard(keras.callbacks.Callback):
         return self.optimizer
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        opt = getattr(self.model, "optimizer", None)
-        if opt is not self.optimizer or self.optimizer is None:
+        opt = self.optimizer
+        if opt is None or getattr(self.model, "optimizer", None) is not opt:
             raise ValueError("compile the model with guard.wrap(optimizer) to use the Guard as a "
                              "callback: model.compile(optimizer=guard.wrap(Adam(...)), ...)")
+        assert opt is not None
         model = self.model
         if "compute_loss" not in model.__dict__:
             orig = model.compute_loss
@@ -263,6 +258,7 @@ class Guard(keras.callbacks.Callback):
             # before the first update (the optimizer builds its variables at its first apply:
             # a rollback to this snapshot resets them to their initial zeros)
             self._snapshot_now(0, model.variables, opt.variables if opt.built else [])
+
     def on_train_end(self, logs: dict | None = None) -> None:
         self.model.__dict__.pop("compute_loss", None)
 
@@ -337,7 +333,7 @@ class Guard(keras.callbacks.Callback):
                                   "iterations untouched)", step=t, finding=f.kind)
             applied = False
         if applied:
-            coef = self._clip(by.get("clip"), stats, t)
+            coef = self.core.clip_scale(self.clipper, by.get("clip"), stats.grad_norm, t)
             if coef < 1.0:
                 grads = [ops.multiply(g, ops.cast(coef, g.dtype)) for g in grads]
             optimizer.apply_gradients(zip(grads, variables))
@@ -368,25 +364,6 @@ class Guard(keras.callbacks.Callback):
         findings, plan, severe = self.core.run(stats)
         return plan, findings, severe
 
-    def _clip(self, f: Finding | None, stats: StepStats, t: int) -> float:
-        norm = stats.grad_norm
-        if not math.isfinite(norm):
-            return 1.0
-        thr, reason = math.inf, ""
-        if self.clipper is not None:
-            c = self.clipper.coefficient(norm)
-            if c < 1.0:
-                thr, reason = norm * c, f"{self.clipper.name} clipping"
-        if f is not None:
-            ref = f.evidence.get("median")
-            if isinstance(ref, (int, float)) and ref > 0 and 2 * ref < thr:
-                thr, reason = 2 * ref, f"{f.kind}: clipped to 2x the median norm"
-        if thr < norm:
-            self.core.act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}", step=t,
-                          norm=norm, threshold=thr)
-            return thr / (norm + 1e-6)
-        return 1.0
-
     def _late(self, plan: Any, t: int, variables: list, opt_vars: list, optimizer: Any) -> bool:
         """halt, rollback, lr_backoff; True when the step's update must not be applied."""
         core = self.core
@@ -399,13 +376,7 @@ class Guard(keras.callbacks.Callback):
         if "rollback" in by:
             f = by["rollback"]
             older = [s for s in self._snaps if s[0] <= t - 1] or self._snaps[:1]
-            if not older:
-                raise core.halt("a rollback was needed but no snapshot is held", f,
-                                self.lr.scale, t)
-            if core.rollbacks >= core.policy.max_rollbacks:
-                raise core.halt(f"{core.rollbacks} rollbacks did not stabilise the run "
-                                f"(policy.max_rollbacks={core.policy.max_rollbacks})", f,
-                                self.lr.scale, t)
+            core.check_rollback(f, bool(older), self.lr.scale, t)
             step, saved_vars, saved_opt = older[-1]
             for var, val in zip(variables, saved_vars):
                 var.assign(val)
@@ -420,24 +391,10 @@ class Guard(keras.callbacks.Callback):
                     if not _is_lr(var):
                         var.assign(np.zeros(tuple(var.shape), dtype=np.dtype(var.dtype)))
             self._snaps = [s for s in self._snaps if s[0] <= step]
-            core.rollbacks += 1
-            core.reset_detectors()
-            core.act("rollback", f"{f.kind}: restored the snapshot of step {step}", step=t,
-                     to_step=step, finding=f.kind)
+            core.rolled_back(f, t, step, f"restored the snapshot of step {step}")
             skip = True
         if "lr_backoff" in by:
-            f = by["lr_backoff"]
-            lr_cause = f.evidence.get("cause") == "learning_rate"
-            factor = core.policy.backoff_factor(f, repeat=core.counts["lr_cause_cuts"])
-            if not self.lr.can_backoff(factor):
-                raise core.halt(f"the learning rate is already down to {self.lr.scale:.3g} of "
-                                f"its schedule (policy.min_lr_scale={core.policy.min_lr_scale:g})",
-                                f, self.lr.scale, t)
-            if lr_cause:
-                core.counts["lr_cause_cuts"] += 1
-            was, now = self.lr.backoff(factor, recover=not lr_cause)
-            core.act("lr_backoff", f"{f.kind}: learning-rate scale {was:.3g} -> {now:.3g}",
-                     step=t, before=was, after=now, finding=f.kind)
+            core.backoff_lr(by["lr_backoff"], self.lr, t)
         self._set_lr(optimizer)
         return skip
 

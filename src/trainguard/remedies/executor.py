@@ -7,7 +7,6 @@ code.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Callable, Iterator, NoReturn
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from ..core import DecisionCore
 from ..measure import HUGE_STATE, HUGE_WEIGHT, StepProbe, scaler_enabled, scaler_stage_ready
 from ..policy import Plan, Policy
-from ..types import Finding, StepStats
+from ..types import Finding, StepStats, TrainingUnstable
 from .clip import AGC, scale_grads
 from .lr import LRController
 from .snapshot import SnapshotStore
@@ -81,6 +80,14 @@ class Executor:
         self.on_halt()
         raise err
 
+    def _checked(self, fn: Callable[[], None]) -> None:
+        """Run a core bookkeeping call that may raise the halt; remove the hooks first."""
+        try:
+            fn()
+        except TrainingUnstable:
+            self.on_halt()
+            raise
+
     def late(self, plan: Plan, step: int, scaled: bool) -> bool:
         """halt, rollback and lr_backoff (what can still be done a few steps late); True when
         the step's update must not be applied."""
@@ -95,35 +102,21 @@ class Executor:
             f = by["rollback"]
             healthy = f.evidence.get("healthy_step") if isinstance(f.evidence, dict) else None
             snap = self.snapshots.choose(before_step=step - 1, healthy=healthy)
-            if snap is None:
+            if snap is None or core.rollbacks >= self.policy.max_rollbacks:
                 self.finish_scaler_step(scaled)
-                self.halt("a rollback was needed but no snapshot is held", f, step)
-            if core.rollbacks >= self.policy.max_rollbacks:
-                self.finish_scaler_step(scaled)
-                self.halt(f"{core.rollbacks} rollbacks did not stabilise the run "
-                          f"(policy.max_rollbacks={self.policy.max_rollbacks})", f, step)
+                self._checked(lambda: core.check_rollback(f, snap is not None, self.lr.scale, step))
             self.finish_scaler_step(scaled)
             scaled = False
+            assert snap is not None
             self.snapshots.restore(snap, at_step=step)
-            core.rollbacks += 1
-            core.reset_detectors()
             self.measure.watch(step)  # probe the restored weights on the next step, then often
-            core.act("rollback", f"{f.kind}: restored the snapshot of step {snap.step}", step=step,
-                     to_step=snap.step, finding=f.kind)
+            core.rolled_back(f, step, snap.step, f"restored the snapshot of step {snap.step}")
             skip = True
         if "lr_backoff" in kinds:
             f = by["lr_backoff"]
-            lr_cause = f.evidence.get("cause") == "learning_rate"
-            factor = self.policy.backoff_factor(f, repeat=core.counts["lr_cause_cuts"])
-            if not self.lr.can_backoff(factor):
+            if not self.lr.can_backoff(self.policy.backoff_factor(f, core.counts["lr_cause_cuts"])):
                 self.finish_scaler_step(scaled)
-                self.halt(f"the learning rate is already down to {self.lr.scale:.3g} of its "
-                          f"schedule (policy.min_lr_scale={self.policy.min_lr_scale:g})", f, step)
-            if lr_cause:
-                core.counts["lr_cause_cuts"] += 1
-            was, now = self.lr.backoff(factor, recover=not lr_cause)
-            core.act("lr_backoff", f"{f.kind}: learning-rate scale {was:.3g} -> {now:.3g}",
-                     step=step, before=was, after=now, finding=f.kind)
+            self._checked(lambda: core.backoff_lr(f, self.lr, step))
         return skip
 
     def execute(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], scaled: bool,
@@ -150,31 +143,15 @@ class Executor:
     def clip(self, plan: Plan, stats: StepStats, grads: list[torch.Tensor], step: int) -> None:
         if not stats.grads_finite:
             return
-        norm = stats.grad_norm
-        thr = math.inf
-        reason = ""
         clipper = self.clipper
-        if clipper is not None and not isinstance(clipper, AGC):
-            coef = clipper.coefficient(norm)
-            if coef < 1.0:
-                thr, reason = norm * coef, f"{clipper.name} clipping"
-        by = dict(plan.actions)
-        if "clip" in by:
-            f = by["clip"]
-            ref = f.evidence.get("median")
-            if isinstance(ref, (int, float)) and ref > 0 and 2 * ref < thr:
-                thr, reason = 2 * ref, f"{f.kind}: clipped to 2x the median norm"
-            elif not reason:
-                reason = f"{f.kind}: clipped by {clipper.name if clipper else 'policy'}"
         if isinstance(clipper, AGC):
             n = clipper.apply(self.measure.probe.params)
             if n:
                 self.core.act("clip", f"agc: {n} units clipped to {clipper.clip_factor} of "
                                       "their weight norm", step=step, units=n)
-        if thr < norm:
-            scale_grads(grads, thr / (norm + 1e-6))
-            self.core.act("clip", f"{reason}: gradient norm {norm:.4g} -> {thr:.4g}", step=step,
-                          norm=norm, threshold=thr)
+        coef = self.core.clip_scale(clipper, dict(plan.actions).get("clip"), stats.grad_norm, step)
+        if coef < 1.0:
+            scale_grads(grads, coef)
 
     # -- the update ---------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -402,16 +402,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # pragma: no cover
         for s, seed in jobs:
             records.append(run_one(s, seed, not args.no_baselines, args.device))
-    tot = totals(records)
-    tot["wall_seconds"] = time.perf_counter() - t0
-    print_report(records, tot)
-    if args.json:
-        write_json(args.json, records)
-        write_json(os.path.splitext(args.json)[0] + ".totals.json", [tot])
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as fh:
-            fh.write(markdown(records, tot))
-    return 0
+    return _report(records, args, t0)
 
 
 def _run_keras(args: argparse.Namespace) -> int:
@@ -425,6 +416,10 @@ def _run_keras(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     records = [keras_zoo.run_one(s, seed) for s in keras_zoo.select(args.only)
                for seed in range(args.seeds)]
+    return _report(records, args, t0)
+
+
+def _report(records: list[dict[str, Any]], args: argparse.Namespace, t0: float) -> int:
     tot = totals(records)
     tot["wall_seconds"] = time.perf_counter() - t0
     print_report(records, tot)
