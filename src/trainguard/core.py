@@ -333,3 +333,36 @@ class DecisionCore:
             self.first.setdefault(f"finding:{f.kind}", f)
         for a in self.actions:
             self.first.setdefault(f"action:{a.kind}", a)
+
+
+class CoreView:
+    """What every front-end (the torch Guard, the Keras Guard, the Monitor) shows of its
+    :class:`DecisionCore` (``self.core``) and LR controller (``self.lr``), read-only."""
+
+    core: DecisionCore
+    lr: "LRController"
+
+    policy = property(lambda self: self.core.policy)
+    detectors = property(lambda self: self.core.detectors)
+    sinks = property(lambda self: self.core.sinks)
+    findings = property(lambda self: self.core.findings)
+    actions = property(lambda self: self.core.actions)
+    finding_counts = property(lambda self: self.core.finding_counts)
+    action_counts = property(lambda self: self.core.action_counts)
+    history = property(lambda self: self.core.history)
+    counts = property(lambda self: self.core.counts)
+    keep_records = property(lambda self: self.core.keep_records)
+    chance_loss = property(lambda self: self.core.chance_loss,
+                           doc="The chance level (ln V) in use, or None.")
+    step_count = property(lambda self: self.core.step_count, doc="Steps taken so far.")
+    applied_steps = property(lambda self: self.core.applied_steps, doc="Updates applied so far.")
+    rollbacks = property(lambda self: self.core.rollbacks, doc="Rollbacks so far.")
+
+    @property
+    def lr_scale(self) -> float:
+        """The current learning-rate multiplier (1.0 = the scheduled LR)."""
+        return self.lr.scale
+
+    def summary(self) -> str:
+        """A human-readable account of the run so far."""
+        return self.core.summary(self.lr.scale)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .core import DecisionCore, check_int as _check_int
+from .core import CoreView, DecisionCore, check_int as _check_int
 from .deferred import DeferredStepper
 from .detect import Detector
 from .measure import StepProbe
@@ -93,7 +93,7 @@ class _Decision:
         self.findings, self.severe = findings, severe
 
 
-class Guard:
+class Guard(CoreView):
     """Keeps one training loop numerically stable.
 
     Args:
@@ -274,22 +274,6 @@ class Guard:
         if self.on_reset is not None and a.kind in ("skip", "rollback"):
             self.on_reset(a)
 
-    policy = property(lambda self: self.core.policy)
-    detectors = property(lambda self: self.core.detectors)
-    sinks = property(lambda self: self.core.sinks)
-    findings = property(lambda self: self.core.findings)
-    actions = property(lambda self: self.core.actions)
-    finding_counts = property(lambda self: self.core.finding_counts)
-    action_counts = property(lambda self: self.core.action_counts)
-    history = property(lambda self: self.core.history)
-    counts = property(lambda self: self.core.counts)
-    keep_records = property(lambda self: self.core.keep_records)
-    chance_loss = property(lambda self: self.core.chance_loss,
-                           doc="The chance level (ln V) in use, or None.")
-    step_count = property(lambda self: self.core.step_count, doc="Steps taken so far.")
-    applied_steps = property(lambda self: self.core.applied_steps, doc="Updates applied so far.")
-    rollbacks = property(lambda self: self.core.rollbacks, doc="Rollbacks so far.")
-
     # ------------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float | None = None) -> bool:
         """Measure, decide and apply (or skip) the optimizer update. Returns True when the
@@ -354,15 +338,6 @@ class Guard:
         self._check_loss(loss)
         self._observed.append(loss.detach().reshape(()) if isinstance(loss, torch.Tensor)
                               else float(loss))
-
-    @property
-    def lr_scale(self) -> float:
-        """The Guard's current learning-rate multiplier (1.0 = the scheduled LR)."""
-        return self.lr.scale
-
-    def summary(self) -> str:
-        """A human-readable account of the run so far."""
-        return self.core.summary(self.lr.scale)
 
     def close(self) -> None:
         """Flush the sinks (prints the summary on the console) and remove hooks."""

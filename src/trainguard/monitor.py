@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .core import DecisionCore, check_int
+from .core import CoreView, DecisionCore, check_int
 from .detect import Detector
 from .policy import Policy
 from .remedies.clip import AGC, make_clipper
@@ -79,7 +79,7 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-class Monitor:
+class Monitor(CoreView):
     """Guard a loop that applies its own updates (see the module docstring).
 
     Args:
@@ -121,21 +121,6 @@ class Monitor:
         self._unchanged = 0
         self._last_norms: list[float] | None = None
         self._warned = False
-
-    # -- records (as on the Guard) --------------------------------------------------------------
-    findings = property(lambda self: self.core.findings)
-    actions = property(lambda self: self.core.actions)
-    finding_counts = property(lambda self: self.core.finding_counts)
-    action_counts = property(lambda self: self.core.action_counts)
-    step_count = property(lambda self: self.core.step_count)
-    history = property(lambda self: self.core.history)
-
-    @property
-    def lr_scale(self) -> float:
-        return self.lr.scale
-
-    def summary(self) -> str:
-        return self.core.summary(self.lr.scale)
 
     def close(self) -> None:
         self.core.close(self.summary())

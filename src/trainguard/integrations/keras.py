@@ -39,7 +39,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("trainguard.integrations.keras needs Keras 3: pip install 'trainguard[keras]'") from e
 
-from ..core import DecisionCore, check_int
+from ..core import CoreView, DecisionCore, check_int
 from ..detect import Detector
 from ..policy import Policy
 from ..remedies.clip import AGC, make_clipper
@@ -170,7 +170,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x), dtype=np.float64)
 
 
-class Guard(keras.callbacks.Callback):
+class Guard(CoreView, keras.callbacks.Callback):
     """trainguard for Keras 3 (see the module docstring).
 
     Args:
@@ -208,21 +208,6 @@ class Guard(keras.callbacks.Callback):
         self._lr_written: float | None = None
         self._lr_base: float | None = None
         self._scale_written = 1.0
-
-    # -- records (as on the torch Guard) --------------------------------------------------------
-    findings = property(lambda self: self.core.findings)
-    actions = property(lambda self: self.core.actions)
-    finding_counts = property(lambda self: self.core.finding_counts)
-    action_counts = property(lambda self: self.core.action_counts)
-    step_count = property(lambda self: self.core.step_count)
-    history = property(lambda self: self.core.history)
-
-    @property
-    def lr_scale(self) -> float:
-        return self.lr.scale
-
-    def summary(self) -> str:
-        return self.core.summary(self.lr.scale)
 
     # -- model.fit ------------------------------------------------------------------------------
     def wrap(self, optimizer: Any) -> GuardedOptimizer:
