@@ -83,8 +83,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def build(self, var_list: list) -> None:
         n = len(var_list)
-        # [norm of each gradient..., applied (1/0)]: the one vector the host reads per step
-        self.tg_stats = self.add_variable(shape=(n + 1,), dtype="float32",
+        # [norm of each gradient..., applied (1/0), the batch's loss]: the one vector the host
+        # reads per step
+        self.tg_stats = self.add_variable(shape=(n + 2,), dtype="float32",
                                           initializer="zeros", aggregation="none", name="tg_stats")
         self.tg_threshold = self.add_variable(shape=(), dtype="float32", initializer="ones",
                                               aggregation="none", name="tg_threshold")
@@ -126,13 +127,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         coef = ops.minimum(1.0, ops.divide(self.tg_threshold, total + 1e-6))
         coef = ops.where(ops.isfinite(coef), coef, ops.ones_like(coef))
 
+        loss = ops.reshape(ops.convert_to_tensor(self.tg_loss), (1,))
+
         def handle_finite() -> None:
             self.inner_optimizer.apply([ops.multiply(g, ops.cast(coef, g.dtype)) for g in grads],
                                        trainable_variables=trainable_variables)
-            self.tg_stats.assign(ops.concatenate([norms, ops.ones((1,), "float32")]))
+            self.tg_stats.assign(ops.concatenate([norms, ops.ones((1,), "float32"), loss]))
 
         def handle_non_finite() -> None:
-            self.tg_stats.assign(ops.concatenate([norms, ops.zeros((1,), "float32")]))
+            self.tg_stats.assign(ops.concatenate([norms, ops.zeros((1,), "float32"), loss]))
 
         ops.cond(finite, handle_finite, handle_non_finite)
 
@@ -253,9 +256,8 @@ class Guard(CoreView, keras.callbacks.Callback):
         model = self.model
         variables = list(model.trainable_variables)
         t = self.core.step_count
-        v = _to_numpy(opt.tg_stats)
-        gn, applied = v[:-1], bool(v[-1] > 0.5)
-        loss = float(_to_numpy(opt.tg_loss))
+        v = _to_numpy(opt.tg_stats)  # the step's one transfer
+        gn, applied, loss = v[:-2], bool(v[-2] > 0.5), float(v[-1])
         stats = self._stats(t, loss, gn, variables)
         plan, findings, severe = self._decide(stats)
         if not applied and not stats.grads_finite:
