@@ -1,6 +1,6 @@
 """Per-step cost of the Keras Guard against bare ``model.fit``, side by side.
 
-    python bench/keras_overhead.py [--rounds 7] [--epochs 1] [--backend tensorflow|torch]
+    python bench/keras_overhead.py [--rounds 7] [--backend tensorflow|torch]   (one thread)
 
 An MLP 64-512x3-10 (Adam, batch 256, 40 batches per epoch) fitted bare and with
 ``Guard`` (wrapped optimizer + callback), in interleaved rounds; each round times one epoch of
@@ -23,6 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
+
+# one intra-op thread, as bench/overhead.py: stable timings on a shared 2-core machine
+if a.backend == "tensorflow":
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+else:
+    import torch
+    torch.set_num_threads(1)
 
 from trainguard.integrations.keras import Guard  # noqa: E402
 
