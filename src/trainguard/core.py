@@ -342,6 +342,26 @@ class CoreView:
     core: DecisionCore
     lr: "LRController"
 
+    def _init_core(self, *, policy: Policy | None, detectors: Sequence[Detector] | None,
+                   clip: Any, console: bool, log: str | None, sinks: Iterable[Sink],
+                   keep_records: int, chance_loss: Any, who: str) -> None:
+        """The core, the clipper and the LR controller of a front-end without torch-side
+        clipping (the Monitor, the Keras Guard): ``clip='agc'`` needs layer structure."""
+        from .remedies.clip import AGC, make_clipper
+        from .remedies.lr import LRController
+        from .report import build_sinks
+        self.core = DecisionCore(policy=policy, detectors=detectors,
+                                 sinks=build_sinks(console, log, sinks),
+                                 keep_records=keep_records, chance_loss=chance_loss)
+        if clip == "adaptive" and not self.core.policy.acts:
+            clip = None  # a policy that never acts does not clip by default either
+        self.clipper = make_clipper(clip)
+        if isinstance(self.clipper, AGC):
+            raise ValueError(f"{who} does not support clip='agc' (unit-wise clipping needs the "
+                             "layer structure); use 'adaptive', a number or None")
+        self.lr = LRController(factor=self.core.policy.lr_backoff,
+                               min_scale=self.core.policy.min_lr_scale)
+
     policy = property(lambda self: self.core.policy)
     detectors = property(lambda self: self.core.detectors)
     sinks = property(lambda self: self.core.sinks)

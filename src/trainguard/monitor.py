@@ -24,11 +24,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .core import CoreView, DecisionCore, check_int
+from .core import CoreView, check_int
 from .detect import Detector
 from .policy import Policy
-from .remedies.clip import AGC, make_clipper
-from .remedies.lr import LRController
 from .report.base import Sink
 from .types import Action, Finding, StepStats
 
@@ -102,19 +100,9 @@ class Monitor(CoreView):
                  keep_records: int = 10_000) -> None:
         self._shapes = self._check_params(params)
         self.params = dict(params)
-        if isinstance(clip, str) and clip == "agc":
-            raise ValueError("Monitor does not support clip='agc' (unit-wise clipping needs the "
-                             "layer structure); use 'adaptive', a number or None")
-        from .report import build_sinks
-        self.core = DecisionCore(policy=policy, detectors=detectors,
-                                 sinks=build_sinks(console, log, sinks),
-                                 keep_records=keep_records, chance_loss=chance_loss)
-        if clip == "adaptive" and not self.core.policy.acts:
-            clip = None
-        self.clipper = make_clipper(clip)
-        assert not isinstance(self.clipper, AGC)
-        self.lr = LRController(factor=self.core.policy.lr_backoff,
-                               min_scale=self.core.policy.min_lr_scale)
+        self._init_core(policy=policy, detectors=detectors, clip=clip, console=console, log=log,
+                        sinks=sinks, keep_records=keep_records, chance_loss=chance_loss,
+                        who="Monitor")
         self.snapshot_every = check_int("snapshot_every", snapshot_every)
         self.keep = check_int("snapshots", snapshots)
         self._snaps: list[tuple[int, dict[str, Any]]] = []

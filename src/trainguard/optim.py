@@ -13,7 +13,6 @@ optimizer's.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable
@@ -135,10 +134,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
 
 def _scalar_or_none(loss: Any) -> Any:
+    """The loss a closure returned, as the Guard takes it (None: not a loss)."""
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return loss.detach()
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(float(loss)) or (
-            isinstance(loss, float)):
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     if isinstance(loss, dict) and isinstance(loss.get("loss"), torch.Tensor):
         return loss["loss"].detach()  # Lightning's training_step may return {"loss": ...}

@@ -39,13 +39,11 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("trainguard.integrations.keras needs Keras 3: pip install 'trainguard[keras]'") from e
 
-from ..core import CoreView, DecisionCore, check_int
+from ..core import CoreView, check_int
 from ..detect import Detector
 from ..policy import Policy
-from ..remedies.clip import AGC, make_clipper
-from ..remedies.lr import LRController
 from ..report.base import Sink
-from ..types import Action, Finding, StepStats, TrainingUnstable
+from ..types import Finding, StepStats, TrainingUnstable
 
 if int(keras.__version__.split(".")[0]) != 3:  # pragma: no cover
     raise ImportError(f"trainguard.integrations.keras supports Keras 3, found {keras.__version__}")
@@ -191,18 +189,9 @@ class Guard(CoreView, keras.callbacks.Callback):
                  chance_loss: float | None = None, console: bool = False, log: str | None = None,
                  sinks: Iterable[Sink] = (), keep_records: int = 10_000) -> None:
         super().__init__()
-        from ..report import build_sinks
-        self.core = DecisionCore(policy=policy, detectors=detectors,
-                                 sinks=build_sinks(console, log, sinks),
-                                 keep_records=keep_records, chance_loss=chance_loss)
-        if clip == "adaptive" and not self.core.policy.acts:
-            clip = None
-        self.clipper = make_clipper(clip)
-        if isinstance(self.clipper, AGC):
-            raise ValueError("the Keras Guard does not support clip='agc'; use 'adaptive', a "
-                             "number or None")
-        self.lr = LRController(factor=self.core.policy.lr_backoff,
-                               min_scale=self.core.policy.min_lr_scale)
+        self._init_core(policy=policy, detectors=detectors, clip=clip, console=console, log=log,
+                        sinks=sinks, keep_records=keep_records, chance_loss=chance_loss,
+                        who="the Keras Guard")
         self.snapshot_every = check_int("snapshot_every", snapshot_every)
         self.keep = check_int("snapshots", snapshots)
         self.param_norm_every = check_int("param_norm_every", param_norm_every)
@@ -428,4 +417,4 @@ class Guard(CoreView, keras.callbacks.Callback):
         del self._snaps[:-self.keep]
 
 
-__all__ = ["Guard", "GuardedOptimizer", "Action", "Finding"]
+__all__ = ["Guard", "GuardedOptimizer"]

@@ -48,6 +48,7 @@ except ImportError:  # pragma: no cover - the standalone package
                           "pip install 'trainguard[lightning]'") from e
 
 from ..guard import Guard
+from . import check_adapter_options
 from ..report.base import Sink
 from ..types import Action, Finding
 
@@ -94,12 +95,8 @@ class GuardCallback(Callback):
 
     def __init__(self, observe: bool = False, **guard_options: Any) -> None:
         super().__init__()
-        if guard_options.get("sync") is False:
-            raise ValueError("GuardCallback does not support sync=False: Lightning takes the "
-                             "optimizer step, so the Guard decides on the host before it")
-        if "scaler" in guard_options:
-            raise ValueError("GuardCallback takes the GradScaler from the trainer's precision "
-                             "plugin; do not pass scaler=")
+        check_adapter_options(guard_options, "GuardCallback",
+                              "the trainer's precision plugin")
         self.observe = bool(observe)
         self.options = guard_options
         self.guard: Guard | None = None

@@ -50,6 +50,7 @@ except ImportError as e:  # pragma: no cover
                       "pip install 'trainguard[transformers]'") from e
 
 from ..guard import Guard, unwrap_optimizer
+from . import check_adapter_options
 
 _MAJOR = int(transformers.__version__.split(".")[0])
 if _MAJOR != 5:  # pragma: no cover
@@ -76,12 +77,7 @@ class GuardCallback(TrainerCallback):
     """
 
     def __init__(self, observe: bool = False, **guard_options: Any) -> None:
-        if guard_options.get("sync") is False:
-            raise ValueError("GuardCallback does not support sync=False: the Trainer takes the "
-                             "optimizer step, so the Guard decides on the host before it")
-        if "scaler" in guard_options:
-            raise ValueError("GuardCallback takes the GradScaler from accelerate; do not pass "
-                             "scaler=")
+        check_adapter_options(guard_options, "GuardCallback", "accelerate")
         self.observe = bool(observe)
         self.options = guard_options
         self.guard: Guard | None = None
