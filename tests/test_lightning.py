@@ -177,3 +177,24 @@ def test_no_checkpoint_of_nonfinite_weights(tmp_path):
         m.net[0].weight[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
         cb.on_save_checkpoint(None, m, {})
+
+
+def test_model_checkpoint_waits_while_unhealthy(tmp_path):
+    """observe=True never repairs: from step 12 the weights are NaN. ModelCheckpoint saves every
+    5 steps, keeping one file; without the Guard's deferral the NaN weights would replace the
+    last good checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    cb = GuardCallback(observe=True, console=False)
+    mc = ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=5, save_top_k=1)
+    m = Net(nan_at=12)
+    loader = torch.utils.data.DataLoader(_data(), batch_size=32)
+    trainer = L.Trainer(max_steps=25, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[cb, mc], default_root_dir=str(tmp_path))
+    trainer.fit(m, loader)
+    files = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert files == ["epoch=1-step=10.ckpt"], files
+    sd = torch.load(tmp_path / files[0], weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert cb.guard.counts["checkpoint_deferred"] >= 1
+    assert "_save_topk_checkpoint" not in mc.__dict__  # the wrapper is gone after fit

@@ -127,3 +127,18 @@ def test_lr_burst_is_repaired_or_halted_with_the_story(tmp_path):
     g = cb.guard
     assert {a.kind for a in g.actions} & {"skip", "rollback", "lr_backoff", "clip", "halt"}
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_trainer_saves_wait_while_unhealthy(tmp_path):
+    """observe=True never repairs: from step 6 the weights are NaN; with save_steps=4 and
+    save_total_limit=1 the NaN checkpoint would rotate the good one away."""
+    cb = GuardCallback(observe=True, console=False)
+    m = Tiny(nan_at=5)
+    _train(tmp_path, m, callbacks=[cb], max_steps=14, save_strategy="steps", save_steps=4,
+           save_total_limit=1)
+    ckpts = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-4"], ckpts
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    assert cb.guard.counts["checkpoint_deferred"] >= 1

@@ -23,7 +23,7 @@ from .types import (ACTION_KINDS, FINDING_KINDS, Action, Finding, StepStats,
 __version__ = "0.1.0"
 
 __all__ = ["Guard", "GuardedOptimizer", "DecisionCore", "Monitor", "Decision", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
-           "TrainingUnstable", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate",
+           "TrainingUnstable", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate", "load_checkpoint",
            "__version__"]
 
 
@@ -42,6 +42,9 @@ def __getattr__(name: str) -> Any:
     if name == "repair":
         from .doctor import repair
         return repair
+    if name == "load_checkpoint":
+        from .remedies.checkpoint import load_checkpoint
+        return load_checkpoint
     if name == "locate":
         from .locate import locate
         return locate

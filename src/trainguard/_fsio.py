@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, IO
+from typing import Any, Callable
 
 
 def fsync_dir(path: str) -> None:
@@ -33,16 +33,16 @@ def fsync_tree(root: str) -> None:
         fsync_dir(folder)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[str]], None], *,
-                 prefix: str = ".tmp-", mode: int | None = None) -> None:
-    """Call ``write(fh)`` on a temporary text file next to ``path``, then make it ``path``
-    durably and atomically."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *,
+                 prefix: str = ".tmp-", mode: int | None = None, binary: bool = False) -> None:
+    """Call ``write(fh)`` on a temporary text (``binary=True``: bytes) file next to ``path``,
+    then make it ``path`` durably and atomically."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix="-" + os.path.basename(path), dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

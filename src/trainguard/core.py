@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from .detect import Detector, default_detectors
 from .policy import Plan, Policy
-from .report.base import Sink
+from .sinks.base import Sink
 from .types import REMEDIES, SEVERE_KINDS, Action, Finding, StepStats, TrainingUnstable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +39,12 @@ def check_int(name: str, v: Any, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
     return v
+
+
+#: steps without a severe finding before the state counts as settled again: a rollback snapshot
+#: is taken only then, and ``healthy`` waits for it (a severe finding answered by an LR cut alone
+#: may still be playing out; 10 steps is the detectors' shortest window)
+QUIET = 10
 
 
 class DecisionCore:
@@ -83,6 +89,13 @@ class DecisionCore:
         self.applied_steps = 0
         self.rollbacks = 0
         self.last_severe = -10**9
+        #: the last step with a severe finding the plan did not answer by skipping the update or
+        #: rolling back (the update went on: monitor-only, observe mode, an LR cut alone)
+        self.unresolved = -10**9
+        #: the newest step whose state (weights, optimizer state, buffers) was checked and found
+        #: good with no unresolved severe finding; -1 before any check
+        self.last_good_step = -1
+        self.halted = False
         self.chance_option = chance_loss
         self.chance_loss: float | None = None  # the level in use
         if isinstance(chance_loss, (int, float)):
@@ -109,7 +122,20 @@ class DecisionCore:
             out = Plan()
             if severe:
                 self.last_severe = stats.step
+        if severe and not out.kinds() & {"skip", "rollback", "halt"}:
+            self.unresolved = stats.step
         return findings, out, severe
+
+    def settled(self, step: int | None = None) -> bool:
+        """Not halted, and no severe finding left unanswered (the update applied anyway) in the
+        last :data:`QUIET` steps: the same quiet period a rollback snapshot waits for."""
+        at = self.step_count if step is None else step
+        return not self.halted and at - self.unresolved > QUIET
+
+    def good_state(self, step: int) -> None:
+        """The state at ``step`` was checked and found good: the newest good step."""
+        if self.settled(step):
+            self.last_good_step = max(self.last_good_step, step)
 
     def detect(self, stats: StepStats,
                infer_chance: Callable[[float], float | None] | None = None) -> list[Finding]:
@@ -281,7 +307,9 @@ class DecisionCore:
              step: int | None = None) -> TrainingUnstable:
         """Record the halt, close the sinks, and return the exception to raise."""
         self.act("halt", reason, step=step)
+        self.halted = True
         story = self.story(reason, finding, lr_scale, step)
+        self.event("story", step=step, text=story)
         self.close(self.summary(lr_scale))
         return TrainingUnstable(story, self.findings, self.actions)
 
@@ -296,7 +324,7 @@ class DecisionCore:
             "version": 1,
             "step_count": self.step_count, "applied_steps": self.applied_steps,
             "rollbacks": self.rollbacks, "counts": dict(self.counts),
-            "chance_loss": self.chance_loss,
+            "chance_loss": self.chance_loss, "last_good_step": self.last_good_step,
             "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
             "policy": self.policy.state_dict(),
             "findings": [f.to_dict() for f in self.findings],
@@ -312,6 +340,7 @@ class DecisionCore:
         self.applied_steps = state["applied_steps"]
         self.rollbacks = state["rollbacks"]
         self.counts = Counter(state.get("counts", {}))
+        self.last_good_step = int(state.get("last_good_step", -1))
         if self.step_count > 0 and self.chance_option == "auto":
             self.chance_option = None  # decided by the run that saved this state
             self.set_chance(state.get("chance_loss"))
@@ -377,6 +406,22 @@ class CoreView:
     step_count = property(lambda self: self.core.step_count, doc="Steps taken so far.")
     applied_steps = property(lambda self: self.core.applied_steps, doc="Updates applied so far.")
     rollbacks = property(lambda self: self.core.rollbacks, doc="Rollbacks so far.")
+    last_good_step = property(lambda self: self.core.last_good_step,
+                              doc="The newest step whose state was checked and found good (no "
+                                  "non-finite or huge weights, optimizer state or buffers, no "
+                                  "unresolved severe finding); -1 before any check.")
+
+    @property
+    def healthy(self) -> bool:
+        """True when the state is good to save: not halted, no severe finding left unanswered
+        in the last 10 steps, and the last measured state (weights, optimizer state, buffers)
+        finite. The torch Guard reads the state itself when asked."""
+        if not self.core.settled():
+            return False
+        last = self.core.history[-1] if self.core.history else None
+        return last is None or (last.params_finite and not last.huge_param_modules
+                                and not last.nonfinite_optimizer_modules
+                                and not last.nonfinite_buffers)
 
     @property
     def lr_scale(self) -> float:

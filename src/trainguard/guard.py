@@ -34,7 +34,7 @@ from .remedies.clip import make_clipper
 from .remedies.executor import Executor
 from .remedies.lr import LRController
 from .remedies.snapshot import SnapshotStore
-from .report.base import Sink
+from .sinks.base import Sink
 from .stats import StepStats, chance_level
 from .types import Action, Finding
 
@@ -142,6 +142,13 @@ class Guard(CoreView):
             first loss is within 15% of ln V for V = the output size of the model's last
             ``nn.Linear`` or an ``nn.Embedding``'s vocabulary (a classifier or language
             model at initialisation); a number: that level; ``None``: no such rule.
+        checkpoint_dir: a folder for checkpoints that are never poisoned: every
+            ``checkpoint_every`` steps (and on ``guard.save_checkpoint()``) the Guard writes model,
+            optimizer, scaler and its own state there, only while ``guard.healthy`` (an unhealthy
+            save waits for the next healthy step), keeping the newest ``checkpoints`` (default
+            2). A rollback the in-memory snapshots cannot serve starts from the newest one at or
+            before the last healthy step (read with ``weights_only=True``). See
+            :mod:`trainguard.remedies.checkpoint`.
         on_reset: called with the :class:`Action` right after every skip and rollback, so the
             loop can reset the state it carries between steps and the Guard cannot see: a
             recurrent hidden state fed back from the previous batch (which a NaN poisons for
@@ -159,7 +166,9 @@ class Guard(CoreView):
                  locate_dir: str | None = None, model_factory: str | None = None,
                  process_group: Any = None, keep_records: int = 10_000,
                  chance_loss: float | str | None = "auto",
-                 on_reset: Callable[[Action], None] | None = None) -> None:
+                 on_reset: Callable[[Action], None] | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None,
+                 checkpoint_every: int | None = None, checkpoints: int = 2) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -189,6 +198,17 @@ class Guard(CoreView):
             raise TypeError(f"on_reset must be callable (it receives the Action), got "
                             f"{type(on_reset).__name__}")
         self.on_reset = on_reset
+        if checkpoint_every is not None:
+            _check_int("checkpoint_every", checkpoint_every)
+            if checkpoint_dir is None:
+                raise ValueError("checkpoint_every needs checkpoint_dir= (the folder to write to)")
+        from .remedies.checkpoint import CheckpointStore
+        self.checkpoint_store = (CheckpointStore(checkpoint_dir, checkpoints)
+                                 if checkpoint_dir is not None else None)
+        self.checkpoint_every = checkpoint_every
+        self._checkpoint_due = False
+        self._deferred_at = -1
+        self._health: tuple[int, bool] | None = None
         self.rank, self.world_size = _dist_info()
         from .report import build_sinks
         out = build_sinks(console, log, sinks, rank=self.rank)
@@ -249,7 +269,8 @@ class Guard(CoreView):
         self.executor = Executor(self.core, self.measure, optimizer, scaler=scaler,
                                  scheduler=scheduler, clipper=self.clipper, lr=self.lr,
                                  snapshots=self.snapshots, loopcheck=self.loopcheck,
-                                 log_every=self.log_every, on_halt=on_halt)
+                                 log_every=self.log_every, on_halt=on_halt,
+                                 checkpoints=self.checkpoint_store)
         capture = self._capture  # the pieces hold no reference to the Guard itself
         self._deferred = DeferredStepper(
             self.core, self.measure, self.executor,
@@ -443,7 +464,67 @@ class Guard(CoreView):
         self.last_step_applied = applied
         self.core.step_count += 1
         self.measure.arm_if_due(self.core.step_count)
+        if self.checkpoint_every is not None and self.core.step_count % self.checkpoint_every == 0:
+            self._checkpoint_due = True
+        if self._checkpoint_due:
+            self._checkpoint_due = self.save_checkpoint() is None  # deferred: try the next step
         return applied
+
+    # ------------------------------------------------------------------ healthy state, checkpoints
+    @property
+    def healthy(self) -> bool:
+        """True when the state is good to save: weights, optimizer state and buffers finite and
+        not huge (one read of them, at most once per step: ask it right before a save), not
+        halted, and no severe finding left unanswered in the last 10 steps. Under FSDP each rank
+        checks its own shard: ask on every rank. Use it to refuse or defer your own saves::
+
+            if step % 1000 == 0 and guard.healthy:
+                torch.save(model.state_dict(), path)
+        """
+        self._drain_pending()
+        step = self.core.step_count
+        if self._health is not None and self._health[0] == step:
+            return self._health[1]
+        ok = self.core.settled(step) and self.check_state()
+        if ok:
+            self.core.good_state(step)
+        self._health = (step, ok)
+        return ok
+
+    def check_state(self) -> bool:
+        """One read of the weights, optimizer state and buffers: all finite, weights below
+        1e15 in magnitude and optimizer state below 1e15 (the fault campaign's bounds)."""
+        from .measure import HUGE_STATE, HUGE_WEIGHT
+        return self.snapshots.verify(HUGE_WEIGHT, HUGE_STATE)
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None, *,
+                        extra: dict[str, Any] | None = None) -> str | None:
+        """Write a checkpoint (model, optimizer, scaler, Guard state, CPU RNG; atomically, with
+        ``torch.save``) to ``path``, or into ``checkpoint_dir`` keeping the newest
+        ``checkpoints``, only if :attr:`healthy`. Returns the path written, or None when the run
+        is unhealthy (nothing written, the previous checkpoints untouched: an event
+        ``checkpoint_deferred`` says so). Load with :func:`trainguard.load_checkpoint`."""
+        if path is None and self.checkpoint_store is None:
+            raise ValueError("save_checkpoint needs a path, or Guard(checkpoint_dir=...)")
+        step = self.core.step_count
+        if not self.healthy:
+            if self._deferred_at != step:
+                self.core.event("checkpoint_deferred", step=step,
+                                message="state unhealthy: checkpoint not written (the previous "
+                                        f"ones are kept; last good step {self.core.last_good_step})")
+                self._deferred_at = step
+            return None
+        state = self.state_dict()
+        if path is not None:
+            from .remedies.checkpoint import save_checkpoint
+            out = save_checkpoint(path, self.model, self.optimizer, self.scaler, step=step,
+                                  guard_state=state, extra=extra)
+        else:
+            assert self.checkpoint_store is not None
+            out = self.checkpoint_store.save(step, self.model, self.optimizer, self.scaler,
+                                             state, extra)
+        self.core.event("checkpoint", step=step, path=out)
+        return out
 
     def _detach(self) -> None:
         """Remove every hook this Guard put on the model and the optimizer."""

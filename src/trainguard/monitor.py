@@ -27,7 +27,7 @@ import numpy as np
 from .core import CoreView, check_int
 from .detect import Detector
 from .policy import Policy
-from .report.base import Sink
+from .sinks.base import Sink
 from .types import Action, Finding, StepStats
 
 #: see trainguard.measure.HUGE_WEIGHT (the same number: a parameter norm above it is corruption)

@@ -42,7 +42,7 @@ except ImportError as e:  # pragma: no cover
 from ..core import CoreView, check_int
 from ..detect import Detector
 from ..policy import Policy
-from ..report.base import Sink
+from ..sinks.base import Sink
 from ..types import Finding, StepStats, TrainingUnstable
 
 if int(keras.__version__.split(".")[0]) != 3:  # pragma: no cover

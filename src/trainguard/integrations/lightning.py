@@ -23,7 +23,8 @@ precision plugin's GradScaler keeps its protocol; its own overflow skips are eve
 findings), ``"bf16-mixed"`` and DDP (the Guard all-reduces its statistics, so every rank takes
 the same decision). Findings and actions are logged to the trainer's loggers as
 ``trainguard/...`` counters; a halt raises :class:`trainguard.TrainingUnstable` with the story
-out of ``trainer.fit``; a checkpoint is refused while the weights are non-finite.
+out of ``trainer.fit``; ModelCheckpoint's saves (and its rotation of old files) wait while
+``guard.healthy`` is False, and any other checkpoint is refused while the weights are non-finite.
 
 Not supported: several optimizers (the first one is guarded, with a warning), ``Guard(sync=False)``
 (the update is Lightning's), DeepSpeed and other strategies that step inside ``backward``
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - the standalone package
 
 from ..guard import Guard
 from . import check_adapter_options
-from ..report.base import Sink
+from ..sinks.base import Sink
 from ..types import Action, Finding
 
 _MAJOR = int(pl.__version__.split(".")[0])
@@ -123,12 +124,38 @@ class GuardCallback(Callback):
         self.guard = Guard(pl_module, opt, scaler=scaler, **options)
         self.guard.core.sinks.append(_LoggerSink(trainer))
         self._opt = opt
+        self._wrap_checkpointing(trainer)
         if not self.observe:
             self._own_attr = opt.__dict__.get("step")
             self._orig_step = opt.step
             opt.step = self._guarded_step  # type: ignore[method-assign]
 
+    def _wrap_checkpointing(self, trainer: Any) -> None:
+        """Defer every ModelCheckpoint save (and the rotation that comes with it) while
+        ``guard.healthy`` is False, so a NaN run never rotates the last good checkpoint away.
+        The save and its rotation are ModelCheckpoint's ``_save_topk_checkpoint`` /
+        ``_save_last_checkpoint`` (Lightning 2.x); the state is read only when one is due."""
+        self._wrapped: list[tuple[Any, str]] = []
+        for cb in getattr(trainer, "checkpoint_callbacks", []) or []:
+            for name in ("_save_topk_checkpoint", "_save_last_checkpoint"):
+                orig = getattr(cb, name, None)
+                if orig is None or name in cb.__dict__:
+                    continue
+
+                def save(trainer: Any, monitor_candidates: Any, _orig: Any = orig) -> None:
+                    if self.guard is None or self.guard._closed or self.guard.healthy:
+                        _orig(trainer, monitor_candidates)
+                    else:
+                        self.guard.core.event(
+                            "checkpoint_deferred", message="state unhealthy: ModelCheckpoint save "
+                            f"deferred (last good step {self.guard.last_good_step})")
+                setattr(cb, name, save)
+                self._wrapped.append((cb, name))
+
     def _restore(self) -> None:
+        for cb, name in getattr(self, "_wrapped", []):
+            cb.__dict__.pop(name, None)
+        self._wrapped = []
         if self._opt is not None and self._orig_step is not None:
             if self._own_attr is not None:  # a scheduler's counting wrapper, say
                 self._opt.step = self._own_attr  # type: ignore[method-assign]

@@ -28,7 +28,8 @@ What a callback cannot reach, and how this module reaches it:
   (NaN/Inf are caught either way; a gradient explosion shows as a loss spike instead).
   With ``max_grad_norm=0`` both measure the raw gradients.
 
-Also: ``should_save`` is refused while weights are non-finite; findings and actions are added to
+Also: ``should_save`` waits while ``guard.healthy`` is False (a NaN run never rotates the last good
+checkpoint away); findings and actions are added to
 the Trainer's logs (``trainguard/...`` counters, in ``on_log``: integrations that run before the
 callback see them at the next log); a halt raises :class:`trainguard.TrainingUnstable` with the
 story out of ``trainer.train()``.
@@ -158,11 +159,26 @@ class GuardCallback(TrainerCallback):
         if self.observe and self.guard is not None:
             self.guard.observe(self._window_loss())
 
+    def _defer_unhealthy_save(self, control: Any, model: Any) -> None:
+        """The Trainer saves (and rotates ``save_total_limit`` old checkpoints away) only while
+        ``guard.healthy``: a NaN run never replaces the last good checkpoint."""
+        if not control.should_save:
+            return
+        if self.guard is not None and not self.guard._closed:
+            if not self.guard.healthy:
+                control.should_save = False
+                self.guard.core.event("checkpoint_deferred", message="state unhealthy: Trainer "
+                                      f"save deferred (last good step {self.guard.last_good_step})")
+        elif model is not None and not all(torch.isfinite(p).all() for p in model.parameters()):
+            control.should_save = False  # never write non-finite weights
+
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
                     **kwargs: Any) -> None:
-        if control.should_save and model is not None and not all(
-                torch.isfinite(p).all() for p in model.parameters()):
-            control.should_save = False  # never write non-finite weights
+        self._defer_unhealthy_save(control, model)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                     **kwargs: Any) -> None:
+        self._defer_unhealthy_save(control, model)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:

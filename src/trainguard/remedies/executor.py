@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
-from ..core import DecisionCore
+from ..core import QUIET, DecisionCore
 from ..measure import HUGE_STATE, HUGE_WEIGHT, StepProbe, scaler_enabled, scaler_stage_ready
 from ..policy import Plan, Policy
 from ..types import Finding, StepStats, TrainingUnstable
@@ -32,12 +32,13 @@ class Executor:
     def __init__(self, core: DecisionCore, measure: StepProbe, optimizer: torch.optim.Optimizer,
                  *, scaler: Any, scheduler: Any, clipper: Any, lr: LRController,
                  snapshots: SnapshotStore, loopcheck: Any, log_every: int,
-                 on_halt: Callable[[], None]) -> None:
+                 on_halt: Callable[[], None], checkpoints: Any = None) -> None:
         self.core, self.measure, self.optimizer = core, measure, optimizer
         self.scaler, self.scheduler, self.clipper = scaler, scheduler, clipper
         self.lr, self.snapshots, self.loopcheck = lr, snapshots, loopcheck
         self.log_every = log_every
         self.on_halt = on_halt
+        self.checkpoints = checkpoints  # a CheckpointStore: rollbacks beyond the snapshots
         self.outside = False
 
     @property
@@ -102,15 +103,33 @@ class Executor:
             f = by["rollback"]
             healthy = f.evidence.get("healthy_step") if isinstance(f.evidence, dict) else None
             snap = self.snapshots.choose(before_step=step - 1, healthy=healthy)
-            if snap is None or core.rollbacks >= self.policy.max_rollbacks:
+            limit = healthy if isinstance(healthy, int) and 0 <= healthy < step else step - 1
+            disk = None
+            if self.checkpoints is not None and (snap is None or snap.step > limit):
+                disk = self.checkpoints.newest(at_or_before=limit)
+            have = snap is not None or disk is not None
+            if not have or core.rollbacks >= self.policy.max_rollbacks:
                 self.finish_scaler_step(scaled)
-                self._checked(lambda: core.check_rollback(f, snap is not None, self.lr.scale, step))
+                self._checked(lambda: core.check_rollback(f, have, self.lr.scale, step))
             self.finish_scaler_step(scaled)
             scaled = False
-            assert snap is not None
-            self.snapshots.restore(snap, at_step=step)
+            what = ""
+            if disk is not None:
+                try:
+                    self.snapshots.restore_checkpoint(disk[1], disk[0], at_step=step)
+                    to_step = disk[0]
+                    what = (f"restored the checkpoint of step {disk[0]} from {disk[1]} (no "
+                            "in-memory snapshot old enough)")
+                except ValueError as e:
+                    core.event("checkpoint_unusable", step=step, path=disk[1], error=str(e))
+                    if snap is None:
+                        self._checked(lambda: core.check_rollback(f, False, self.lr.scale, step))
+            if not what:
+                assert snap is not None
+                self.snapshots.restore(snap, at_step=step)
+                to_step, what = snap.step, f"restored the snapshot of step {snap.step}"
             self.measure.watch(step)  # probe the restored weights on the next step, then often
-            core.rolled_back(f, step, snap.step, f"restored the snapshot of step {snap.step}")
+            core.rolled_back(f, step, to_step, what)
             skip = True
         if "lr_backoff" in kinds:
             f = by["lr_backoff"]
@@ -197,6 +216,7 @@ class Executor:
                             reason="parameters, optimizer state or buffers failed the check")
             return False
         self.snapshots.take(step)
+        self.core.good_state(step)
         return True
 
     def after_step(self, stats: StepStats, applied: bool, severe: bool, step: int,
@@ -204,7 +224,11 @@ class Executor:
         core = self.core
         if applied:
             core.applied_steps += 1
-        quiet = step - core.last_severe > 10
+        quiet = step - core.last_severe > QUIET
+        if (stats.param_norm is not None and stats.params_finite and not severe
+                and not (stats.huge_param_modules or stats.nonfinite_optimizer_modules
+                         or stats.nonfinite_buffers)):
+            core.good_state(step)  # a parameter check (its cadence) found the state good
         if snapshot and applied and quiet and (step + 1) % self.snapshots.every == 0:
             self.snapshot(step + 1)
         if core.sinks and (step % self.log_every == 0 or severe or stats.activations):

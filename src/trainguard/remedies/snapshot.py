@@ -191,6 +191,14 @@ class SnapshotStore:
         # everything newer than the restored snapshot describes the abandoned trajectory
         self.snaps = [s for s in self.snaps if s.step <= snap.step]
 
+    def restore_checkpoint(self, path: str, step: int, at_step: int = -1) -> None:
+        """A rollback to a checkpoint on disk (read with ``weights_only=True``; a file that is
+        unreadable or holds non-finite values raises ValueError before anything changes)."""
+        from .checkpoint import load_checkpoint
+        load_checkpoint(path, self.model, self.optimizer, self.scaler)
+        self.restored_step, self.restored_at = step, at_step
+        self.snaps = [s for s in self.snaps if s.step <= step]
+
     def drop(self, snap: Snapshot) -> None:
         if snap in self.snaps and len(self.snaps) > 1:
             self.snaps.remove(snap)

@@ -1,11 +1,13 @@
-"""Sinks: they only listen. None of them imports its library at trainguard import time."""
+"""The run report (``trainguard report``, ``guard.save_html``) and, at their old import path,
+the sinks (now in :mod:`trainguard.sinks`)."""
 from typing import Iterable
 
-from .base import Sink
-from .console import ConsoleSink
-from .jsonl import JsonlSink, read_events
+from ..sinks import ConsoleSink, JsonlSink, Sink, read_events
 
-__all__ = ["Sink", "ConsoleSink", "JsonlSink", "read_events"]
+__all__ = ["Sink", "ConsoleSink", "JsonlSink", "read_events", "build_sinks"]
+
+
+_METHODS = ("on_finding", "on_action", "on_stats", "on_event", "close")
 
 
 def build_sinks(console: bool, log: str | None, extra: "Iterable[Sink]" = (),
@@ -16,5 +18,10 @@ def build_sinks(console: bool, log: str | None, extra: "Iterable[Sink]" = (),
         out.append(ConsoleSink(rank=rank))
     if log:
         out.append(JsonlSink(log, rank=rank))
-    out.extend(extra)
+    for s in extra:
+        if not all(callable(getattr(s, m, None)) for m in _METHODS):
+            raise TypeError(f"sinks must be trainguard.sinks.Sink objects (TensorBoardSink, "
+                            f"WandbSink, MLflowSink, ...), got {type(s).__name__} (a sink has "
+                            f"{', '.join(_METHODS)})")
+        out.append(s)
     return out

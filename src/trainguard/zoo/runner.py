@@ -269,7 +269,7 @@ def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
 def write_json(path: str, records: list[dict[str, Any]]) -> None:
     """Durable atomic write (see trainguard._fsio); NaN/Inf as strings."""
     from .._fsio import atomic_write
-    from ..report.jsonl import encode
+    from ..sinks.jsonl import encode
     atomic_write(path, lambda fh: json.dump(encode(records), fh, indent=1, allow_nan=False),
                  prefix=".zoo-", mode=0o644)
 
