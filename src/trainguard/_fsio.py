@@ -46,8 +46,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *,
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        if mode is None:  # what open() would have given (mkstemp makes 0600)
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
         fsync_dir(folder)
     except BaseException:

@@ -1,4 +1,4 @@
-"""``trainguard`` command line: demo, zoo, doctor, replay.
+"""``trainguard`` command line: demo, zoo, doctor, report, replay.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; the module is imported only when its subcommand runs.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "demo": ("trainguard.demo", "a real model that dies bare and survives guarded, side by side"),
     "zoo": ("trainguard.zoo.runner", "run the stability zoo: pathological and healthy runs, scored"),
     "doctor": ("trainguard.doctor.cli", "diagnose a model: module:factory -> findings and prescriptions"),
+    "report": ("trainguard.report.html", "an HTML report of a guarded run from its JSONL log"),
     "replay": ("trainguard.locate", "re-run a reproducer bundle and print where the first NaN/Inf came from"),
 }
 

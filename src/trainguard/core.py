@@ -17,6 +17,7 @@ rollback, the optimizer step) belongs to the framework side.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
@@ -96,6 +97,10 @@ class DecisionCore:
         #: good with no unresolved severe finding; -1 before any check
         self.last_good_step = -1
         self.halted = False
+        self.halt_story = ""
+        #: the HTML run report written at the end (the front-end's ``report=``), named last in
+        #: the summary
+        self.report_path: str | None = None
         self.chance_option = chance_loss
         self.chance_loss: float | None = None  # the level in use
         if isinstance(chance_loss, (int, float)):
@@ -279,6 +284,8 @@ class DecisionCore:
             for k in kinds:
                 for r in REMEDIES.get(k, ())[:2]:
                     lines.append(f"    - ({k}) {r}")
+        if self.report_path:
+            lines.append(f"  report: {self.report_path}")
         return "\n".join(lines)
 
     def story(self, reason: str, finding: Finding | None, lr_scale: float = 1.0,
@@ -308,7 +315,7 @@ class DecisionCore:
         """Record the halt, close the sinks, and return the exception to raise."""
         self.act("halt", reason, step=step)
         self.halted = True
-        story = self.story(reason, finding, lr_scale, step)
+        story = self.halt_story = self.story(reason, finding, lr_scale, step)
         self.event("story", step=step, text=story)
         self.close(self.summary(lr_scale))
         return TrainingUnstable(story, self.findings, self.actions)
@@ -431,3 +438,10 @@ class CoreView:
     def summary(self) -> str:
         """A human-readable account of the run so far."""
         return self.core.summary(self.lr.scale)
+
+    def save_html(self, path: str | os.PathLike, title: str | None = None) -> str:
+        """Write the HTML run report (:mod:`trainguard.report.html`): from the JSONL log when
+        the run has one (every event), else from memory (the last 2,000 steps). Returns the
+        path."""
+        from .report.html import save_report
+        return save_report(self, path, title)

@@ -149,6 +149,9 @@ class Guard(CoreView):
             2). A rollback the in-memory snapshots cannot serve starts from the newest one at or
             before the last healthy step (read with ``weights_only=True``). See
             :mod:`trainguard.remedies.checkpoint`.
+        report: write the HTML run report there at the end (``close()`` or a halt; the
+            console summary ends with its path). It is drawn from the JSONL log: without
+            ``log=``, one is written beside it (``run.html`` -> ``run.jsonl``).
         on_reset: called with the :class:`Action` right after every skip and rollback, so the
             loop can reset the state it carries between steps and the Guard cannot see: a
             recurrent hidden state fed back from the previous batch (which a NaN poisons for
@@ -168,7 +171,8 @@ class Guard(CoreView):
                  chance_loss: float | str | None = "auto",
                  on_reset: Callable[[Action], None] | None = None,
                  checkpoint_dir: str | os.PathLike | None = None,
-                 checkpoint_every: int | None = None, checkpoints: int = 2) -> None:
+                 checkpoint_every: int | None = None, checkpoints: int = 2,
+                 report: str | os.PathLike | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -210,6 +214,9 @@ class Guard(CoreView):
         self._deferred_at = -1
         self._health: tuple[int, bool] | None = None
         self.rank, self.world_size = _dist_info()
+        self.report_path = os.fspath(report) if report is not None else None
+        if self.report_path is not None and log is None:
+            log = os.path.splitext(self.report_path)[0] + ".jsonl"
         from .report import build_sinks
         out = build_sinks(console, log, sinks, rank=self.rank)
         me_ = weakref.ref(self)  # the core must not keep the Guard alive
@@ -222,6 +229,8 @@ class Guard(CoreView):
         self.core = DecisionCore(policy=policy, detectors=detectors, sinks=out,
                                  keep_records=keep_records, chance_loss=chance_loss,
                                  on_action=on_action)
+        if self.report_path is not None and self.rank == 0:
+            self.core.report_path = self.report_path
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
         if clip == "adaptive" and not self.policy.acts:
             clip = None  # a policy that never acts does not clip by default either
@@ -265,6 +274,7 @@ class Guard(CoreView):
             g = me()
             if g is not None:
                 g._detach()
+                g._write_report()
         #: carries out the core's plans: remedies, the optimizer step, the scaler's protocol
         self.executor = Executor(self.core, self.measure, optimizer, scaler=scaler,
                                  scheduler=scheduler, clipper=self.clipper, lr=self.lr,
@@ -370,6 +380,18 @@ class Guard(CoreView):
             self._final_check()
         self._detach()
         self.core.close(self.summary())
+        self._write_report()
+
+    def _write_report(self) -> None:
+        """The HTML report of ``report=`` (after the sinks closed: the log is complete). A
+        report that cannot be written never breaks training: the reason is printed."""
+        if self.core.report_path is None:
+            return
+        try:
+            self.save_html(self.core.report_path)
+        except Exception as e:  # noqa: BLE001 - a report must never break training
+            warnings.warn(f"trainguard: the run report {self.core.report_path} was not written "
+                          f"({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
 
     def _final_check(self) -> None:
         """At close, one read of parameters, optimizer state and buffers: a run never ends on
