@@ -290,20 +290,22 @@ def main() -> None:
     models = a.only or list(MODELS)
     records = []
     t0 = time.perf_counter()
-    for seed in range(a.seeds):
-        for mname in models:
-            for oname in OPTIMIZERS:
-                for prec in PRECISIONS:
-                    if mname == "lstm" and prec != "fp32":
-                        continue  # CPU autocast has no bf16/fp16 LSTM kernel (oneDNN refuses it)
-                    records.append({**run(mname, oname, prec, seed, a.steps, None), "reference": True})
-                    rng = random.Random(f"{mname}:{oname}:{prec}:{seed}")
-                    for kind in KINDS:
-                        for loc in LOCATIONS:
-                            at = rng.randrange(3, a.steps - 2)
-                            idx = rng.randrange(10**6)
-                            records.append({**run(mname, oname, prec, seed, a.steps,
-                                                  (kind, loc, at, idx)), "reference": False})
+    from trainguard.progress import Progress
+    configs = [(seed, mname, oname, prec) for seed in range(a.seeds) for mname in models
+               for oname in OPTIMIZERS for prec in PRECISIONS
+               # CPU autocast has no bf16/fp16 LSTM kernel (oneDNN refuses it)
+               if not (mname == "lstm" and prec != "fp32")]
+    with Progress(len(configs), "faults", enabled=True) as progress:
+        for seed, mname, oname, prec in configs:
+            progress.start(f"{mname} {oname} {prec} seed {seed}")
+            records.append({**run(mname, oname, prec, seed, a.steps, None), "reference": True})
+            rng = random.Random(f"{mname}:{oname}:{prec}:{seed}")
+            for kind in KINDS:
+                for loc in LOCATIONS:
+                    at = rng.randrange(3, a.steps - 2)
+                    idx = rng.randrange(10**6)
+                    records.append({**run(mname, oname, prec, seed, a.steps,
+                                          (kind, loc, at, idx)), "reference": False})
     wall = time.perf_counter() - t0
     refs = [r for r in records if r["reference"]]
     inj = [r for r in records if not r["reference"]]

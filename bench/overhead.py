@@ -121,7 +121,10 @@ def main() -> None:
         for i in range(10):
             fn(xs[i], ys[i])
     times: dict[str, list[float]] = {n: [] for n in steps}
+    from trainguard.progress import Progress
+    progress = Progress(a.rounds, "overhead rounds", enabled=True)
     for r in range(a.rounds):
+        progress.start(f"round {r + 1}")
         order = list(steps)
         if r % 2:
             order.reverse()
@@ -131,6 +134,7 @@ def main() -> None:
             for i in range(a.block):
                 fn(xs[i], ys[i])
             times[name].append(time.perf_counter() - t0)
+    progress.close()
     bare = times["bare"]
     ms = statistics.median(bare) / a.block * 1e3
     desc = f"MLP 64-{a.width}x3-10" if a.model == "mlp" else "CNN 3x32x32, 32-64-128 channels"

@@ -54,7 +54,7 @@ EPS_FRACTION = 0.5
 def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.optim.Optimizer | None = None,
            *, steps: int = 20, lr_range: bool = True, precision: bool = True, noise: bool = True,
            max_batches: int = 32, probe_size: int = 256, range_steps: int = 100,
-           seed: int = 0) -> DoctorReport:
+           seed: int = 0, progress: bool | None = None) -> DoctorReport:
     """Diagnose ``model`` trained with ``loss_fn(model(x), y)`` on ``data`` (an iterable of
     ``(x, y)`` batches; at most ``max_batches`` are read) by ``optimizer`` (default: plain SGD,
     lr 0.01).
@@ -64,7 +64,8 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
 
     ``steps``: optimizer steps taken on a copy before the second propagation measurement
     (and, for Adam, to populate the preconditioner). Set ``lr_range``, ``precision`` or
-    ``noise`` to False to skip those parts.
+    ``noise`` to False to skip those parts. ``progress``: print each phase with an ETA on
+    stderr (None: when stderr is a terminal).
     """
     t0 = time.perf_counter()
     batches = validate_inputs(model, loss_fn, data, optimizer, max_batches)
@@ -74,9 +75,13 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     lr = lr_of(optimizer)
     kind, c_limit, pre = optimizer_limit(optimizer)
     findings: list[Finding] = []
-    with preserved_rng():
+    from ..progress import Progress
+    prog = Progress(2 + int(bool(noise)) + int(bool(lr_range)) + int(bool(precision)), "doctor",
+                    enabled=progress)
+    with preserved_rng(), prog:
         torch.manual_seed(seed)
         probe = probe_batch(batches, probe_size)
+        prog.start("signal propagation and curvature at initialisation")
 
         # -- 1. signal propagation at init, curvature at init ---------------------------
         m = clone_model(model)
@@ -94,9 +99,12 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
         if math.isfinite(loss0) and (not pre or has_state):
             curv = sharpness(m, loss_fn, probe, device, optimizer, lr, opt_for_P=opt_c, seed=seed)
         ns = None
-        if noise and math.isfinite(loss0):
-            ns = noise_scale(m, loss_fn, batches, device)
+        if noise:
+            prog.start("gradient noise scale")
+            if math.isfinite(loss0):
+                ns = noise_scale(m, loss_fn, batches, device)
         # -- trial steps on the copy ----------------------------------------------------
+        prog.start(f"{steps} trial steps")
         losses = train_steps(m, opt_c, loss_fn, batches, steps, device) if steps else []
         grad_norms = []
         after_stats = None
@@ -149,6 +157,8 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
 
         # -- 2. LR range test ------------------------------------------------------------
         rt: RangeTest | None = None
+        if lr_range:
+            prog.start("LR range test")
         if lr_range and math.isfinite(loss0):
             m2 = clone_model(model)
             o2 = clone_optimizer(optimizer, model, m2, fresh=True)
@@ -158,6 +168,8 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
 
         # -- 3. precision ---------------------------------------------------------------
         pa = None
+        if precision:
+            prog.start("precision audit")
         if precision and math.isfinite(loss0):
             m3 = clone_model(model)
             freeze_dropout(m3)

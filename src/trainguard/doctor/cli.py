@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_lr_range:
         kw["lr_range"] = False
     try:
-        rep = doctor(model, loss_fn, data, optimizer=opt, **kw)
+        rep = doctor(model, loss_fn, data, optimizer=opt, progress=True, **kw)
     except DoctorInputError as e:
         print(f"trainguard doctor: {e}", file=sys.stderr)
         return 2

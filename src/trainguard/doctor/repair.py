@@ -395,7 +395,8 @@ def _metric_of(model: nn.Module, metric: Callable | None, losses: list[float]) -
 def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torch.optim.Optimizer],
            loss_fn: LossFn, data: Iterable, steps: int = 600, metric: Callable[[nn.Module], float] | None = None,
            *, higher_is_better: bool | None = None, max_trials: int = 4, seed: int = 0,
-           plan: Sequence[str] | None = None, verbose: bool = False) -> RepairResult:
+           plan: Sequence[str] | None = None, verbose: bool = False,
+           progress: bool | None = None) -> RepairResult:
     """Diagnose, then retrain from ``model_fn()`` with the remedies the diagnosis ranks first.
 
     ``optimizer_fn(params)`` builds the optimizer (e.g. ``lambda p: torch.optim.SGD(p, lr=0.1)``).
@@ -403,7 +404,8 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
     ``metric(model) -> float`` scores a trained model (``higher_is_better`` defaults to True
     when a metric is given); without it the mean training loss of the last tenth of the run is
     used (lower is better). ``plan`` overrides the diagnosed remedy order (used by the
-    random-remedy baseline in ``bench/doctor_repair.py``).
+    random-remedy baseline in ``bench/doctor_repair.py``). ``progress``: print each phase and
+    trial with an ETA on stderr (None: when stderr is a terminal).
     """
     from ._doctor import doctor
     from .curvature import sharpness
@@ -428,13 +430,18 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
             raise DoctorInputError(f"model_fn() must return an nn.Module, got {type(m).__name__}")
         return m
 
+    from ..progress import Progress
+    prog = Progress(2 + max_trials, "repair", enabled=progress)
+    prog.__enter__()
     m0 = fresh()
     device = model_device(m0)
     probe = probe_batch(batches[:32])
+    prog.start("diagnosis (doctor)")
     with preserved_rng():
         report = doctor(m0, loss_fn, batches[:32], optimizer=optimizer_fn(m0.parameters()),
                         precision=False, seed=seed)
     # baseline
+    prog.start(f"baseline run ({steps} steps)")
     tb = time.perf_counter()
     opt0 = optimizer_fn(m0.parameters())
     torch.manual_seed(seed + 1)
@@ -449,7 +456,9 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
     keys = list(plan) if plan is not None else plan_remedies(report)
     if plan is None and report.healthy and not keys:
         keys = []
+    prog.total = 2 + len(keys[:max_trials])
     for key in keys[:max_trials]:
+        prog.start(f"trial {key}")
         ts = time.perf_counter()
         err = None
         changes: list[str] = []
@@ -505,6 +514,7 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
             break
     best_changes = [c for c in best_changes if not c.startswith("(still detected")]
     per_step = train_seconds / max(1, train_steps_done)
+    prog.close()
     return RepairResult(best_model, best_metric, base_metric, best_changes, best_key, trials,
                         report, higher, time.perf_counter() - t0, base_seconds, per_step * steps)
 

@@ -287,14 +287,15 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
     x_lo = run.first_step if run.first_step is not None else 0
     x_hi = max(run.last_step, x_lo + 1)
 
-    def curve(ax: Any, b: _Binned, color: str, label: str) -> list[float]:
+    def curve(ax: Any, b: _Binned, color: str, label: str, steps: bool = False) -> list[float]:
         xs, lo, hi, bad = b.series()
         if xs:
             mid = [math.sqrt(a * c) if a > 0 and c > 0 else (a if math.isfinite(a) else c)
                    for a, c in zip(lo, hi)]
             if b.width > 1:
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.25, linewidth=0, step="post")
-            ax.plot(xs, mid if b.width > 1 else hi, color=color, lw=1.2, label=label)
+            ax.plot(xs, mid if b.width > 1 else hi, color=color, lw=1.2, label=label,
+                    drawstyle="steps-post" if steps else "default")
         for i, s in enumerate(bad):
             ax.axvline(s, ymin=0.93, ymax=1.0, color="#d62728", lw=1.6,
                        label="non-finite (NaN/Inf)" if i == 0 else None)
@@ -368,7 +369,8 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
     # 3. learning rate
     if run.lr.bins:
         fig, ax = plt.subplots(figsize=(12, 2.6), dpi=dpi)
-        curve(ax, run.lr, "#2ca02c", "effective learning rate (schedule x trainguard's scale)")
+        curve(ax, run.lr, "#2ca02c", "effective learning rate (schedule x trainguard's scale)",
+              steps=True)
         logy(ax, run.lr)
         for a in run.actions:
             if a.get("kind") == "lr_backoff":

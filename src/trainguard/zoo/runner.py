@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--framework", choices=("torch", "keras"), default="torch",
                    help="torch (default): the full zoo; keras: its Keras 3 subset, run with "
                         "trainguard.integrations.keras (backend from KERAS_BACKEND)")
+    p.add_argument("--reports", default=None, metavar="DIR",
+                   help="write the HTML run report of every guarded run there "
+                        "(DIR/<scenario>-seed<k>.html, with its JSONL log)")
     p.add_argument("--device", default="cpu",
                    help="run every scenario on this device, e.g. cuda (real fp16/bf16 kernels; "
                         "default cpu)")
@@ -192,7 +195,7 @@ def false_alarm(r: RunResult) -> bool:
 
 
 def run_one(s: Scenario, seed: int, with_baselines: bool = True,
-            device: str = "cpu") -> dict[str, Any]:
+            device: str = "cpu", report_dir: str | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = {"scenario": s.name, "category": s.category, "seed": seed,
                            "mechanism": s.mechanism, "expected": list(s.expected),
                            "source": s.source, "criterion": s.criterion,
@@ -200,7 +203,15 @@ def run_one(s: Scenario, seed: int, with_baselines: bool = True,
                            "prescription": s.prescription, "onset": s.onset,
                            "reference": reference_of(s), "device": device}
     bare = train(s.build(seed), "bare", device=device)
-    guarded = train(s.build(seed), "guarded", guard_factory=_guard_factory, device=device)
+    factory = _guard_factory
+    if report_dir is not None:
+        path = os.path.join(report_dir, f"{s.name}-seed{seed}.html")
+
+        def factory(setup: Setup) -> Any:
+            import trainguard as tg
+            return tg.Guard(setup.model, setup.optimizer, scaler=setup.scaler, console=False,
+                            report=path, **setup.guard_kwargs)
+    guarded = train(s.build(seed), "guarded", guard_factory=factory, device=device)
     rec.update({
         "bare_ok": bool(s.passed(bare)), "bare_metric": bare.metric,
         "bare_error": bare.error, "seconds_bare": bare.seconds,
@@ -387,21 +398,12 @@ def run(args: argparse.Namespace) -> int:
     jobs = [(s, seed) for s in chosen for seed in range(args.seeds)]
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    try:
-        from rich.progress import Progress
-        progress: Any = Progress(transient=True)
-    except ImportError:  # pragma: no cover
-        progress = None
-    if progress is not None:
-        with progress:
-            task = progress.add_task("zoo", total=len(jobs))
-            for s, seed in jobs:
-                progress.update(task, description=f"{s.name} seed {seed}")
-                records.append(run_one(s, seed, not args.no_baselines, args.device))
-                progress.advance(task)
-    else:  # pragma: no cover
+    from ..progress import Progress
+    with Progress(len(jobs), "zoo", enabled=True) as progress:
         for s, seed in jobs:
-            records.append(run_one(s, seed, not args.no_baselines, args.device))
+            progress.start(f"{s.name} seed {seed}")
+            records.append(run_one(s, seed, not args.no_baselines, args.device,
+                                   report_dir=getattr(args, "reports", None)))
     return _report(records, args, t0)
 
 
@@ -414,8 +416,13 @@ def _run_keras(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         raise SystemExit("--framework keras runs on Keras' own device placement; drop --device")
     t0 = time.perf_counter()
-    records = [keras_zoo.run_one(s, seed) for s in keras_zoo.select(args.only)
-               for seed in range(args.seeds)]
+    from ..progress import Progress
+    jobs = [(s, seed) for s in keras_zoo.select(args.only) for seed in range(args.seeds)]
+    records = []
+    with Progress(len(jobs), "keras zoo", enabled=True) as progress:
+        for s, seed in jobs:
+            progress.start(f"{s.name} seed {seed}")
+            records.append(keras_zoo.run_one(s, seed))
     return _report(records, args, t0)
 
 
