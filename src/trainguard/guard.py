@@ -264,11 +264,11 @@ class Guard(CoreView):
         from .loopcheck import LoopCheck
         me = weakref.ref(self)  # hooks must not keep the Guard alive
 
-        def report(kind: str, msg: str) -> None:
+        def misuse(kind: str, msg: str) -> None:
             g = me()
             if g is not None:
                 g.core.event("loop_misuse", check=kind, message=msg)
-        self.loopcheck = LoopCheck(self.probe.params, optimizer, report)
+        self.loopcheck = LoopCheck(self.probe.params, optimizer, misuse)
 
         def on_halt() -> None:
             g = me()

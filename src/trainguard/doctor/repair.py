@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 import torch
@@ -135,18 +135,20 @@ def _weighted(model: nn.Module) -> list[nn.Module]:
 def _init(model: nn.Module, how: str, act: str = "relu") -> int:
     n = 0
     for m in _weighted(model):
+        w = cast(torch.Tensor, m.weight)
+        b = cast("torch.Tensor | None", m.bias)
         with torch.no_grad():
             if how == "he":
                 if act == "leaky":
-                    nn.init.kaiming_normal_(m.weight, a=0.1, nonlinearity="leaky_relu")
+                    nn.init.kaiming_normal_(w, a=0.1, nonlinearity="leaky_relu")
                 else:
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.kaiming_normal_(w, nonlinearity="relu")
             elif how == "xavier":
-                nn.init.xavier_uniform_(m.weight)
+                nn.init.xavier_uniform_(w)
             elif how == "orthogonal":
-                nn.init.orthogonal_(m.weight, gain=math.sqrt(2.0) if act == "relu" else 1.0)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+                nn.init.orthogonal_(w, gain=math.sqrt(2.0) if act == "relu" else 1.0)
+            if b is not None:
+                nn.init.zeros_(b)
         n += 1
     return n
 
@@ -169,7 +171,7 @@ def _lsuv(model: nn.Module, batch: Batch, device: torch.device, tol: float = 0.1
                 if not math.isfinite(v) or v <= 0 or abs(v - 1) < tol:
                     break
                 with torch.no_grad():
-                    m.weight.div_(math.sqrt(v))
+                    cast(torch.Tensor, m.weight).div_(math.sqrt(v))
         finally:
             h.remove()
     return len(layers)
@@ -199,16 +201,18 @@ def _insert_norm(model: nn.Module, kind: str) -> int:
     def make(m: nn.Module) -> nn.Module:
         if isinstance(m, nn.Linear):
             return nn.BatchNorm1d(m.out_features) if kind == "batchnorm" else nn.LayerNorm(m.out_features)
-        c = m.out_channels
+        c = int(cast(int, m.out_channels))
         if kind == "batchnorm":
-            return {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}[type(m)](c)
+            norms: dict[type, Any] = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d,
+                                      nn.Conv3d: nn.BatchNorm3d}
+            return cast(nn.Module, norms[type(m)](c))
         return nn.GroupNorm(1, c)
 
     def rec(mod: nn.Module) -> None:
         nonlocal count
         for name, child in list(mod.named_children()):
             if id(child) in targets:
-                dev = child.weight.device
+                dev = cast(torch.Tensor, child.weight).device
                 setattr(mod, name, nn.Sequential(child, make(child).to(dev)))
                 count += 1
             else:
@@ -300,10 +304,10 @@ def _build_opt(optimizer_fn: Callable, model: nn.Module, over: dict[str, Any]) -
             if "eps" in g:
                 g["eps"] = over["eps"]
     if "lr" in over:
-        old = lr_of(opt)
-        ratio = over["lr"] / old if old > 0 else 1.0
+        old_lr = lr_of(opt)
+        ratio = over["lr"] / old_lr if old_lr > 0 else 1.0
         set_lr(opt, [float(g["lr"]) * ratio for g in opt.param_groups])
-        changes.append(f"lr {old:.3g} -> {over['lr']:.3g}")
+        changes.append(f"lr {old_lr:.3g} -> {over['lr']:.3g}")
     return opt, changes
 
 
@@ -508,7 +512,7 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
         trials.append(t)
         if verbose:
             print(f"[repair] {key}: {val:.4g} {changes} {err or ''}")
-        if err is None and _better(val, best_metric, higher):
+        if err is None and m is not None and _better(val, best_metric, higher):
             best_model, best_metric, best_changes, best_key = m, val, changes, key
         if t.resolved:
             break

@@ -165,10 +165,10 @@ class SnapshotStore:
             _local(p.data).copy_(saved)
         for b, saved in zip(self.model.buffers(), snap.buffers):
             _local(b).copy_(saved)
-        for p, saved in zip(self.params, snap.optim):
+        for p, saved_state in zip(self.params, snap.optim):
             cur = self.optimizer.state.get(p)
             new: dict[str, Any] = {}
-            for k, v in saved.items():
+            for k, v in saved_state.items():
                 if isinstance(v, torch.Tensor):
                     tgt = cur.get(k) if cur else None
                     if (isinstance(tgt, torch.Tensor) and _local(tgt).shape == v.shape

@@ -409,8 +409,7 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
                 else:
                     grid[r, j] = v
         fig, ax = plt.subplots(figsize=(12, max(2.4, 0.22 * len(idx) + 1.4)), dpi=dpi)
-        cmap = colormaps["viridis"].copy()
-        cmap.set_bad("#f2f2f2")
+        cmap = colormaps["viridis"].with_extremes(bad="#f2f2f2")
         x0, x1 = bins[0] * heat.width, (bins[-1] + 1) * heat.width
         im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest",
                        extent=(x0, x1, len(idx) - 0.5, -0.5))
