@@ -181,6 +181,9 @@ def state_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Te
 
 
 # ------------------------------------------------------------------------------- one run
+GUARD_OPTIONS: dict[str, Any] = {}
+
+
 def run(model_name: str, opt_name: str, precision: str, seed: int, steps: int,
         fault: tuple[str, str, int, int] | None) -> dict[str, Any]:
     """fault = (kind, location, step, index) or None for the reference."""
@@ -188,7 +191,7 @@ def run(model_name: str, opt_name: str, precision: str, seed: int, steps: int,
     model = MODELS[model_name]()
     opt = make_opt(opt_name, model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8) if precision == "fp16" else None
-    guard = tg.Guard(model, opt, scaler=scaler, console=False, snapshot_every=8)
+    guard = tg.Guard(model, opt, scaler=scaler, console=False, snapshot_every=8, **GUARD_OPTIONS)
     g = torch.Generator().manual_seed(seed)
     x_all = torch.randn(steps, 32, 16, generator=g)
     y_all = (x_all[..., :4].sum(-1) > 0).long() + (x_all[..., 4] > 0).long() * 2
@@ -284,7 +287,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="models to run")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--param-norm-every", type=int, default=None,
+                    help="the Guard's param_norm_every (default: the Guard's own, 10); 1 reads "
+                         "weights and optimizer state every step")
     a = ap.parse_args()
+    if a.param_norm_every is not None:
+        GUARD_OPTIONS["param_norm_every"] = a.param_norm_every
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     models = a.only or list(MODELS)

@@ -1,6 +1,7 @@
 """Per-step overhead of the Guard against the bare loop and peer tools, measured side by side.
 
     python bench/overhead.py [--model mlp|cnn] [--rounds 15] [--block 40] [--threads 1] [--json PATH]
+    python bench/overhead.py --sweep [--rounds 7] [--block 20]   # 0.3-50 ms steps, 1-1,000 tensors
 
 Every variant trains its own copy of the same seeded model whose bare step takes well over
 5 ms on one CPU thread: ``--model mlp`` (an MLP on a 256-sample batch: few FLOPs per weight,
@@ -98,8 +99,100 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
     return out
 
 
+# --sweep: (name, layers, width, batch, input) -> MLPs from a 0.3 ms step to a ~50 ms one, and
+# models of 1 and 1,000 parameter tensors (the per-tensor cost)
+SWEEP = [
+    ("1 tensor, linear 256x256", 0, 256, 256, 256),
+    ("MLP 16-32x3-10, batch 16", 3, 32, 16, 16),
+    ("MLP 64-128x3-10, batch 64", 3, 128, 64, 64),
+    ("MLP 64-256x3-10, batch 128", 3, 256, 128, 64),
+    ("MLP 64-512x3-10, batch 256", 3, 512, 256, 64),
+    ("MLP 64-1024x3-10, batch 512", 3, 1024, 512, 64),
+    ("MLP 64-2048x3-10, batch 512", 3, 2048, 512, 64),
+    ("1,000 tensors: 499 x Linear(16,16)", 499, 16, 32, 16),
+]
+
+
+def _sweep_model(layers: int, width: int, inp: int) -> nn.Module:
+    if layers == 0:
+        return nn.Linear(inp, width, bias=False)
+    if layers == 499:
+        return nn.Sequential(*[nn.Sequential(nn.Linear(inp if i == 0 else width, width), nn.Tanh())
+                               for i in range(layers)], nn.Linear(width, 10))
+    mods: list[nn.Module] = [nn.Linear(inp, width), nn.ReLU()]
+    for _ in range(layers - 1):
+        mods += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(width, 10))
+
+
+def sweep(a: argparse.Namespace) -> None:
+    """The Guard's added time per step, in µs and as a ratio, from a 0.3 ms step to ~50 ms and
+    from 1 to 1,000 parameter tensors, beside clip_grad_norm_ (same rounds, interleaved)."""
+    from trainguard.progress import Progress
+    rows = []
+    with Progress(len(SWEEP), "overhead sweep", enabled=True) as progress:
+        for name, layers, width, batch, inp in SWEEP:
+            progress.start(name)
+            gen = torch.Generator().manual_seed(0)
+            n_out = width if layers == 0 else 10
+            xs = torch.randn(a.block, batch, inp, generator=gen)
+            ys = torch.randint(0, n_out, (a.block, batch), generator=gen)
+
+            def build(kind: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+                torch.manual_seed(0)
+                m = _sweep_model(layers, width, inp)
+                o = torch.optim.Adam(m.parameters(), lr=1e-3)
+                g = (tg.Guard(m, o, console=False, **({"sync": False} if kind == "sync" else {}))
+                     if kind in ("guard", "sync") else None)
+
+                def step(x: torch.Tensor, y: torch.Tensor) -> None:
+                    o.zero_grad()
+                    loss = nn.functional.cross_entropy(m(x), y)
+                    loss.backward()
+                    if kind == "clip":
+                        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+                    if g is not None:
+                        g.step(loss)
+                    else:
+                        o.step()
+                return step
+            fns = {k: build(k) for k in ("bare", "guard", "clip", "sync")}
+            for fn in fns.values():
+                for i in range(min(10, a.block)):
+                    fn(xs[i], ys[i])
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            for r in range(a.rounds):
+                for k in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+                    t0 = time.perf_counter()
+                    for i in range(a.block):
+                        fns[k](xs[i], ys[i])
+                    times[k].append((time.perf_counter() - t0) / a.block)
+            bare = times["bare"]
+            n_tensors = sum(1 for _ in _sweep_model(layers, width, inp).parameters())
+            row = {"model": name, "tensors": n_tensors, "bare_ms": statistics.median(bare) * 1e3}
+            for k in ("guard", "clip", "sync"):
+                row[f"{k}_ratio"] = statistics.median(t / b for t, b in zip(times[k], bare))
+                row[f"{k}_us"] = statistics.median((t - b) * 1e6 for t, b in zip(times[k], bare))
+            rows.append(row)
+    print(f"Adam, {a.threads} thread(s), {a.rounds} interleaved rounds of {a.block} steps; "
+          "added time = median over rounds of (variant - bare) per step")
+    print(f"{'model':<36}{'tensors':>8}{'bare ms':>9}{'Guard':>8}{'+us':>7}"
+          f"{'clip_grad_norm_':>17}{'+us':>7}{'sync=False':>12}{'+us':>7}")
+    for r in rows:
+        print(f"{r['model']:<36}{r['tensors']:>8}{r['bare_ms']:>9.2f}{r['guard_ratio']:>8.3f}"
+              f"{r['guard_us']:>7.0f}{r['clip_ratio']:>17.3f}{r['clip_us']:>7.0f}"
+              f"{r['sync_ratio']:>12.3f}{r['sync_us']:>7.0f}")
+    if a.json:
+        tmp = a.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(rows, fh, indent=2)
+        os.replace(tmp, a.json)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true",
+                    help="the step-size and tensor-count sweep (µs added per step beside each ratio)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--block", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
@@ -109,6 +202,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.sweep:
+        sweep(a)
+        return
     import warnings
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
     batch = a.batch or (256 if a.model == "mlp" else 32)

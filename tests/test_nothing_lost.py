@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,10 +46,10 @@ def _bn_net():
     return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
 
 
-def _bn_run(poison):
+def _bn_run(poison, **kw):
     m = _bn_net()
     o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    g = tg.Guard(m, o, console=False)
+    g = tg.Guard(m, o, console=False, **kw)
     gen = torch.Generator().manual_seed(0)
     for t in range(60):
         x = torch.randn(32, 8, generator=gen)
@@ -64,15 +65,19 @@ def _bn_run(poison):
     return m, g, out
 
 
-def test_a_skipped_nan_batch_leaves_batchnorm_running_stats_finite():
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_skipped_nan_batch_leaves_batchnorm_running_stats_finite(sync):
     """Before the fix the NaN batch was skipped as promised but its forward pass had written
-    NaN into running_mean/var: eval-mode outputs were NaN at the end of the run."""
+    NaN into running_mean/var: eval-mode outputs were NaN at the end of the run (with
+    ``sync=False`` the device-side skip left them NaN until the fix that restores them when the
+    host reads the skipped step)."""
     def nan_at_20(t, x):
         if t == 20:
             x = x.clone()
             x[3, 2] = float("nan")
         return x
-    m, g, out = _bn_run(nan_at_20)
+    m, g, out = _bn_run(nan_at_20, sync=sync)
+    g.close()
     assert any(a.kind == "skip" and a.step == 20 for a in g.actions)
     assert torch.isfinite(m[1].running_mean).all() and torch.isfinite(m[1].running_var).all()
     assert torch.isfinite(out).all()
@@ -177,7 +182,6 @@ def _loop(misuse, steps=12):
     return g
 
 
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("misuse", ["double_update", "stale_gradients", "no_backward"])

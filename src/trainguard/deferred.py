@@ -197,9 +197,16 @@ class DeferredStepper:
         findings, plan, severe = core.run(stats, infer_chance=self.infer_chance)
         if not ok and not stats.scaler_overflow:
             undo_late(late)
+            running = self.measure.running
+            if running:
+                # the skipped batch's forward wrote its statistics (NaN) into BatchNorm's
+                # running buffers: back to the last verified copy (the few batches since, in
+                # flight, lose their momentum update: training mode never reads these buffers)
+                running.restore()
             core.act("skip", "non-finite values: update discarded on the device (parameters, "
-                             "optimizer moments and step counters untouched)", step=step,
-                     finding="nonfinite")
+                             "optimizer moments and step counters untouched"
+                     + ("; normalisation running statistics restored" if running else "") + ")",
+                     step=step, finding="nonfinite")
         clipper = ex.clipper
         if clipper is not None and not isinstance(clipper, AGC) and ok:
             thr = clipper.threshold()
