@@ -58,7 +58,8 @@ def test_healthy_run_is_identical_to_bare(digits, opt, lr, bs):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("sync,fused", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("sync,fused", [(True, False), (False, False), ("deferred", False),
+                                        ("deferred", True)])
 def test_nonfinite_step_is_a_true_skip(digits, sync, fused):
     X, y = digits
     snap = {}
@@ -354,3 +355,18 @@ def test_bad_input_is_rejected_clearly():
     other = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="no trainable parameter"):
         tg.Guard(other, o)
+
+
+def test_sync_false_on_cpu_takes_the_default_path(digits):
+    """On the CPU the device is the host: sync=False decides at the step like the default,
+    without the deferred mode's backup copies (it cost 1.3-2x the default there)."""
+    m = mlp()
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, o, console=False, sync=False)
+    assert g.deferred is False and g.sync is False
+    m2 = mlp()
+    assert tg.Guard(m2, torch.optim.SGD(m2.parameters(), lr=0.1), console=False,
+                    sync="deferred").deferred is True
+    with pytest.raises(ValueError, match="sync must be"):
+        tg.Guard(m, o, console=False, sync="yes")
+    g.close()
