@@ -371,9 +371,14 @@ class StepProbe:
                 eps_val = float(grp["eps"])
                 b2 = float(grp["betas"][1])
                 t = float(step)
-                vh = _local(v).float() / max(1 - b2 ** t, 1e-12)
-                seen = vh > 0
-                counts += [seen.sum().float(), (seen & (vh.sqrt() < eps_val)).sum().float()]
+                # 0 < sqrt(v / bc) < eps  <=>  0 < v < eps^2 * bc (v >= 0: a running mean of
+                # squares): two comparisons in v's own dtype, no copy, no square root
+                vl = _local(v)
+                if vl.dtype not in (torch.float32, torch.float64):
+                    vl = vl.float()  # eps^2 underflows in 16-bit
+                thr = eps_val * eps_val * max(1 - b2 ** t, 1e-12)
+                zero = (vl == 0).sum()
+                counts += [(vl.numel() - zero).float(), ((vl < thr).sum() - zero).float()]
             else:
                 counts += [z, z]
         if not counts:
