@@ -95,15 +95,37 @@ class _SoftmaxSpy(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _SOFTMAX_FUNCS and args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
+        if not args or not isinstance(args[0], torch.Tensor) or not torch.is_grad_enabled():
+            return out
+        if func in _SOFTMAX_FUNCS:
             dim = kwargs.get("dim", args[1] if len(args) > 1 else -1)
             if isinstance(dim, int):
                 # torch calls made here do not re-enter the mode (it is off inside its handler)
                 self.sampler._softmax(args[0], dim)
+        else:
+            kind = _FUNCTIONAL_KINDS.get(func)
+            if kind is not None and isinstance(out, torch.Tensor):
+                self.sampler._functional(kind, func, args[0], out)
         return out
 
 
 _SOFTMAX_FUNCS = {torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
+
+_F = torch.nn.functional
+#: activations called as functions inside ``forward`` (issue #13: a large share of published
+#: models write ``torch.relu(self.fc1(x))``), by the family their statistics use
+_FUNCTIONAL_KINDS: dict[Any, str] = {
+    **{f: "relu" for f in (torch.relu, torch.relu_, _F.relu, _F.relu_, torch.Tensor.relu,
+                           torch.Tensor.relu_)},
+    _F.relu6: "relu6",
+    **{f: "sigmoid" for f in (torch.sigmoid, torch.sigmoid_, _F.sigmoid, torch.Tensor.sigmoid,
+                              torch.Tensor.sigmoid_)},
+    **{f: "tanh" for f in (torch.tanh, torch.tanh_, _F.tanh, torch.Tensor.tanh,
+                           torch.Tensor.tanh_)},
+    _F.hardtanh: "hardtanh", _F.hardsigmoid: "hardsigmoid", _F.gelu: "gelu", _F.silu: "silu",
+    _F.leaky_relu: "leaky_relu", _F.elu: "elu", _F.selu: "selu", torch.selu: "selu",
+    _F.celu: "celu", _F.softplus: "softplus", _F.mish: "mish",
+}
 
 
 class ActivationSampler:
@@ -123,6 +145,8 @@ class ActivationSampler:
         self._in_spy = False
         self._name_of: dict[int, str] | None = None  # id(module) -> name, built at the first arm
         self._target_of: dict[int, tuple[str, str]] = {}
+        self._target_names: set[str] = set()
+        self._produced: dict[int, str] = {}  # id(output tensor) -> module, this forward only
 
     def arm(self) -> None:
         """Listen to the next forward pass. Two process-wide module hooks (``torch.nn.modules.
@@ -141,6 +165,7 @@ class ActivationSampler:
         if self._name_of is None:
             self._name_of = {id(m): clean_name(n, "") for n, m in self.model.named_modules()}
             self._target_of = {id(m): (n, k) for n, m, k in self.targets}
+            self._target_names = {n for n, _m, _k in self.targets}
         self._handles.append(register_module_forward_pre_hook(self._global_pre))
         self._handles.append(register_module_forward_hook(self._global_post))
         for name, mod in self.recurrent:
@@ -160,6 +185,8 @@ class ActivationSampler:
         key = id(mod)
         if self._name_of is None or key not in self._name_of:
             return
+        if isinstance(out, torch.Tensor):
+            self._produced[id(out)] = self._name_of[key]
         target = self._target_of.get(key)
         if target is not None:
             name, kind = target
@@ -169,6 +196,23 @@ class ActivationSampler:
             self._stack.pop()
         if mod is self.model:
             self._exit_spy(mod, _inp, out)
+
+    def _functional(self, kind: str, func: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+        """An activation called as a function: named after the module whose output it was
+        applied to (``fc1.relu`` for ``torch.relu(self.fc1(x))``), else after the module whose
+        forward called it. Calls made inside an activation module's own forward (``nn.ReLU``
+        calls ``F.relu``) are that module's, already measured."""
+        where = self._stack[-1] if self._stack else ""
+        if where in self._target_names:
+            return
+        base = self._produced.get(id(x)) or where or "(root)"
+        name = getattr(func, "__name__", kind).rstrip("_")
+        key = f"{base}.{name}"
+        n = 1
+        while key in self.results:
+            n += 1
+            key = f"{base}.{name}{n}"
+        self.results[key] = (kind, _activation_stats(kind, out))
 
     def _enter_spy(self, _mod: nn.Module, _inp: Any) -> None:
         if self._spy is None and torch.is_grad_enabled():
@@ -240,6 +284,7 @@ class ActivationSampler:
     def collect(self) -> dict[str, tuple[str, torch.Tensor]]:
         """Take the statistics gathered since the last arm() and stop listening."""
         self.disarm()
+        self._produced = {}
         res, self.results = self.results, {}
         return res
 

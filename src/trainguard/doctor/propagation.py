@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stats import activation_kind, unit_dim
+from ..stats import _FUNCTIONAL_KINDS, activation_kind, unit_dim
 from ..types import Finding
 from ._common import Batch, LossFn, loss_of
 
@@ -105,6 +105,23 @@ class LayerVerdict:
                 "after": self.after.to_dict() if self.after else None}
 
 
+class _FunctionalSpy(torch.overrides.TorchFunctionMode):
+    """Sees activations called as functions (``torch.relu(self.fc1(x))``) during the doctor's
+    measured forward pass."""
+
+    def __init__(self, on_call: Any) -> None:
+        super().__init__()
+        self.on_call = on_call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        kind = _FUNCTIONAL_KINDS.get(func)
+        if (kind is not None and args and isinstance(args[0], torch.Tensor)
+                and isinstance(out, torch.Tensor) and torch.is_grad_enabled()):
+            self.on_call(kind, func, args[0], out)
+        return out
+
+
 def tracked_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     out = []
     for name, m in model.named_modules():
@@ -151,13 +168,47 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
             records.append(rec)
         return hook
 
+    produced: dict[int, str] = {}  # id(module output) -> module name, for functional calls
+
+    def make_named(name: str, hook: Any) -> Any:
+        def both(m: nn.Module, inp: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                produced[id(out)] = name
+            hook(m, inp, out)
+        return both
+
+    def functional(kind: str, func: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+        """An activation called as a function in forward (issue #13): a layer of its own,
+        named after the module whose output it was applied to (``fc1.relu``)."""
+        if out.dim() < 2 or not out.is_floating_point():
+            return
+        base = produced.get(id(x), "(root)")
+        fname = getattr(func, "__name__", kind).rstrip("_")
+        k = counts.get(f"{base}.{fname}", 0)
+        counts[f"{base}.{fname}"] = k + 1
+        rec = {"name": f"{base}.{fname}" if k == 0 else f"{base}.{fname}[{k}]", "kind": kind,
+               "mod": None, "out": out, "inp": x if x.requires_grad else None, "grad": None,
+               "functional": True}
+        if out.requires_grad:
+            def ghook(g: torch.Tensor, rec=rec) -> None:
+                rec["grad"] = g.detach()
+            out.register_hook(ghook)
+        records.append(rec)
+
     for name, m, kind in targets:
-        handles.append(m.register_forward_hook(make_hook(name, m, kind)))
+        handles.append(m.register_forward_hook(make_named(name, make_hook(name, m, kind))))
+    parents = [(n or "(root)", m) for n, m in model.named_modules() if any(True for _ in m.children())]
+    for name, m in parents:  # containers' outputs feed functional calls too
+        handles.append(m.register_forward_hook(make_named(name, lambda *_: None)))
     try:
-        loss = loss_of(model, loss_fn, batch, device)
+        with _FunctionalSpy(functional):
+            loss = loss_of(model, loss_fn, batch, device)
     finally:
         for h in handles:
             h.remove()
+    # nn.ReLU calls F.relu: the module already recorded that very tensor
+    module_outs = {id(r["out"]) for r in records if not r.get("functional")}
+    records[:] = [r for r in records if not (r.get("functional") and id(r["out"]) in module_outs)]
     lv = float(loss.detach())
     if loss.requires_grad and math.isfinite(lv):
         loss.backward(retain_graph=True)
