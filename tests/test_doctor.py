@@ -342,3 +342,22 @@ def test_cli_doctor_on_a_factory(tmp_path, monkeypatch, capsys):
     assert main(["doctor", "tg_doc_factory:broken"]) == 2
     assert main(["doctor", "tg_doc_factory:missing"]) == 2
     assert "cannot load" in capsys.readouterr().err
+
+
+def test_the_suggestion_never_raises_the_lr_beside_a_dead_layer():
+    """Issue #13, item 4: a 64-128-64-10 ReLU net with a dead first layer was told "raise the LR
+    3x" next to its dead_units finding; a higher LR does not revive dead units."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    X, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
+    data = [(X[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        m[0].bias.fill_(-100.0)
+    rep = tg.doctor(m, nn.functional.cross_entropy, data, torch.optim.Adam(m.parameters(), lr=1e-3),
+                    precision=False, noise=False)
+    assert {"dead_units"} <= set(rep.kinds)
+    assert rep.suggested_lr <= 1e-3
+    low = [f for f in rep.findings if f.kind == "lr_too_low"]
+    assert all("kept" in f.message for f in low)

@@ -198,9 +198,15 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     # to it, raises an LR far below it by one notch, and otherwise keeps the user's LR: the
     # doctor never advises a jump it cannot vouch for (issue #9).
     lr_cap = min(cands) if cands else math.nan
+    # a structural fault (a dead layer, a vanishing or saturated stack) is not cured by a
+    # higher LR, and the curvature and sweep of a network that cannot learn say little: the
+    # suggestion never raises the LR beside one (issue #13: a dead first layer got "raise the
+    # LR 3x" next to its dead_units finding)
+    blocking = next((f for f in findings if f.severity == "error"
+                     and f.kind in ("dead_units", "vanishing_gradient", "saturation")), None)
     if math.isfinite(lr_cap) and lr > lr_cap:
         suggested = lr_cap
-    elif math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR:
+    elif math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR and blocking is None:
         suggested = lr * RAISE_STEP
     else:
         suggested = lr
@@ -233,7 +239,16 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
             "lr_too_high", 0, f"lr {lr:.3g} is above the LR range test's divergence point "
             f"{rt.lr_diverge:.3g}", severity="error",
             evidence={"lr": lr, "lr_diverge": rt.lr_diverge, "max_stable_lr": max_stable}))
-    if rt is not None and math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR:
+    if (rt is not None and math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR
+            and blocking is not None):
+        findings.append(Finding("lr_too_low", 0, f"lr {lr:.3g} is far below the largest LR the "
+                                f"measurements call safe ({lr_cap:.3g}), but it is kept: "
+                                f"{blocking.kind} must be fixed first (a higher LR does not "
+                                "revive dead units or restore a vanishing gradient)",
+                                severity="info", evidence={"lr": lr, "suggested_lr": suggested,
+                                                           "lr_cap": lr_cap,
+                                                           "blocked_by": blocking.kind}))
+    elif rt is not None and math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR:
         findings.append(Finding("lr_too_low", 0, f"lr {lr:.3g} is over {LR_TOO_LOW_FACTOR:.0f}× below "
                                 f"the largest LR the measurements call safe ({lr_cap:.3g}); "
                                 f"raise it a notch at a time ({RAISE_STEP:g}x: "
