@@ -30,4 +30,5 @@ timeout 200 $PY bench/overhead_gpu.py --json "$OUT/overhead_gpu.json" 2>&1 | tee
 
 echo "== 4. the rest of the suite (torch on the GPU machine), as time allows"
 timeout 90 $PY -m pytest -q -x -p no:cacheprovider -n 8 tests/test_guard.py tests/test_nothing_lost.py \
-  tests/test_guard_dtypes.py tests/test_guard_input.py tests/test_locate.py 2>&1 | tail -15 | tee "$OUT/suite.txt"
+  tests/test_guard_dtypes.py tests/test_guard_input.py tests/test_locate.py tests/test_checkpoints.py \
+  tests/test_functional_activations.py 2>&1 | tail -15 | tee "$OUT/suite.txt"
