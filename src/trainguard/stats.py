@@ -144,17 +144,18 @@ class ActivationSampler:
         self._spy: _SoftmaxSpy | None = None
         self._in_spy = False
         self._name_of: dict[int, str] | None = None  # id(module) -> name, built at the first arm
-        self._target_of: dict[int, tuple[str, str]] = {}
         self._target_names: set[str] = set()
         self._produced: dict[int, str] = {}  # id(output tensor) -> module, this forward only
 
     def arm(self) -> None:
-        """Listen to the next forward pass. Two process-wide module hooks (``torch.nn.modules.
-        module.register_module_forward_pre_hook`` / ``_forward_hook``) serve every module of
-        the model through a dict lookup: arming costs the same for 10 modules or 10,000 (it
-        used to register two hooks per module, 0.2 s per sampled step on a 1,500-module model),
-        and nothing is stored on the user's modules (nothing travels with ``torch.save`` or
-        ``copy.deepcopy``). Recurrent modules keep their own pre-hook (it may swap an input)."""
+        """Listen to the next forward pass: a forward hook on each activation module (their
+        statistics), and two process-wide module hooks (``register_module_forward_pre_hook`` /
+        ``register_module_forward_hook``) that keep the stack of running modules and who
+        produced which tensor, for softmax and functional activations, through a dict lookup
+        (they used to be two hooks on *every* module: 0.2 s to arm on a 1,500-module model).
+        Nothing is stored on the user's modules that ``torch.save`` or ``copy.deepcopy`` would
+        carry. Under ``torch.compile`` the process-wide hooks stand aside (dynamo cannot trace
+        them): functional calls are then attributed to the root."""
         if self._handles:
             return
         self.results = {}
@@ -164,38 +165,46 @@ class ActivationSampler:
         from .hooks import register_private
         if self._name_of is None:
             self._name_of = {id(m): clean_name(n, "") for n, m in self.model.named_modules()}
-            self._target_of = {id(m): (n, k) for n, m, k in self.targets}
             self._target_names = {n for n, _m, _k in self.targets}
         self._handles.append(register_module_forward_pre_hook(self._global_pre))
         self._handles.append(register_module_forward_hook(self._global_post))
+        for name, mod, kind in self.targets:
+            fn = self._hook(name, kind)
+            self._handles.append(register_private(
+                mod, "_forward_hooks", lambda mod=mod, fn=fn: mod.register_forward_hook(fn)))
         for name, mod in self.recurrent:
             fn = self._through_time(name, mod)
             self._handles.append(register_private(
                 mod, "_forward_pre_hooks", lambda mod=mod, fn=fn: mod.register_forward_pre_hook(fn)))
+        self._handles.append(register_private(
+            self.model, "_forward_pre_hooks",
+            lambda: self.model.register_forward_pre_hook(self._enter_spy)))
+        self._handles.append(register_private(
+            self.model, "_forward_hooks", lambda: self.model.register_forward_hook(self._exit_spy)))
+
+    def _hook(self, name: str, kind: str) -> Callable:
+        def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and name not in self.results and torch.is_grad_enabled():
+                self.results[name] = (kind, _activation_stats(kind, out))
+        return hook
 
     def _global_pre(self, mod: nn.Module, _inp: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        name = self._name_of.get(id(mod)) if self._name_of is not None else None
+        if name is not None:
+            self._stack.append(name)
+
+    def _global_post(self, mod: nn.Module, _inp: Any, out: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         name = self._name_of.get(id(mod)) if self._name_of is not None else None
         if name is None:
             return  # another model's module
-        self._stack.append(name)
-        if mod is self.model:
-            self._enter_spy(mod, _inp)
-
-    def _global_post(self, mod: nn.Module, _inp: Any, out: Any) -> None:
-        key = id(mod)
-        if self._name_of is None or key not in self._name_of:
-            return
         if isinstance(out, torch.Tensor):
-            self._produced[id(out)] = self._name_of[key]
-        target = self._target_of.get(key)
-        if target is not None:
-            name, kind = target
-            if isinstance(out, torch.Tensor) and name not in self.results and torch.is_grad_enabled():
-                self.results[name] = (kind, _activation_stats(kind, out))
+            self._produced[id(out)] = name
         if self._stack:
             self._stack.pop()
-        if mod is self.model:
-            self._exit_spy(mod, _inp, out)
 
     def _functional(self, kind: str, func: Any, x: torch.Tensor, out: torch.Tensor) -> None:
         """An activation called as a function: named after the module whose output it was

@@ -180,7 +180,7 @@ class TinyLM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[1]
-        h = self.tok(x) + self.pos(torch.arange(t))
+        h = self.tok(x) + self.pos(torch.arange(t, device=x.device))
         h = self.body(h, mask=self.mask[:t, :t], is_causal=True)
         return self.head(self.norm(h))
 
