@@ -16,6 +16,7 @@ rollback, the optimizer step) belongs to the framework side.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections import Counter, deque
@@ -76,6 +77,8 @@ class DecisionCore:
                              f"got {chance_loss!r}")
         self.policy = policy if policy is not None else Policy()
         self.detectors = list(detectors) if detectors is not None else default_detectors()
+        # each detector's state as built: forget_detectors() returns them to it
+        self._fresh = [copy.deepcopy(d.state_dict()) for d in self.detectors]
         self.sinks: list[Sink] = list(sinks)
         self.keep_records = check_int("keep_records", keep_records)
         self.on_action = on_action
@@ -216,6 +219,14 @@ class DecisionCore:
         self.rollbacks += 1
         self.reset_detectors()
         self.act("rollback", f"{f.kind}: {what}", step=step, to_step=to_step, finding=f.kind)
+
+    def forget_detectors(self, kinds: Iterable[str]) -> None:
+        """The detectors of these finding kinds start over as built (after a structural repair:
+        what they saw, and what they already reported, describes the old structure)."""
+        kinds = set(kinds)
+        for d, fresh in zip(self.detectors, self._fresh):
+            if getattr(d, "kind", None) in kinds:
+                d.load_state_dict(copy.deepcopy(fresh))
 
     def reset_detectors(self) -> None:
         """After a rollback: the windows describe the abandoned trajectory."""

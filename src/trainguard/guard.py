@@ -264,6 +264,11 @@ class Guard(CoreView):
                                             bundle_dir=locate_dir, model_factory=model_factory)
             except ImportError:  # locate not available
                 self._capture = None
+        self.restructurer: Any = None
+        self._last_input: Any = None
+        if self.policy.structural == "repair":
+            from .remedies.structure import Restructurer
+            self.restructurer = Restructurer(model, optimizer)
         self.last_step_applied = True
         self._closed = False
         self._observed: list[Any] = []  # losses shown by observe_loss since the last step
@@ -593,6 +598,10 @@ class Guard(CoreView):
         divide = ex.scale_divisor() if observe else None
         stats, grads = self.measure.measure(loss, step, scaled=scaled, lr=ex.current_lr(),
                                             divide=divide)
+        if self.restructurer is not None and stats.activations and self._capture is not None \
+                and self._capture.args and isinstance(self._capture.args[0], torch.Tensor):
+            # LSUV re-initialises from a batch: this step's input, kept past the release
+            self._last_input = self._capture.args[0].detach()
         self.core.history.append(stats)
         findings, plan, severe = self.core.run(stats, infer_chance=self._infer_chance,
                                                refine=self._locate, plan=not observe)
@@ -601,10 +610,65 @@ class Guard(CoreView):
     def _finish(self, d: "_Decision") -> bool:
         """Carry out a decision: remedies, then the optimizer step (or not)."""
         step = self.core.step_count
+        if self.restructurer is not None and "halt" not in d.plan.kinds() \
+                and self._restructure(d, step):
+            self.lr.tick(troubled=True)
+            self.executor.after_step(d.stats, False, True, step, snapshot=False)
+            return False
         applied = self.executor.execute(d.plan, d.stats, d.grads, d.scaled, step)
         self.lr.tick(troubled=d.severe)
         self.executor.after_step(d.stats, applied, d.severe, step)
         return applied
+
+    def _restructure(self, d: "_Decision", step: int) -> bool:
+        """Policy(structural="repair"): change the live model for a structural finding (see
+        :mod:`trainguard.remedies.structure`). True when it did (this step's update, computed
+        for the old structure, is not applied)."""
+        from .remedies.structure import needs_code
+        rs = self.restructurer
+        f = rs.pick(d.findings)
+        if f is None:
+            return False
+        why = needs_code(f, self.model)
+        if why is not None:
+            if why not in rs.reported_code:
+                rs.reported_code.add(why)
+                self.core.event("restructure_needs_code", step=step, finding=f.kind,
+                                message=why)
+            return False
+        remedy = rs.next_remedy(f)
+        if remedy is None:
+            self.executor.finish_scaler_step(d.scaled)
+            self.executor.halt(f"structural repair exhausted for {f.kind} "
+                               f"({rs.changes} changes tried)", f, step)
+        assert remedy is not None
+        self.executor.finish_scaler_step(d.scaled)
+        batch, self._last_input = self._last_input, None
+        changes = rs.apply(f, remedy, batch)
+        # what the detectors saw, and the snapshots held, describe the old structure
+        from .remedies.structure import STRUCTURAL
+        self.core.forget_detectors(STRUCTURAL)
+        self.sampler.refresh()
+        self.snapshots.snaps = []
+        self.executor.snapshot(step + 1)
+        self.measure.watch(step)  # probe the new structure at once, then often
+        where = f" at {f.where}" if f.where else ""
+        self.core.act("restructure", f"{f.kind}{where}: {remedy}: "
+                      + ("; ".join(changes) if changes else "nothing to change"), step=step,
+                      finding=f.kind, remedy=remedy, changes=changes, where=f.where,
+                      attempt=rs.tried[f.kind])
+        return True
+
+    def undo_restructure(self) -> bool:
+        """Put back the model and optimizer state from just before the last ``restructure``
+        action. Returns False when there is nothing to undo."""
+        if self.restructurer is None or not self.restructurer.restore():
+            return False
+        self.sampler.refresh()
+        self.snapshots.snaps = []
+        self.core.act("restructure", "undo: the model and optimizer state from before the last "
+                                     "change are back", undo=True)
+        return True
 
     def _drain_pending(self) -> None:
         """Read every step whose statistics are still in flight (sync=False)."""

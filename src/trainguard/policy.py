@@ -79,11 +79,17 @@ class Policy:
             (issue #9; zoo ``lr_gpt_too_high``, ``lr_gpt_jump``, ``lr_lstm_lm_sgd_too_high``),
             which halving reaches only after 4-7 rollbacks.
         min_lr_scale: smallest LR scale before the Guard gives up (default 1/1024).
+        structural: ``"report"`` (default): structural findings (dead units, a vanishing
+            gradient, saturated units) are reported with their prescriptions; ``"repair"``:
+            the Guard also changes the live model (activation swap, re-initialisation) and goes
+            on, each change an action of kind ``restructure`` (see
+            :mod:`trainguard.remedies.structure`).
     """
 
     def __init__(self, ladder: Mapping[str, Sequence[str]] | None = None, *, window: int = 100,
                  halt_on: Iterable[str] = (), max_rollbacks: int = 8, lr_backoff: float = 0.5,
-                 min_lr_scale: float = 1 / 1024, lr_cause_backoff: float = 0.1) -> None:
+                 min_lr_scale: float = 1 / 1024, lr_cause_backoff: float = 0.1,
+                 structural: str = "report") -> None:
         merged = dict(DEFAULT_LADDER)
         for kind, rungs in (ladder or {}).items():
             if isinstance(rungs, str):
@@ -96,6 +102,9 @@ class Policy:
                                  f"{FINDING_KINDS}, optionally followed by ':cause'")
             for rung in rungs:
                 for a in rung.split("+"):
+                    if a == "restructure":
+                        raise ValueError(f"ladder[{kind!r}]: 'restructure' is not a ladder rung; "
+                                         "use Policy(structural='repair')")
                     if a not in ACTION_KINDS:
                         raise ValueError(f"ladder[{kind!r}] has unknown action {a!r}; "
                                          f"expected one of {ACTION_KINDS}")
@@ -114,6 +123,9 @@ class Policy:
             raise ValueError(f"min_lr_scale must be in (0, 1), got {min_lr_scale!r}")
         if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be a non-negative integer, got {max_rollbacks!r}")
+        if structural not in ("report", "repair"):
+            raise ValueError(f"structural must be 'report' or 'repair', got {structural!r}")
+        self.structural = structural
         self.ladder = merged
         self.window = window
         self.max_rollbacks = max_rollbacks
@@ -136,7 +148,8 @@ class Policy:
         """False for a policy that never acts (:meth:`monitor_only`): no ladder has a rung and
         nothing halts. The Guard then does not clip either (its default ``clip="adaptive"``
         becomes ``None``)."""
-        return bool(self.halt_on) or any(bool(r) for r in self.ladder.values())
+        return (bool(self.halt_on) or self.structural == "repair"
+                or any(bool(r) for r in self.ladder.values()))
 
     def decide(self, findings: Sequence[Finding], step: int) -> Plan:
         plan = Plan()
@@ -195,4 +208,5 @@ class Policy:
 
     def __repr__(self) -> str:
         return (f"Policy(window={self.window}, max_rollbacks={self.max_rollbacks}, "
-                f"lr_backoff={self.lr_backoff}, halt_on={sorted(self.halt_on)})")
+                f"lr_backoff={self.lr_backoff}, halt_on={sorted(self.halt_on)}, "
+                f"structural={self.structural!r})")

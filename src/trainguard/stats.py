@@ -147,6 +147,20 @@ class ActivationSampler:
         self._target_names: set[str] = set()
         self._produced: dict[int, str] = {}  # id(output tensor) -> module, this forward only
 
+    def refresh(self) -> None:
+        """The model's modules changed (a structural repair swapped activations): find the
+        targets again."""
+        was_armed = bool(self._handles)
+        self.disarm()
+        self.targets = [(clean_name(name, ""), m, k) for name, m in self.model.named_modules()
+                        if (k := activation_kind(m)) is not None]
+        self.recurrent = [(clean_name(name, ""), m) for name, m in self.model.named_modules()
+                          if isinstance(m, nn.RNNBase)]
+        self._name_of = None
+        self.results = {}
+        if was_armed:
+            self.arm()
+
     def arm(self) -> None:
         """Listen to the next forward pass: a forward hook on each activation module (their
         statistics), and two process-wide module hooks (``register_module_forward_pre_hook`` /

@@ -22,7 +22,7 @@ FINDING_KINDS = (
 )
 
 #: Action kinds the Guard takes (stable identifiers).
-ACTION_KINDS = ("clip", "skip", "lr_backoff", "rollback", "halt")
+ACTION_KINDS = ("clip", "skip", "lr_backoff", "rollback", "halt", "restructure")
 
 #: Finding kinds that count as an alarm (a false alarm if raised on a healthy run).
 SEVERE_KINDS = frozenset(

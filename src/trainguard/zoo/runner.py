@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--framework", choices=("torch", "keras"), default="torch",
                    help="torch (default): the full zoo; keras: its Keras 3 subset, run with "
                         "trainguard.integrations.keras (backend from KERAS_BACKEND)")
+    p.add_argument("--structural", action="store_true",
+                   help="also run every scenario guarded with Policy(structural='repair') "
+                        "(structural repair inside the run) and score it")
     p.add_argument("--reports", default=None, metavar="DIR",
                    help="write the HTML run report of every guarded run there "
                         "(DIR/<scenario>-seed<k>.html, with its JSONL log)")
@@ -194,8 +197,22 @@ def false_alarm(r: RunResult) -> bool:
     return any(f.severe for f in r.findings) or any(a.kind in ALARM_ACTIONS for a in r.actions)
 
 
+def _structural_factory(setup: Setup) -> Any:
+    """The guarded run with ``Policy(structural="repair")`` (the scenario's own ladders kept)."""
+    import trainguard as tg
+    kw = dict(setup.guard_kwargs)
+    p = kw.pop("policy", None) or tg.Policy()
+    policy = tg.Policy(p.ladder, window=p.window, halt_on=p.halt_on,
+                       max_rollbacks=p.max_rollbacks, lr_backoff=p.lr_backoff,
+                       min_lr_scale=p.min_lr_scale, lr_cause_backoff=p.lr_cause_backoff,
+                       structural="repair")
+    return tg.Guard(setup.model, setup.optimizer, scaler=setup.scaler, console=False,
+                    policy=policy, **kw)
+
+
 def run_one(s: Scenario, seed: int, with_baselines: bool = True,
-            device: str = "cpu", report_dir: str | None = None) -> dict[str, Any]:
+            device: str = "cpu", report_dir: str | None = None,
+            structural: bool = False) -> dict[str, Any]:
     rec: dict[str, Any] = {"scenario": s.name, "category": s.category, "seed": seed,
                            "mechanism": s.mechanism, "expected": list(s.expected),
                            "source": s.source, "criterion": s.criterion,
@@ -230,6 +247,13 @@ def run_one(s: Scenario, seed: int, with_baselines: bool = True,
     })
     d = rec["first_expected_step"]
     rec["detection_delay"] = None if d is None else d - s.onset
+    if structural:
+        r = train(s.build(seed), "guarded", guard_factory=_structural_factory, device=device)
+        rec["structural"] = {"ok": bool(s.passed(r)), "metric": r.metric, "seconds": r.seconds,
+                             "error": r.error, "false_alarm": false_alarm(r),
+                             "restructures": [(a.step, a.detail.get("remedy")) for a in r.actions
+                                              if a.kind == "restructure"],
+                             "named": any(f.kind in s.expected for f in r.findings)}
     base: dict[str, Any] = {}
     if with_baselines:
         for name, make in baselines().items():
@@ -268,6 +292,15 @@ def totals(records: list[dict[str, Any]]) -> dict[str, Any]:
         "median_detection_delay": statistics.median(delays) if delays else None,
         "overhead_median_ratio": statistics.median(ratios) if ratios else None,
     }
+    st_path = [r for r in path if "structural" in r]
+    if st_path:
+        st_h = [r for r in healthy if "structural" in r]
+        out["structural_repair_rate"] = sum(r["structural"]["ok"] for r in st_path) / len(st_path)
+        out["structural_named"] = sum(r["structural"]["named"] for r in st_path) / len(st_path)
+        out["structural_false_alarm_rate"] = (sum(r["structural"]["false_alarm"] for r in st_h)
+                                              / len(st_h) if st_h else None)
+        tr = [r["structural"]["seconds"] / r["seconds_bare"] for r in st_path if r["seconds_bare"] > 0]
+        out["structural_time_median_ratio"] = statistics.median(tr) if tr else None
     names = sorted({k for r in path for k in r.get("baselines", {})})
     for b in names:
         rs = [r for r in rep if b in r["baselines"]]
@@ -403,7 +436,8 @@ def run(args: argparse.Namespace) -> int:
         for s, seed in jobs:
             progress.start(f"{s.name} seed {seed}")
             records.append(run_one(s, seed, not args.no_baselines, args.device,
-                                   report_dir=getattr(args, "reports", None)))
+                                   report_dir=getattr(args, "reports", None),
+                                   structural=getattr(args, "structural", False)))
     return _report(records, args, t0)
 
 
