@@ -13,7 +13,7 @@ vector, and a parameter copy taken before the update gives the update-to-weight 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -182,14 +182,16 @@ class ActivationSampler:
             self._target_names = {n for n, _m, _k in self.targets}
         self._handles.append(register_module_forward_pre_hook(self._global_pre))
         self._handles.append(register_module_forward_hook(self._global_post))
+        def post(mod: nn.Module, fn: Callable) -> Any:
+            return register_private(mod, "_forward_hooks", lambda: mod.register_forward_hook(fn))
+
+        def pre(mod: nn.Module, fn: Callable) -> Any:
+            return register_private(mod, "_forward_pre_hooks",
+                                    lambda: mod.register_forward_pre_hook(fn))
         for name, mod, kind in self.targets:
-            fn = self._hook(name, kind)
-            self._handles.append(register_private(
-                mod, "_forward_hooks", lambda mod=mod, fn=fn: mod.register_forward_hook(fn)))
+            self._handles.append(post(mod, self._hook(name, kind)))
         for name, mod in self.recurrent:
-            fn = self._through_time(name, mod)
-            self._handles.append(register_private(
-                mod, "_forward_pre_hooks", lambda mod=mod, fn=fn: mod.register_forward_pre_hook(fn)))
+            self._handles.append(pre(mod, self._through_time(name, mod)))
         self._handles.append(register_private(
             self.model, "_forward_pre_hooks",
             lambda: self.model.register_forward_pre_hook(self._enter_spy)))
@@ -418,9 +420,10 @@ class Probe:
         """Existing gradients and the indices of their parameters."""
         gs = [p.grad for p in self.params]
         if all(g is not None for g in gs):
-            return ([_local(g) for g in gs] if self.sharded else gs), self._all_idx
+            full = cast("list[torch.Tensor]", gs)
+            return ([_local(g) for g in full] if self.sharded else full), self._all_idx
         idx = [i for i, g in enumerate(gs) if g is not None]
-        return [_local(gs[i]) for i in idx], np.asarray(idx, dtype=np.int64)
+        return [_local(cast(torch.Tensor, gs[i])) for i in idx], np.asarray(idx, dtype=np.int64)
 
     def measure_device(self, loss: torch.Tensor | float, *, with_params: bool,
                        extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, np.ndarray, int]:

@@ -122,6 +122,11 @@ class _FunctionalSpy(torch.overrides.TorchFunctionMode):
         return out
 
 
+def _dead_of(lv: Any) -> float:
+    st = lv.after or lv.init
+    return st.dead if st is not None else math.nan
+
+
 def tracked_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     out = []
     for name, m in model.named_modules():
@@ -398,7 +403,7 @@ def findings_from(layers: list[LayerVerdict], model: nn.Module) -> list[Finding]
             + (f" ({len(full)} 100 % dead: the network output is constant past them)" if full else "")
             + (f"; layer widths {widths}" if widths else ""),
             where=dead[0].name, locations=tuple(lv.name for lv in dead), severity="error",
-            evidence={"dead_fraction": {lv.name: (lv.after or lv.init).dead for lv in dead},
+            evidence={"dead_fraction": {lv.name: _dead_of(lv) for lv in dead},
                       "widths": widths, "fully_dead": [lv.name for lv in full]}))
     sat = where_all("saturated")
     if sat:

@@ -220,14 +220,15 @@ def run_one(s: Scenario, seed: int, with_baselines: bool = True,
                            "prescription": s.prescription, "onset": s.onset,
                            "reference": reference_of(s), "device": device}
     bare = train(s.build(seed), "bare", device=device)
-    factory = _guard_factory
+    factory: Callable[[Setup], Any] = _guard_factory
     if report_dir is not None:
         path = os.path.join(report_dir, f"{s.name}-seed{seed}.html")
 
-        def factory(setup: Setup) -> Any:
+        def with_report(setup: Setup) -> Any:
             import trainguard as tg
             return tg.Guard(setup.model, setup.optimizer, scaler=setup.scaler, console=False,
                             report=path, **setup.guard_kwargs)
+        factory = with_report
     guarded = train(s.build(seed), "guarded", guard_factory=factory, device=device)
     rec.update({
         "bare_ok": bool(s.passed(bare)), "bare_metric": bare.metric,
