@@ -45,26 +45,31 @@ def unit_dim(t: torch.Tensor) -> int:
 
 
 def _activation_stats(kind: str, out: torch.Tensor) -> torch.Tensor:
-    """[dead_fraction, saturated_fraction, second_moment, units] computed on the device."""
+    """[dead_fraction, saturated_fraction, second_moment, units] computed on the device, in the
+    output's own dtype (no fp32 copy of the activation: on a 98M-parameter GPT in bf16 the
+    copies of twelve MLP activations cost ~25 ms per sampled step); the second moment is a
+    norm accumulated in fp32 (fp64 for float64 outputs)."""
     o = out.detach()
     if o.dim() < 2 or o.numel() == 0:
         nan = torch.tensor(math.nan, device=o.device)
         return torch.stack([nan, nan, nan, torch.zeros((), device=o.device)])
     d = unit_dim(o)
-    of = o.float()
     units = o.shape[d]
     reduce_dims = [i for i in range(o.dim()) if i != d]
+    acc = torch.float64 if o.dtype == torch.float64 else torch.float32
     if kind in ("relu", "relu6"):
-        dead = (of.amax(dim=reduce_dims) <= 0).float().mean()
+        dead = (o.amax(dim=reduce_dims) <= 0).float().mean()
     else:
         dead = torch.tensor(math.nan, device=o.device)
     if kind in ("sigmoid", "hardsigmoid"):
-        sat = ((of < 0.01) | (of > 0.99)).float().mean()
+        sat = ((o < 0.01) | (o > 0.99)).float().mean()
     elif kind in ("tanh", "hardtanh"):
-        sat = (of.abs() > 0.99).float().mean()
+        sat = (o.abs() > 0.99).float().mean()
     else:
         sat = torch.tensor(math.nan, device=o.device)
-    return torch.stack([dead, sat, of.square().mean(), torch.tensor(float(units), device=o.device)])
+    q = torch.linalg.vector_norm(o, dtype=acc).square() / o.numel()
+    return torch.stack([dead.to(acc), sat.to(acc), q,
+                        torch.tensor(float(units), device=o.device, dtype=acc)])
 
 
 def _softmax_stats(x: torch.Tensor, dim: int) -> torch.Tensor | None:
