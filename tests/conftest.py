@@ -9,6 +9,17 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 @pytest.fixture
+def chromium():
+    """A headless-capable Chromium binary for the report tests, or skip."""
+    import shutil
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium binary found (Debian: apt-get install -y chromium)")
+
+
+@pytest.fixture
 def digits():
     from sklearn.datasets import load_digits
 

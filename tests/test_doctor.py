@@ -5,7 +5,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from collections import OrderedDict
@@ -270,18 +269,8 @@ def test_html_is_self_contained_escaped_and_atomic(tmp_path):
     assert d["findings"] and d["prescriptions"] and "max_stable_lr" in d
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
-def test_html_report_renders_plots_in_headless_chromium(tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no chromium binary found (Debian: apt-get install -y chromium)")
+def test_html_report_renders_plots_in_headless_chromium(tmp_path, chromium):
+    browser = chromium
     plt = pytest.importorskip("matplotlib.pyplot")
     rep = _report_for_html()
     page = tmp_path / "doctor.html"

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -118,18 +117,8 @@ def test_cli_report(tmp_path, capsys):
         save_report(42, tmp_path / "x.html")
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        p = shutil.which(name)
-        if p:
-            return p
-    return None
-
-
-def test_report_renders_in_headless_chromium(tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no chromium binary found (Debian: apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(tmp_path, chromium):
+    browser = chromium
     plt = pytest.importorskip("matplotlib.pyplot")
     _run(tmp_path, report=tmp_path / "run.html", log_every=1)
     shot = tmp_path / "shot.png"

@@ -6,13 +6,6 @@ from torch import nn
 import trainguard as tg
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    return torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)
-
-
 def _train(model, X, y, policy, steps=300, lr=1e-3, opt="adam"):
     torch.manual_seed(0)
     o = (torch.optim.Adam(model.parameters(), lr=lr) if opt == "adam"

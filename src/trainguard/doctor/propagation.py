@@ -160,18 +160,23 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
         def hook(_m: nn.Module, inp: Any, out: Any) -> None:
             if not isinstance(out, torch.Tensor) or out.dim() < 2 or not out.is_floating_point():
                 return
-            k = counts.get(name, 0)
-            counts[name] = k + 1
             x = inp[0] if isinstance(inp, tuple) and inp else None
-            rec = {"name": name if k == 0 else f"{name}[{k}]", "kind": kind, "mod": mod,
-                   "out": out, "inp": x if isinstance(x, torch.Tensor) and x.requires_grad else None,
-                   "grad": None}
-            if out.requires_grad:
-                def ghook(g: torch.Tensor, rec=rec) -> None:
-                    rec["grad"] = g.detach()
-                out.register_hook(ghook)
-            records.append(rec)
+            record(name, kind, mod, out, x if isinstance(x, torch.Tensor) else None)
         return hook
+
+    def record(name: str, kind: str, mod: nn.Module | None, out: torch.Tensor,
+               x: torch.Tensor | None, functional: bool = False) -> None:
+        """One layer's output (and input, for the Jacobian gain); its gradient when it comes."""
+        k = counts.get(name, 0)
+        counts[name] = k + 1
+        rec = {"name": name if k == 0 else f"{name}[{k}]", "kind": kind, "mod": mod, "out": out,
+               "inp": x if x is not None and x.requires_grad else None, "grad": None,
+               "functional": functional}
+        if out.requires_grad:
+            def ghook(g: torch.Tensor, rec: dict[str, Any] = rec) -> None:
+                rec["grad"] = g.detach()
+            out.register_hook(ghook)
+        records.append(rec)
 
     produced: dict[int, str] = {}  # id(module output) -> module name, for functional calls
 
@@ -189,16 +194,7 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
             return
         base = produced.get(id(x), "(root)")
         fname = getattr(func, "__name__", kind).rstrip("_")
-        k = counts.get(f"{base}.{fname}", 0)
-        counts[f"{base}.{fname}"] = k + 1
-        rec = {"name": f"{base}.{fname}" if k == 0 else f"{base}.{fname}[{k}]", "kind": kind,
-               "mod": None, "out": out, "inp": x if x.requires_grad else None, "grad": None,
-               "functional": True}
-        if out.requires_grad:
-            def ghook(g: torch.Tensor, rec=rec) -> None:
-                rec["grad"] = g.detach()
-            out.register_hook(ghook)
-        records.append(rec)
+        record(f"{base}.{fname}", kind, None, out, x, functional=True)
 
     for name, m, kind in targets:
         handles.append(m.register_forward_hook(make_named(name, make_hook(name, m, kind))))

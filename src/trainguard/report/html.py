@@ -190,19 +190,10 @@ class RunData:
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> "RunData":
+        from ..sinks.jsonl import raw_events
         run = cls(source=os.fspath(path))
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not a trainguard JSONL event ({e.msg})") from None
-                if not isinstance(d, dict):
-                    raise ValueError(f"{path}:{n}: not a trainguard JSONL event (expected an object)")
-                run.add(d)
+        for d in raw_events(path):  # not decoded: the few numbers drawn are read with _f
+            run.add(d)
         return run
 
     @classmethod
@@ -308,6 +299,18 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
         elif vals and min(vals) <= 0 < max(vals):
             ax.set_yscale("symlog", linthresh=max(1e-6, min(abs(v) for v in vals if v) if any(vals) else 1))
 
+    def finish(fig: Any, ax: Any, title: str) -> tuple[str, str, int, int]:
+        """A step-axis plot's common dress, then the PNG (no image map)."""
+        ax.set_xlim(x_lo, x_hi)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        fig.canvas.draw()
+        w, h = fig.canvas.get_width_height()
+        return _png(fig, dpi), "", w, h
+
     # 1. loss with findings, actions, rollbacks
     fig, ax = plt.subplots(figsize=(12, 4.2), dpi=dpi)
     curve(ax, run.loss, "#1f77b4", "loss" + (f" (min-max per {run.loss.width} steps)" if run.loss.width > 1 else ""))
@@ -356,15 +359,7 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
     if clips:
         ax.plot(clips, [0.02] * len(clips), "|", color="#9467bd", ms=7,
                 transform=ax.get_xaxis_transform(), label=f"clip ({len(clips)})")
-    ax.set_xlim(x_lo, x_hi)
-    ax.set_title("gradient norm (before clipping)", fontsize=11)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    fig.canvas.draw()
-    w, h = fig.canvas.get_width_height()
-    out["grad"] = (_png(fig, dpi), "", w, h)
+    out["grad"] = finish(fig, ax, "gradient norm (before clipping)")
 
     # 3. learning rate
     if run.lr.bins:
@@ -375,15 +370,7 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
         for a in run.actions:
             if a.get("kind") == "lr_backoff":
                 ax.axvline(a.get("step", 0), color="#2f5fb3", ls="--", lw=1)
-        ax.set_xlim(x_lo, x_hi)
-        ax.set_title("learning rate", fontsize=11)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-        fig.tight_layout()
-        fig.canvas.draw()
-        w, h = fig.canvas.get_width_height()
-        out["lr"] = (_png(fig, dpi), "", w, h)
+        out["lr"] = finish(fig, ax, "learning rate")
 
     # 4. per-module gradient-norm heat map
     heat = run.heat

@@ -49,17 +49,27 @@ def decode(x: Any) -> Any:
     return x
 
 
-def read_events(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Yield the events of a trainguard JSONL log with NaN/Inf restored as floats."""
+def raw_events(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Yield the events of a trainguard JSONL log as parsed (NaN/Inf still the strings
+    ``"NaN"``/``"Infinity"``); a line that is not a JSON object raises ValueError naming it."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
-                yield decode(json.loads(line))
+                d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not a trainguard JSONL event ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}:{n}: not a trainguard JSONL event (expected an object)")
+            yield d
+
+
+def read_events(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Yield the events of a trainguard JSONL log with NaN/Inf restored as floats."""
+    for d in raw_events(path):
+        yield decode(d)
 
 
 class JsonlSink(Sink):
