@@ -76,6 +76,11 @@ def test_report_of_a_halted_run_from_memory(tmp_path):
     text = open(path, encoding="utf-8").read()
     assert "Why the run stopped" in text and "halted" in text
     assert "memory" in text  # no log: drawn from the Guard's memory
+    # the same halted run from its JSONL log: the story is in the log
+    _guard, err = _run(tmp_path, halt=True, log=str(tmp_path / "halt.jsonl"))
+    assert err is not None
+    text = open(save_report(tmp_path / "halt.jsonl", tmp_path / "h2.html"), encoding="utf-8").read()
+    assert "Why the run stopped" in text and "trainguard halted training at step 30" in text
 
 
 def test_report_of_a_million_steps(tmp_path):
