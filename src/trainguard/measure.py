@@ -361,48 +361,61 @@ class StepProbe:
     @torch.no_grad()
     def _optimizer_state(self, params: list[torch.Tensor], diffs: list[torch.Tensor]) -> dict[str, float] | None:
         """On sampled steps: Adam's epsilon dominance and 16-bit update swamping (one transfer),
-        over the :attr:`STATE_TENSORS` largest parameter tensors."""
-        counts: list[torch.Tensor] = []
+        over the :attr:`STATE_TENSORS` largest parameter tensors, four small reductions each;
+        the step count is read once per parameter group (a CUDA step tensor read per parameter
+        was a device sync each)."""
+        parts: list[torch.Tensor] = []   # int64 counts, on each tensor's device
+        sizes = [0.0, 0.0]               # coordinates read: 16-bit gradients, Adam second moments
+        slots: list[int] = []            # which of the four sums each part adds to
         eps_val = None
+        group_t: dict[int, float] = {}
+        by_thr: dict[tuple, list[torch.Tensor]] = {}
         every = self.probe.params
         for i in self._state_subset():
             p, lp, d = every[i], params[i], diffs[i]
             g = p.grad
             if g is None:
                 continue
-            g = _local(g)
-            z = torch.zeros((), device=lp.device)
             if lp.dtype in (torch.float16, torch.bfloat16):
-                gs, ds = _sample(g), _sample(d)
+                gs, ds = _sample(_local(g)), _sample(d)
                 nz = gs != 0
-                counts += [nz.sum().float(), (nz & (ds == 0)).sum().float()]
-            else:
-                counts += [z, z]
+                parts += [nz.sum(), (nz & (ds == 0)).sum()]
+                slots += [0, 1]
             st = self.optimizer.state.get(p, {})
             grp = self._group_of.get(id(p))
             v, step = st.get("exp_avg_sq"), st.get("step")
             if v is not None and step is not None and grp is not None and "eps" in grp and "betas" in grp:
                 eps_val = float(grp["eps"])
                 b2 = float(grp["betas"][1])
-                t = float(step)
+                if id(grp) not in group_t:
+                    group_t[id(grp)] = float(step)
+                t = group_t[id(grp)]
                 # 0 < sqrt(v / bc) < eps  <=>  0 < v < eps^2 * bc (v >= 0: a running mean of
-                # squares): two comparisons in v's own dtype, no copy, no square root
+                # squares): comparisons in v's own dtype, no copy, no square root
                 vl = _sample(_local(v))
                 if vl.dtype not in (torch.float32, torch.float64):
                     vl = vl.float()  # eps^2 underflows in 16-bit
                 thr = eps_val * eps_val * max(1 - b2 ** t, 1e-12)
-                zero = (vl == 0).sum()
-                counts += [(vl.numel() - zero).float(), ((vl < thr).sum() - zero).float()]
-            else:
-                counts += [z, z]
-        if not counts:
+                sizes[1] += vl.numel()
+                by_thr.setdefault((thr, vl.device, vl.dtype), []).append(vl.reshape(-1))
+        for (thr, _dev, _dt), vs in by_thr.items():
+            # one concatenation per threshold (one per parameter group): two reductions in
+            # all instead of two per tensor
+            flat = torch.cat(vs) if len(vs) > 1 else vs[0]
+            parts += [(flat == 0).sum(), (flat < thr).sum()]
+            slots += [2, 3]
+        if not parts:
             return None
-        c = self.probe._reduce(torch.stack([x.to(self.probe.device) for x in counts]), n_norms=0)
-        c = c.cpu().numpy().reshape(-1, 4).sum(axis=0)
+        dev = self.probe.device
+        v_ = torch.stack([x.to(dev) for x in parts]).to(self.probe.norm_dtype)
+        host = self.probe._reduce(v_, n_norms=0).cpu().numpy()
+        c = np.zeros(4)
+        np.add.at(c, np.asarray(slots), host)
         out: dict[str, float] = {}
         if c[0] > 0:
             out["swamped_fraction"] = float(c[1] / c[0])
-        if c[2] > 0:
-            out["eps_dominated_fraction"] = float(c[3] / c[2])
+        seen = sizes[1] - c[2]  # non-zero second moments
+        if seen > 0:
+            out["eps_dominated_fraction"] = float((c[3] - c[2]) / seen)
             out["eps"] = eps_val if eps_val is not None else math.nan
         return out or None
