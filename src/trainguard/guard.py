@@ -649,7 +649,7 @@ class Guard(CoreView):
         from .remedies.structure import STRUCTURAL
         self.core.forget_detectors(STRUCTURAL)
         self.sampler.refresh()
-        self.snapshots.snaps = []
+        self.snapshots.clear()
         self.executor.snapshot(step + 1)
         self.measure.watch(step)  # probe the new structure at once, then often
         where = f" at {f.where}" if f.where else ""
@@ -665,7 +665,7 @@ class Guard(CoreView):
         if self.restructurer is None or not self.restructurer.restore():
             return False
         self.sampler.refresh()
-        self.snapshots.snaps = []
+        self.snapshots.clear()
         self.core.act("restructure", "undo: the model and optimizer state from before the last "
                                      "change are back", undo=True)
         return True

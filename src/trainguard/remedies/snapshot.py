@@ -206,6 +206,10 @@ class SnapshotStore:
         self.restored_step, self.restored_at = step, at_step
         self.snaps = [s for s in self.snaps if s.step <= step]
 
+    def clear(self) -> None:
+        """Forget every snapshot (a structural repair: they hold the old structure's weights)."""
+        self.snaps = []
+
     def drop(self, snap: Snapshot) -> None:
         if snap in self.snaps and len(self.snaps) > 1:
             self.snaps.remove(snap)

@@ -238,9 +238,10 @@ def _png(fig: Any, dpi: int) -> str:
 class _Marker:
     step: int
     anchor: str
-    label: str
     title: str
     color: str
+    x: int = 0  # pixel position on the loss plot (image-map coordinates)
+    y: int = 0
 
 
 def _markers(run: RunData) -> list[_Marker]:
@@ -259,7 +260,7 @@ def _markers(run: RunData) -> list[_Marker]:
             "skip": "#7b3fa0", "rollback": "#0b7a75", "lr_backoff": "#2f5fb3",
             "halt": "#000000"}.get(str(d.get("kind")), "#555555")
         d["_anchor"] = f"ev{n}"
-        out.append(_Marker(int(d.get("step", 0)), f"ev{n}", str(n), text, color))
+        out.append(_Marker(int(d.get("step", 0)), f"ev{n}", text, color))
     return out
 
 
@@ -340,14 +341,14 @@ def _plots(run: RunData) -> dict[str, tuple[str, str, int, int]]:
     clusters: list[list[_Marker]] = []
     for m in markers:
         x_px = ax.get_xaxis_transform().transform((m.step, 0.04))
-        m.label = f"{int(x_px[0])},{int(h - x_px[1])}"
-        if clusters and abs(int(clusters[-1][0].label.split(",")[0]) - int(x_px[0])) <= 5:
+        m.x, m.y = int(x_px[0]), int(h - x_px[1])
+        if clusters and abs(clusters[-1][0].x - m.x) <= 5:
             clusters[-1].append(m)
         else:
             clusters.append([m])
     for c in clusters:
         title = "\n".join(x.title for x in c[:6]) + (f"\n... and {len(c) - 6} more" if len(c) > 6 else "")
-        areas.append(f"<area shape='circle' coords='{c[0].label},8' href='#{c[0].anchor}' "
+        areas.append(f"<area shape='circle' coords='{c[0].x},{c[0].y},8' href='#{c[0].anchor}' "
                      f"title='{_e(title)}' alt='{_e(c[0].title[:80])}'>")
     out["loss"] = (_png(fig, dpi), "".join(areas), w, h)
 
