@@ -95,3 +95,74 @@ def test_policy_contract():
         tg.Policy(structural="fix")
     with pytest.raises(ValueError, match="not a ladder rung"):
         tg.Policy({"dead_units": ("restructure",)})
+
+
+def test_adam_epsilon_trap_is_repaired_in_the_run(digits):
+    """A loss scaled by 1e-9 puts Adam's sqrt(v_hat) ~1000x below eps: the Guard lowers eps
+    (moments kept) and the run learns; report mode stays at chance."""
+    X, y = digits
+
+    def run(policy):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        o = torch.optim.Adam(m.parameters(), lr=1e-3)
+        g = tg.Guard(m, o, console=False, policy=policy)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(300):
+            idx = torch.randint(0, 1500, (32,), generator=gen)
+            o.zero_grad()
+            loss = 1e-9 * nn.functional.cross_entropy(m(X[idx]), y[idx])
+            loss.backward()
+            g.step(loss)
+        g.close()
+        with torch.no_grad():
+            return g, o, float((m(X[1500:]).argmax(1) == y[1500:]).float().mean())
+    g0, o0, acc0 = run(tg.Policy())
+    g, o, acc = run(tg.Policy(structural="repair"))
+    assert any(f.evidence.get("cause") == "adam_epsilon" for f in g0.findings)
+    assert o0.param_groups[0]["eps"] == 1e-8 and acc0 < 0.5
+    rs = [a for a in g.actions if a.kind == "restructure"]
+    assert len(rs) == 1 and rs[0].detail["remedy"] == "optim:eps", [str(a) for a in g.actions]
+    assert "eps 1e-08 ->" in rs[0].detail["changes"][0]
+    assert o.param_groups[0]["eps"] < 1e-12
+    assert acc > 0.8, acc
+    assert g.undo_restructure() and o.param_groups[0]["eps"] == 1e-8
+
+
+def test_master_weights_accumulate_what_bf16_rounds_away():
+    """MasterWeights: 100 updates each below half an ulp move the bf16 weight (they vanish
+    without it), a write from outside (a rollback) re-seeds the master."""
+    from trainguard.remedies.master import MasterWeights
+    p = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    o = torch.optim.SGD([p], lr=1e-3)
+    for _ in range(100):
+        p.grad = torch.ones(4, dtype=torch.bfloat16)
+        o.step()
+    assert torch.equal(p.detach(), torch.ones(4, dtype=torch.bfloat16))  # swamped
+    mw = MasterWeights(o)
+    for _ in range(100):
+        p.grad = torch.ones(4, dtype=torch.bfloat16)
+        with mw.stepping():
+            o.step()
+    assert p.dtype == torch.bfloat16 and p.grad.dtype == torch.bfloat16
+    assert abs(float(p.detach()[0]) - 0.9) < 0.01 and abs(float(mw.master[0][0]) - 0.9) < 1e-4
+    with torch.no_grad():
+        p.fill_(2.0)  # a rollback writes the 16-bit tensor
+    p.grad = torch.zeros(4, dtype=torch.bfloat16)
+    with mw.stepping():
+        o.step()
+    assert float(mw.master[0][0]) == 2.0 and float(p.detach()[0]) == 2.0
+
+
+def test_bf16_swamping_is_repaired_with_master_weights():
+    """The zoo's Z18 (bf16 parameters, no master copy): the Guard keeps fp32 masters and the
+    fine-tune reaches the fp32 run's criterion (bare: relative MSE 1.0-9.0)."""
+    from trainguard.zoo import base
+    from trainguard.zoo.runner import _structural_factory, train
+    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
+    s = base.REGISTRY["precision_bf16_swamping"]
+    r = train(s.build(0), "guarded", guard_factory=_structural_factory)
+    rs = [a for a in r.actions if a.kind == "restructure"]
+    assert rs and rs[0].detail["remedy"] == "precision:master", [str(a) for a in r.actions]
+    assert "fp32 master weights for 4 bfloat16" in rs[0].detail["changes"][0]
+    assert s.passed(r), r.metric

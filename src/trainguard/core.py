@@ -92,6 +92,9 @@ class DecisionCore:
         self.step_count = 0
         self.applied_steps = 0
         self.rollbacks = 0
+        #: rollbacks made before the last structural rescue: the budget restarts with the new
+        #: structure (``Policy(structural="repair")``)
+        self.rollback_base = 0
         self.last_severe = -10**9
         #: the last step with a severe finding the plan did not answer by skipping the update or
         #: rolling back (the update went on: monitor-only, observe mode, an LR cut alone)
@@ -209,7 +212,7 @@ class DecisionCore:
         """Raise the halt when a rollback cannot help: no snapshot, or too many already."""
         if not have_snapshot:
             raise self.halt("a rollback was needed but no snapshot is held", f, lr_scale, step)
-        if self.rollbacks >= self.policy.max_rollbacks:
+        if self.rollbacks - self.rollback_base >= self.policy.max_rollbacks:
             raise self.halt(f"{self.rollbacks} rollbacks did not stabilise the run "
                             f"(policy.max_rollbacks={self.policy.max_rollbacks})", f, lr_scale,
                             step)
@@ -341,7 +344,8 @@ class DecisionCore:
         return {
             "version": 1,
             "step_count": self.step_count, "applied_steps": self.applied_steps,
-            "rollbacks": self.rollbacks, "counts": dict(self.counts),
+            "rollbacks": self.rollbacks, "rollback_base": self.rollback_base,
+            "counts": dict(self.counts),
             "chance_loss": self.chance_loss, "last_good_step": self.last_good_step,
             "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
             "policy": self.policy.state_dict(),
@@ -357,6 +361,7 @@ class DecisionCore:
         self.step_count = state["step_count"]
         self.applied_steps = state["applied_steps"]
         self.rollbacks = state["rollbacks"]
+        self.rollback_base = int(state.get("rollback_base", 0))
         self.counts = Counter(state.get("counts", {}))
         self.last_good_step = int(state.get("last_good_step", -1))
         if self.step_count > 0 and self.chance_option == "auto":

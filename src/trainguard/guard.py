@@ -292,6 +292,10 @@ class Guard(CoreView):
                                  snapshots=self.snapshots, loopcheck=self.loopcheck,
                                  log_every=self.log_every, on_halt=on_halt,
                                  checkpoints=self.checkpoint_store)
+        if self.restructurer is not None:
+            self.restructurer.executor = self.executor
+            rescue = weakref.WeakMethod(self._rescue)  # the pieces hold no strong reference
+            self.executor.rescue = lambda f, step: bool((m := rescue()) and m(f, step))
         capture = self._capture  # the pieces hold no reference to the Guard itself
         self._deferred = DeferredStepper(
             self.core, self.measure, self.executor,
@@ -645,18 +649,48 @@ class Guard(CoreView):
         self.executor.finish_scaler_step(d.scaled)
         batch, self._last_input = self._last_input, None
         changes = rs.apply(f, remedy, batch)
-        # what the detectors saw, and the snapshots held, describe the old structure
         from .remedies.structure import STRUCTURAL
         self.core.forget_detectors(STRUCTURAL)
+        self._changed(f, remedy, changes, step)
+        return True
+
+    def _changed(self, f: Finding, remedy: str, changes: list[str], step: int) -> None:
+        """After a structural change: what the snapshots held describes the old structure (a
+        fresh verified one is taken), the probes watch the new one closely, and the change is
+        an action."""
         self.sampler.refresh()
         self.snapshots.clear()
         self.executor.snapshot(step + 1)
         self.measure.watch(step)  # probe the new structure at once, then often
         where = f" at {f.where}" if f.where else ""
+        assert self.restructurer is not None
         self.core.act("restructure", f"{f.kind}{where}: {remedy}: "
                       + ("; ".join(changes) if changes else "nothing to change"), step=step,
                       finding=f.kind, remedy=remedy, changes=changes, where=f.where,
-                      attempt=rs.tried[f.kind])
+                      attempt=self.restructurer.tried[f.kind])
+
+    def _rescue(self, f: Finding, step: int) -> bool:
+        """Policy(structural="repair"), rollbacks exhausted: before halting, try the
+        structural remedy for a network that blows up however far it is rolled back (see
+        :func:`~trainguard.remedies.structure.rescue_menu`). True when a change was made: the
+        rollback budget and the learning-rate scale start over with the new structure."""
+        from .remedies.structure import rescue_menu
+        rs = self.restructurer
+        if rs is None:
+            return False
+        options = rescue_menu(f, self.model)
+        i = rs.tried.get(f.kind, 0)
+        if i >= len(options) or rs.changes >= rs.max_changes:
+            return False
+        remedy = options[i]
+        changes = rs.apply(f, remedy, None)
+        if not changes:
+            return False
+        core = self.core
+        core.rollback_base = core.rollbacks
+        core.reset_detectors()
+        self.lr.scale = self.lr.ceiling = 1.0  # the cuts answered the old structure
+        self._changed(f, remedy, changes, step)
         return True
 
     def undo_restructure(self) -> bool:

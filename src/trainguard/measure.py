@@ -76,6 +76,9 @@ class StepProbe:
         self.watch_until = -1  # close watch (frequent probes) after a rollback
         self.opt_kind = optimizer_kind(optimizer)
         self.post: dict[str, float] | None = None  # optimizer-state stats of the last sampled update
+        #: ids of 16-bit parameters the Guard keeps fp32 master weights for (not judged for
+        #: swamping: their updates accumulate in the master)
+        self.mastered: set[int] = set()
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._state_owner: list[int] = []
         self.force_params = False  # read parameters etc. at the next step whatever the cadence
@@ -376,7 +379,7 @@ class StepProbe:
             g = p.grad
             if g is None:
                 continue
-            if lp.dtype in (torch.float16, torch.bfloat16):
+            if lp.dtype in (torch.float16, torch.bfloat16) and id(p) not in self.mastered:
                 gs, ds = _sample(_local(g)), _sample(d)
                 nz = gs != 0
                 parts += [nz.sum(), (nz & (ds == 0)).sum()]

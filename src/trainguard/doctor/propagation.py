@@ -437,4 +437,49 @@ def residual_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             out.append((name, m))
     # innermost only
     names = [n for n, _ in out]
-    return [(n, m) for n, m in out if not any(o != n and o.startswith(n + ".") for o in names)]
+    found = [(n, m) for n, m in out if not any(o != n and o.startswith(n + ".") for o in names)]
+    return found or traced_residual_branches(model)
+
+
+def traced_residual_branches(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Branches ``f`` of ``h + f(h)`` found by tracing ``forward`` with torch.fx (a residual
+    net built from nn.Sequential branches in a ModuleList, which the user-module rule above
+    cannot see). [] when the model does not trace."""
+    import operator
+
+    import torch.fx as fx
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow, custom types: no answer
+        return []
+    mods = dict(model.named_modules())
+    out: dict[str, nn.Module] = {}
+    for node in gm.graph.nodes:
+        is_add = ((node.op == "call_function" and node.target in (operator.add, operator.iadd,
+                                                                  torch.add))
+                  or (node.op == "call_method" and node.target in ("add", "add_")))
+        if not is_add or len(node.args) < 2:
+            continue
+        a, b = node.args[0], node.args[1]
+        for x, y in ((a, b), (b, a)):
+            if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
+                continue
+            # walk the branch back from x along first arguments until it reaches y (the
+            # traced graph inlines nn.Sequential: the branch is a chain of leaf calls)
+            path, cur = [], x
+            for _ in range(32):
+                if cur is y or cur.op not in ("call_module", "call_function", "call_method") \
+                        or not cur.args or not isinstance(cur.args[0], fx.Node):
+                    break
+                if cur.op == "call_module":
+                    path.append(str(cur.target))
+                cur = cur.args[0]
+            if cur is not y:
+                continue
+            weighted = [t for t in path if isinstance(mods.get(t), _WEIGHTED_TYPES)]
+            if weighted:  # the branch's last weighted layer (path runs backwards)
+                out[weighted[0]] = mods[weighted[0]]
+    return list(out.items())
+
+
+_WEIGHTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

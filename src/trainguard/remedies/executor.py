@@ -40,6 +40,11 @@ class Executor:
         self.on_halt = on_halt
         self.checkpoints = checkpoints  # a CheckpointStore: rollbacks beyond the snapshots
         self.outside = False
+        #: fp32 master weights the Guard keeps for 16-bit parameters (a structural repair)
+        self.master: Any = None
+        #: called before a halt for exhausted rollbacks (Policy(structural="repair")): True
+        #: when a structural change was made instead
+        self.rescue: Callable[[Finding, int], bool] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -108,8 +113,13 @@ class Executor:
             if self.checkpoints is not None and (snap is None or snap.step > limit):
                 disk = self.checkpoints.newest(at_or_before=limit)
             have = snap is not None or disk is not None
-            if not have or core.rollbacks >= self.policy.max_rollbacks:
+            if not have or core.rollbacks - core.rollback_base >= self.policy.max_rollbacks:
                 self.finish_scaler_step(scaled)
+                if self.rescue is not None and snap is not None:
+                    # the newest good weights first, then the structural change on them
+                    self.snapshots.restore(snap, at_step=step)
+                    if self.rescue(f, step):
+                        return True  # a structural change instead of the halt: no update
                 self._checked(lambda: core.check_rollback(f, have, self.lr.scale, step))
             self.finish_scaler_step(scaled)
             scaled = False
@@ -187,7 +197,8 @@ class Executor:
         """The user's update, at the Guard's LR scale (through the scaler under fp16)."""
         if self.outside:
             return  # the framework steps right after decide_step, inside applying()
-        with self.applying():
+        with self.applying(), (self.master.stepping() if self.master is not None
+                                else contextlib.nullcontext()):
             if scaled:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()

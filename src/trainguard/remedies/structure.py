@@ -25,7 +25,12 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
 - ``vanishing_gradient``: with sigmoid/tanh units, ReLU + He init, then LSUV; with ReLU-family
   units, He init, then LeakyReLU(0.1) + He init, then LSUV; otherwise orthogonal init, then
   LSUV;
-- ``saturation`` (activations, not attention): Xavier init, then ReLU + He init.
+- ``saturation`` (activations, not attention): Xavier init, then ReLU + He init;
+- ``plateau`` whose cause is the optimizer's numerics (never a plain plateau): Adam's epsilon
+  trap (``evidence["cause"] == "adam_epsilon"``): eps lowered to 1e-3 x the RMS of
+  sqrt(v_hat), the prescription of Wortsman et al. 2023 (moments kept: they are right);
+  16-bit update swamping (``"update_swamping"``): fp32 master weights kept by the Guard
+  (:mod:`trainguard.remedies.master`; Micikevicius et al. 2018).
 """
 from __future__ import annotations
 
@@ -39,7 +44,12 @@ from ..stats import activation_kind
 from ..types import Finding
 
 #: finding kinds a structural repair answers
-STRUCTURAL = ("dead_units", "vanishing_gradient", "saturation")
+STRUCTURAL = ("dead_units", "vanishing_gradient", "saturation", "plateau")
+#: plateau causes a structural repair answers (evidence["cause"] of detect.optimizer)
+PLATEAU_CAUSES = {"adam_epsilon": "optim:eps", "update_swamping": "precision:master"}
+#: the new eps is this fraction of the RMS of sqrt(v_hat) (Wortsman et al. 2023, arXiv
+#: 2309.14322: eps ~1e-3 x the gradient RMS keeps Adam scale-invariant)
+EPS_FRACTION = 1e-3
 _SATURATING = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 _RELU_LIKE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "celu"}
 
@@ -50,14 +60,37 @@ def menu(f: Finding, model: nn.Module) -> list[str]:
     if f.kind == "dead_units":
         return ["act:leaky+init:he", "init:he"]
     if f.kind == "vanishing_gradient":
+        if acts & _SATURATING == {"tanh"}:
+            return ["init:orthogonal", "act:relu+init:he", "init:lsuv"]
         if acts & _SATURATING:
             return ["act:relu+init:he", "init:lsuv"]
         if acts & _RELU_LIKE:
             return ["init:he", "act:leaky+init:he", "init:lsuv"]
         return ["init:orthogonal", "init:lsuv"]
     if f.kind == "saturation":
+        if acts & _SATURATING == {"tanh"}:
+            return ["init:orthogonal", "init:xavier", "act:relu+init:he"]
         return ["init:xavier", "act:relu+init:he"]
+    if f.kind == "plateau":
+        cause = _cause(f)
+        return [PLATEAU_CAUSES[cause]] if cause in PLATEAU_CAUSES else []
     return []
+
+
+def rescue_menu(f: Finding, model: nn.Module) -> list[str]:
+    """Before a halt for exhausted rollbacks: a residual network without normalisation whose
+    branches add variance at every block blows up at every restart (mechanisms §2.9: x3 per
+    block, ~1e12 after 50); zero-initialising the last layer of every branch makes each block
+    the identity at the start (Fixup, Zhang et al. 2019; ReZero, Bachlechner et al. 2020)."""
+    from ..doctor.propagation import residual_blocks
+    if f.kind in ("nonfinite", "divergence", "grad_explosion", "loss_spike") \
+            and residual_blocks(model):
+        return ["init:zero_last"]
+    return []
+
+
+def _cause(f: Finding) -> Any:
+    return f.evidence.get("cause") if isinstance(f.evidence, dict) else None
 
 
 def needs_code(f: Finding, model: nn.Module) -> str | None:
@@ -91,14 +124,19 @@ class Restructurer:
         self.changes = 0
         self.undo: tuple[nn.Module, dict[str, Any]] | None = None
         self.reported_code: set[str] = set()
+        #: the Guard's executor (fp32 master weights are kept around its optimizer step)
+        self.executor: Any = None
+        self._last: str | None = None
 
     def pick(self, findings: list[Finding]) -> Finding | None:
         """The structural finding to act on this step, if any: dead units first (they cause the
         vanishing gradient reported beside them), then saturation, then a vanishing gradient."""
-        order = {"dead_units": 0, "saturation": 1, "vanishing_gradient": 2}
+        order = {"dead_units": 0, "saturation": 1, "vanishing_gradient": 2, "plateau": 3}
         for f in sorted(findings, key=lambda f: order.get(f.kind, 9)):
             if f.kind not in STRUCTURAL:
                 continue
+            if f.kind == "plateau" and _cause(f) not in PLATEAU_CAUSES:
+                continue  # a plain plateau: nothing structural to change
             if f.kind == "dead_units" and isinstance(f.evidence, dict) \
                     and f.evidence.get("cause") == "killed":
                 continue  # killed during training: the rollback + LR backoff ladder answers it
@@ -117,6 +155,12 @@ class Restructurer:
         """Apply ``remedy`` to the live model; returns the changes in words."""
         from ..doctor.repair import apply_remedy
         self.undo = (copy.deepcopy(self.model), copy.deepcopy(self.optimizer.state_dict()))
+        self._last = remedy
+        if remedy in ("optim:eps", "precision:master"):
+            changes = [self._eps() if remedy == "optim:eps" else self._master()]
+            self.tried[f.kind] = self.tried.get(f.kind, 0) + 1
+            self.changes += 1
+            return [c for c in changes if c]
         parts = [p for p in remedy.split("+") if not (p == "init:lsuv" and batch is None)]
         if not parts:
             parts = ["init:orthogonal"]  # LSUV needs a batch: its orthogonal start alone
@@ -130,6 +174,43 @@ class Restructurer:
         self.tried[f.kind] = self.tried.get(f.kind, 0) + 1
         self.changes += 1
         return changes
+
+    @torch.no_grad()
+    def _eps(self) -> str:
+        """Adam's eps lowered to EPS_FRACTION x the RMS of sqrt(v_hat) in each group."""
+        out = []
+        for gi, g in enumerate(self.optimizer.param_groups):
+            if "eps" not in g or "betas" not in g:
+                continue
+            tot, n = 0.0, 0
+            for p in g["params"]:
+                st = self.optimizer.state.get(p, {})
+                v, t = st.get("exp_avg_sq"), st.get("step")
+                if v is None or t is None:
+                    continue
+                bc = max(1 - float(g["betas"][1]) ** float(t), 1e-12)
+                tot += float(v.double().sum()) / bc
+                n += v.numel()
+            if n == 0 or tot <= 0:
+                continue
+            new = max(EPS_FRACTION * (tot / n) ** 0.5, 1e-30)
+            old = float(g["eps"])
+            if new < old:
+                g["eps"] = new
+                out.append(f"group {gi}: eps {old:g} -> {new:.3g}")
+        return ("Adam eps lowered to 1e-3 x the RMS of sqrt(v_hat): " + "; ".join(out)) if out else ""
+
+    def _master(self) -> str:
+        from .master import MasterWeights
+        ex = self.executor
+        if ex is None or ex.master is not None:
+            return ""
+        mw = MasterWeights(self.optimizer)
+        if not len(mw):
+            return ""
+        ex.master = mw
+        ex.measure.mastered = {id(p) for p in mw.params}
+        return mw.describe()
 
     @torch.no_grad()
     def restore(self) -> bool:
@@ -152,5 +233,9 @@ class Restructurer:
                 if full in params and p is not params[full]:
                     setattr(child, pname, params[full])
         self.optimizer.load_state_dict(opt_state)
+        ex = self.executor
+        if ex is not None and ex.master is not None and self._last == "precision:master":
+            ex.master = None
+            ex.measure.mastered = set()
         self.undo = None
         return True

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import Scenario, Setup, register
+from ..base import RunResult, Scenario, Setup, register
 from ._common_a import below, digits, eval_ce, eval_mse, linears, minibatches, mlp, seed_all
 
 THRESHOLD = 1.0
@@ -200,6 +200,15 @@ def build_residual(seed: int, zero_last: bool = False) -> Setup:
                  evaluate=eval_mse(x[768:], y[768:]))
 
 
+def _residual_passed(r: RunResult) -> bool:
+    """Finished, metric finite and below 0.5, and the last 100 losses finite: the first
+    update overflows here, so a run that recovers (rolled back, then restructured) has seen
+    non-finite losses in its first steps; what counts is that training ends sane."""
+    tail = r.losses[-100:]
+    return (r.finished and bool(tail) and all(math.isfinite(v) for v in tail)
+            and math.isfinite(r.metric) and r.metric < 0.5)
+
+
 register(Scenario(
     name="signal_residual_unnormalised", category="pathological",
     mechanism="50-block residual MLP without normalisation: the activation variance triples "
@@ -207,8 +216,9 @@ register(Scenario(
     expected=("nonfinite", "grad_explosion", "divergence"),
     source="Zhang et al. 2019 (Fixup, arXiv 1901.09321); Bachlechner et al. 2020 (ReZero); "
            "research/mechanisms.md 2.9 and Z6",
-    criterion="finite, held-out MSE < 0.5 after 200 steps (constant predictor: 1.0)",
-    build=build_residual, passed=below(0.5), repairable_online=False,
+    criterion="held-out MSE < 0.5 after 200 steps, the last 100 losses finite (constant "
+              "predictor: 1.0)",
+    build=build_residual, passed=_residual_passed, repairable_online=False,
     prescription="zero-init the last layer of each residual branch (Fixup) or a ReZero gate "
                  "alpha = 0, or add normalisation (pre-LN/BN)",
     fast=True, reference=0.5))
