@@ -168,6 +168,19 @@ def test_early_grad_growth_of_a_healthy_start_is_silent():
     assert [f for i, g in enumerate(norms) for f in d.update(st(i, grad=g))] == []
 
 
+def test_early_runaway_of_an_exploding_rnn_is_named_grad_explosion():
+    # the zoo's exploding tanh RNN, seed 0: starts large, runs away from step 2 (issue #13:
+    # it was named only by the loss-ruin rule)
+    d = GradExplosionDetector()
+    norms = [104.5, 8.51, 97.6, 193.0, 1329.1, 14958.5]
+    f = [x for i, g in enumerate(norms) for x in d.update(st(i, grad=g))]
+    assert [x.step for x in f] == [5] and f[0].evidence["trigger"] == "early"
+    # a healthy start that falls 10x and comes back up (3x twice, but not 100x its minimum)
+    d = GradExplosionDetector()
+    norms = [5.0, 0.5, 1.6, 5.0, 16.0, 12.0] + [10.0] * 14
+    assert [x for i, g in enumerate(norms) for x in d.update(st(i, grad=g))] == []
+
+
 # ----------------------------------------------------------------------------- plateau
 def test_plateau_of_a_stuck_run_keeps_the_usual_advice():
     f = feed(PlateauDetector(), [2.3] + [2.2] * 200)

@@ -166,3 +166,43 @@ def test_bf16_swamping_is_repaired_with_master_weights():
     assert rs and rs[0].detail["remedy"] == "precision:master", [str(a) for a in r.actions]
     assert "fp32 master weights for 4 bfloat16" in rs[0].detail["changes"][0]
     assert s.passed(r), r.metric
+
+
+def test_residual_net_that_blows_up_is_rescued_before_the_halt():
+    """The zoo's Z6 (50 unnormalised residual blocks, output ~1e12 at init): in report mode
+    eight rollbacks cannot stabilise it and the Guard halts; with structural="repair" the last
+    layer of every traced residual branch is zeroed (Fixup) on the newest good weights instead
+    of the halt, the rollback budget and LR scale start over, and the run trains."""
+    from trainguard.zoo import base
+    from trainguard.zoo.runner import _structural_factory, train
+    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
+    s = base.REGISTRY["signal_residual_unnormalised"]
+    r = train(s.build(0), "guarded", guard_factory=_structural_factory)
+    kinds = [a.kind for a in r.actions]
+    assert "halt" not in kinds and kinds.count("rollback") == 8, kinds
+    rs = [a for a in r.actions if a.kind == "restructure"]
+    assert len(rs) == 1 and rs[0].detail["remedy"] == "init:zero_last"
+    assert "50 residual branches" in rs[0].detail["changes"][0]
+    assert r.guard.core.rollback_base == 8 and r.guard.lr.scale == 1.0
+    assert s.passed(r), r.metric
+
+
+def test_traced_residual_branches():
+    """h + f(h) with f an nn.Sequential inside a ModuleList is found by tracing; a plain MLP
+    has no residual branch."""
+    from trainguard.doctor.propagation import residual_blocks
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+                                        for _ in range(3))
+
+        def forward(self, x):
+            h = self.inp(x)
+            for b in self.blocks:
+                h = h + b(h)
+            return h
+    assert [n for n, _ in residual_blocks(Res())] == ["blocks.0.2", "blocks.1.2", "blocks.2.2"]
+    assert residual_blocks(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == []

@@ -22,10 +22,13 @@ scenarios (mechanisms §2: He 2015 for ReLU stacks, Glorot 2010 for saturating o
 born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
 
 - ``dead_units`` (born dead): LeakyReLU(0.1) + He init, then He init alone;
-- ``vanishing_gradient``: with sigmoid/tanh units, ReLU + He init, then LSUV; with ReLU-family
-  units, He init, then LeakyReLU(0.1) + He init, then LSUV; otherwise orthogonal init, then
-  LSUV;
-- ``saturation`` (activations, not attention): Xavier init, then ReLU + He init;
+- ``vanishing_gradient``: with tanh units only, orthogonal init (gain 1 puts tanh at the edge
+  of chaos: Saxe et al. 2014, Pennington et al. 2017; it cured both zoo tanh phases where
+  ReLU + He left a 50-layer net unstable), then ReLU + He init, then LSUV; with sigmoid units,
+  ReLU + He init, then LSUV; with ReLU-family units, He init, then LeakyReLU(0.1) + He init,
+  then LSUV; otherwise orthogonal init, then LSUV;
+- ``saturation`` (activations, not attention): tanh only: orthogonal init first; then Xavier
+  init, then ReLU + He init;
 - ``plateau`` whose cause is the optimizer's numerics (never a plain plateau): Adam's epsilon
   trap (``evidence["cause"] == "adam_epsilon"``): eps lowered to 1e-3 x the RMS of
   sqrt(v_hat), the prescription of Wortsman et al. 2023 (moments kept: they are right);
