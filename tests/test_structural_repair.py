@@ -1,4 +1,6 @@
 """Structural repair inside the run (issue #13, item 1): Policy(structural="repair")."""
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -159,7 +161,7 @@ def test_bf16_swamping_is_repaired_with_master_weights():
     fine-tune reaches the fp32 run's criterion (bare: relative MSE 1.0-9.0)."""
     from trainguard.zoo import base
     from trainguard.zoo.runner import _structural_factory, train
-    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
+    importlib.import_module("trainguard.zoo.scenarios")  # registers the scenarios
     s = base.REGISTRY["precision_bf16_swamping"]
     r = train(s.build(0), "guarded", guard_factory=_structural_factory)
     rs = [a for a in r.actions if a.kind == "restructure"]
@@ -175,7 +177,7 @@ def test_residual_net_that_blows_up_is_rescued_before_the_halt():
     of the halt, the rollback budget and LR scale start over, and the run trains."""
     from trainguard.zoo import base
     from trainguard.zoo.runner import _structural_factory, train
-    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
+    importlib.import_module("trainguard.zoo.scenarios")  # registers the scenarios
     s = base.REGISTRY["signal_residual_unnormalised"]
     r = train(s.build(0), "guarded", guard_factory=_structural_factory)
     kinds = [a.kind for a in r.actions]

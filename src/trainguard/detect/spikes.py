@@ -58,6 +58,7 @@ the clipped value), so a lasting level shift is absorbed instead of alarming for
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections import deque
 
 import numpy as np
@@ -69,7 +70,7 @@ from .base import Detector, check_positive
 class _LogJump(Detector):
     """Shared rule: log-space z-score + ratio to the median + floor against the initial scale."""
 
-    _state = ("history", "initial", "_first")
+    _state: tuple[str, ...] = ("history", "initial", "_first")
 
     def __init__(self, window: int, z: float, ratio: float, min_history: int) -> None:
         check_positive("window", window, integer=True)
@@ -83,7 +84,7 @@ class _LogJump(Detector):
 
     def reset(self) -> None:
         self.history.clear()
-        self._sums = None
+        self._sums: list[Any] | None = None
 
     def _track_initial(self, v: float) -> None:
         if self.initial is None:
