@@ -86,8 +86,10 @@ def test_repaired_configs_pass():
 def test_gd_past_limit_is_repaired_online():
     s = REGISTRY["curvature_gd_past_limit"]
     g = guarded("curvature_gd_past_limit")
-    first = g.findings[0].step  # grad_explosion's early rule fires at the same step (issue #9)
-    assert "divergence" in [f.kind for f in g.findings if f.step == first]
+    # the early runaway rule names the growing gradient first (a clip, step 2 on seed 0), the
+    # loss-ruin rule's rollback + LR backoff follows when the loss blows up (issue #13)
+    assert g.findings[0].kind in ("grad_explosion", "divergence") and g.findings[0].step <= 4
+    assert "divergence" in [f.kind for f in g.findings]
     assert {"rollback", "lr_backoff"} <= {a.kind for a in g.actions}
     assert s.passed(g)
 

@@ -46,8 +46,9 @@ Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
   earlier median rescues the run, a rollback + LR backoff 25 steps later costs the run its
   start. Healthy streams' early norms never rise 100x in one step (the edge-of-stability
   onset: 2.2x per step; bench/calibrate_detectors.py). GD past the curvature limit (zoo
-  ``curvature_gd_past_limit``) crosses the bar at step 4, the step the divergence rule fires:
-  its rollback + LR backoff takes precedence over the clip (a rolled-back step is skipped).
+  ``curvature_gd_past_limit``, seed 0) trips the runaway rule at step 2 (a clip) and crosses
+  the 100x bar at step 4, the step the divergence rule fires: its rollback + LR backoff takes
+  precedence over the clip (a rolled-back step is skipped).
   The finding names the module whose norm grew most against its own running average.
 
 Calibration: ``python bench/calibrate_detectors.py`` replays 10 healthy runs (digits MLP,
