@@ -51,9 +51,9 @@ def test_born_dead_relu_is_repaired_in_the_run(digits):
     assert bare < 0.2 and acc_rep < 0.2  # reported, not repaired
     rs = [a for a in g.actions if a.kind == "restructure"]
     assert rs and rs[0].detail["finding"] == "dead_units"
-    assert rs[0].detail["remedy"] == "act:leaky+init:he"
-    assert any("LeakyReLU" in c for c in rs[0].detail["changes"]), rs[0].detail
-    assert isinstance(g.model[1], nn.LeakyReLU)
+    assert rs[0].detail["remedy"] == "act:elu+init:he"
+    assert any("ELU" in c for c in rs[0].detail["changes"]), rs[0].detail
+    assert isinstance(g.model[1], nn.ELU)
     assert acc > 0.85, acc
 
 
@@ -82,7 +82,7 @@ def test_healthy_run_is_untouched_and_undo_works(digits):
     loss = nn.functional.cross_entropy(m(X[:64]), y[:64])
     loss.backward()
     assert g.step(loss) is False  # the step of the change applies no update
-    assert isinstance(m[1], nn.LeakyReLU)
+    assert isinstance(m[1], nn.ELU)
     assert g.undo_restructure() is True
     assert isinstance(m[1], nn.ReLU)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))

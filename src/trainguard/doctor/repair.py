@@ -30,7 +30,7 @@ from .propagation import residual_blocks
 
 #: Every remedy ``repair`` can apply (and that a random baseline draws from).
 REMEDY_MENU = (
-    "act:relu+init:he", "act:leaky", "init:he", "init:xavier", "init:orthogonal", "init:lsuv",
+    "act:relu+init:he", "act:elu+init:he", "act:leaky", "init:he", "init:xavier", "init:orthogonal", "init:lsuv",
     "init:zero_last", "norm:batchnorm", "norm:layernorm", "lr:curvature", "opt:adam",
 )
 
@@ -235,6 +235,12 @@ def apply_remedy(model: nn.Module, remedy: str, *, batch: Batch | None = None,
         if part == "act:relu":
             sw = _swap_activations(model, _SATURATING, nn.ReLU)
             changes += [f"{k} -> ReLU in {v} layers" for k, v in sw.items()]
+            acts_now = {activation_kind(m) for m in model.modules()} - {None}
+        elif part == "act:elu":
+            src = ("relu", "relu6", "leaky_relu") if acts_now & {"relu", "relu6", "leaky_relu"} \
+                else _SATURATING
+            sw = _swap_activations(model, src, nn.ELU)
+            changes += [f"{k} -> ELU in {v} layers" for k, v in sw.items()]
             acts_now = {activation_kind(m) for m in model.modules()} - {None}
         elif part == "act:leaky":
             src = ("relu", "relu6") if acts_now & {"relu", "relu6"} else _SATURATING
