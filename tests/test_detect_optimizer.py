@@ -31,3 +31,26 @@ def test_swamping_threshold():
 def test_rejects_bad_thresholds():
     with pytest.raises(ValueError, match="eps_fraction"):
         OptimizerStallDetector(eps_fraction=1.5)
+
+
+def test_logit_drift_fires_on_a_steady_outward_drift_only():
+    """detect.logits: three probes beyond |log Z| = 100, each further out (the zoo's Z13 drifts
+    ~-0.024 per step to -400); the z-loss runs' range (-16...-65) and a single odd probe are
+    silent; the finding's cause is logit_drift and the default policy only reports it."""
+    import trainguard as tg
+    from trainguard.detect import LogitDriftDetector
+    from trainguard.types import StepStats
+
+    def probe(step, lz):
+        return StepStats(step=step, loss=3.0, grad_norm=1.0,
+                         activations={"(output)": {"kind": "logits", "log_z": lz, "units": 523}})
+    d = LogitDriftDetector()
+    out = [f for i, lz in enumerate([-16, -40, -65, -50, -64]) for f in d.update(probe(i, lz))]
+    assert out == []
+    d = LogitDriftDetector()
+    out = [f for i, lz in enumerate([-90, -120, -110, -105, -130, -150, -170])
+           for f in d.update(probe(i, lz))]
+    # -105 restarts the streak (not further out than -110), -130 and -150 complete it
+    assert [f.step for f in out] == [5] and out[0].evidence["cause"] == "logit_drift"
+    assert out[0].kind == "divergence" and out[0].where == "(output)"
+    assert tg.Policy().decide(out, 5).actions == []

@@ -208,3 +208,21 @@ def test_traced_residual_branches():
             return h
     assert [n for n, _ in residual_blocks(Res())] == ["blocks.0.2", "blocks.1.2", "blocks.2.2"]
     assert residual_blocks(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))) == []
+
+
+def test_output_logit_drift_gets_weight_decay():
+    """The zoo's Z13 (Adam, no weight decay, bf16-rounded logits): the output logits' log Z
+    drifts linearly past -100, the Guard names it (divergence, cause logit_drift) and, with
+    structural="repair", turns on weight decay 0.1 (seed 1: at step 6,250, the held-out bf16
+    penalty then ends at 0.0016 against the 0.03 criterion; bare 0.25)."""
+    from trainguard.zoo import base
+    from trainguard.zoo.runner import _structural_factory, train
+    importlib.import_module("trainguard.zoo.scenarios")  # registers the scenarios
+    setup = base.REGISTRY["transformer_output_logit_divergence"].build(1)
+    setup.steps = 6600
+    r = train(setup, "guarded", guard_factory=_structural_factory)
+    drift = [f for f in r.findings if f.evidence.get("cause") == "logit_drift"]
+    assert drift and drift[0].kind == "divergence" and drift[0].evidence["log_z"] < -100
+    rs = [a for a in r.actions if a.kind == "restructure"]
+    assert rs and rs[0].detail["remedy"] == "optim:weight_decay", [str(a) for a in r.actions]
+    assert setup.optimizer.param_groups[0]["weight_decay"] == 0.1

@@ -649,8 +649,11 @@ class Guard(CoreView):
         self.executor.finish_scaler_step(d.scaled)
         batch, self._last_input = self._last_input, None
         changes = rs.apply(f, remedy, batch)
-        from .remedies.structure import STRUCTURAL
-        self.core.forget_detectors(STRUCTURAL)
+        from .remedies.structure import CAUSED, STRUCTURAL, _cause
+        if (f.kind, _cause(f)) not in CAUSED:
+            # what the structural detectors saw describes the old structure (a weight decay
+            # turned on for a logit drift changes nothing they saw)
+            self.core.forget_detectors(STRUCTURAL)
         self._changed(f, remedy, changes, step)
         return True
 
@@ -658,6 +661,7 @@ class Guard(CoreView):
         """After a structural change: what the snapshots held describes the old structure (a
         fresh verified one is taken), the probes watch the new one closely, and the change is
         an action."""
+        from .remedies.structure import tried_key
         self.sampler.refresh()
         self.snapshots.clear()
         self.executor.snapshot(step + 1)
@@ -667,7 +671,7 @@ class Guard(CoreView):
         self.core.act("restructure", f"{f.kind}{where}: {remedy}: "
                       + ("; ".join(changes) if changes else "nothing to change"), step=step,
                       finding=f.kind, remedy=remedy, changes=changes, where=f.where,
-                      attempt=self.restructurer.tried[f.kind])
+                      attempt=self.restructurer.tried[tried_key(f)])
 
     def _rescue(self, f: Finding, step: int) -> bool:
         """Policy(structural="repair"), rollbacks exhausted: before halting, try the

@@ -203,6 +203,10 @@ class StepProbe:
                            "second_moment": None, "steps": int(units),
                            "time_grad_ratio": first / last if last > 0 else math.nan}
                 continue
+            if kinds[n] == "logits":  # the model's output: mean log Z (detect.logits)
+                acts[n] = {"kind": "logits", "dead_fraction": None, "saturated_fraction": None,
+                           "second_moment": None, "log_z": float(q), "units": int(units)}
+                continue
             if kinds[n] == "softmax":  # attention: one-hot row fraction and max |logit|
                 acts[n] = {"kind": "softmax", "dead_fraction": None,
                            "saturated_fraction": None if math.isnan(sat) else float(sat),

@@ -43,6 +43,7 @@ DEFAULT_LADDER: dict[str, tuple[str, ...]] = {
     "divergence": ("rollback+lr_backoff",),
     "dead_units:killed": ("rollback+lr_backoff",),
     "plateau:learning_rate": ("rollback+lr_backoff",),
+    "divergence:logit_drift": (),  # reported: a rollback cannot undo a slow drift
 }
 
 # Order in which planned actions are carried out within one step.

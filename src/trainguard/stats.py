@@ -90,6 +90,19 @@ def _softmax_stats(x: torch.Tensor, dim: int) -> torch.Tensor | None:
                         nv.float()])
 
 
+def _logit_stats(out: Any) -> torch.Tensor | None:
+    """The model's output when it looks like logits (floating, 2 or 3 dimensions, last >= 2):
+    [nan, nan, mean log Z per row (logsumexp over the last dimension, in fp32), V]; else None
+    (see :mod:`trainguard.detect.logits`)."""
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() \
+            or out.dim() not in (2, 3) or out.shape[-1] < 2 or out.numel() == 0:
+        return None
+    with torch.no_grad():
+        lz = torch.logsumexp(out.detach().float(), dim=-1).mean()
+        nan = torch.tensor(math.nan, device=out.device)
+        return torch.stack([nan, nan, lz, torch.tensor(float(out.shape[-1]), device=out.device)])
+
+
 class _SoftmaxSpy(torch.overrides.TorchFunctionMode):
     """Sees every softmax call of one forward pass (sampled steps only)."""
 
@@ -249,10 +262,14 @@ class ActivationSampler:
             self._spy = _SoftmaxSpy(self)
             self._spy.__enter__()
 
-    def _exit_spy(self, _mod: nn.Module, _inp: Any, _out: Any) -> None:
+    def _exit_spy(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
         if self._spy is not None:
             spy, self._spy = self._spy, None
             spy.__exit__(None, None, None)
+            if "(output)" not in self.results:
+                st = _logit_stats(out)
+                if st is not None:
+                    self.results["(output)"] = ("logits", st)
 
     def _softmax(self, x: torch.Tensor, dim: int) -> None:
         if self._in_spy:

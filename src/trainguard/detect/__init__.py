@@ -5,6 +5,7 @@ One module per mechanism family; each documents its rule, thresholds and sources
 from .base import Detector
 from .gradients import VanishingGradientDetector
 from .gradient_flow import ZeroGradientDetector
+from .logits import LogitDriftDetector
 from .nonfinite import NonFiniteDetector
 from .optimizer import OptimizerStallDetector
 from .progress import DivergenceDetector, PlateauDetector
@@ -17,10 +18,10 @@ def default_detectors() -> list[Detector]:
     return [NonFiniteDetector(), LossSpikeDetector(), GradExplosionDetector(),
             VanishingGradientDetector(), DeadUnitsDetector(), SaturationDetector(),
             DivergenceDetector(), PlateauDetector(), ZeroGradientDetector(),
-            OptimizerStallDetector()]
+            OptimizerStallDetector(), LogitDriftDetector()]
 
 
 __all__ = ["Detector", "NonFiniteDetector", "LossSpikeDetector", "GradExplosionDetector",
            "VanishingGradientDetector", "DeadUnitsDetector", "SaturationDetector",
            "DivergenceDetector", "PlateauDetector", "ZeroGradientDetector", "OptimizerStallDetector",
-           "default_detectors"]
+           "LogitDriftDetector", "default_detectors"]

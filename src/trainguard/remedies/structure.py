@@ -35,7 +35,11 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
   trap (``evidence["cause"] == "adam_epsilon"``): eps lowered to 1e-3 x the RMS of
   sqrt(v_hat), the prescription of Wortsman et al. 2023 (moments kept: they are right);
   16-bit update swamping (``"update_swamping"``): fp32 master weights kept by the Guard
-  (:mod:`trainguard.remedies.master`; Micikevicius et al. 2018).
+  (:mod:`trainguard.remedies.master`; Micikevicius et al. 2018);
+- ``divergence`` whose cause is the output logits' common-mode drift (``"logit_drift"``,
+  :mod:`trainguard.detect.logits`): weight decay 0.1 in every parameter group that has none
+  (Wortsman et al. 2023: AdamW weight decay holds log Z near 0; on the zoo's Z13, decay 0.1 from
+  the start ends with log Z +4.4 and no precision penalty).
 """
 from __future__ import annotations
 
@@ -52,6 +56,11 @@ from ..types import Finding
 STRUCTURAL = ("dead_units", "vanishing_gradient", "saturation", "plateau")
 #: plateau causes a structural repair answers (evidence["cause"] of detect.optimizer)
 PLATEAU_CAUSES = {"adam_epsilon": "optim:eps", "update_swamping": "precision:master"}
+#: findings of other kinds a structural repair answers, by (kind, evidence["cause"])
+CAUSED = {("divergence", "logit_drift"): "optim:weight_decay"}
+#: the weight decay turned on for a logit drift (Wortsman et al. 2023 use 1e-4 decoupled
+#: decay x lr-independent; the zoo's Z13 calibration: AdamW weight_decay 0.1 -> log Z +4.4)
+WEIGHT_DECAY = 0.1
 #: the new eps is this fraction of the RMS of sqrt(v_hat) (Wortsman et al. 2023, arXiv
 #: 2309.14322: eps ~1e-3 x the gradient RMS keeps Adam scale-invariant)
 EPS_FRACTION = 1e-3
@@ -79,7 +88,8 @@ def menu(f: Finding, model: nn.Module) -> list[str]:
     if f.kind == "plateau":
         cause = _cause(f)
         return [PLATEAU_CAUSES[cause]] if cause in PLATEAU_CAUSES else []
-    return []
+    key = (f.kind, _cause(f))
+    return [CAUSED[key]] if key in CAUSED else []
 
 
 def rescue_menu(f: Finding, model: nn.Module) -> list[str]:
@@ -92,6 +102,12 @@ def rescue_menu(f: Finding, model: nn.Module) -> list[str]:
             and residual_blocks(model):
         return ["init:zero_last"]
     return []
+
+
+def tried_key(f: Finding) -> str:
+    """What the remedies tried are counted under: the kind, or ``kind:cause`` for a finding
+    answered by its cause (a logit drift is not the divergence a rescue answers)."""
+    return f"{f.kind}:{_cause(f)}" if (f.kind, _cause(f)) in CAUSED else f.kind
 
 
 def _cause(f: Finding) -> Any:
@@ -138,6 +154,8 @@ class Restructurer:
         vanishing gradient reported beside them), then saturation, then a vanishing gradient."""
         order = {"dead_units": 0, "saturation": 1, "vanishing_gradient": 2, "plateau": 3}
         for f in sorted(findings, key=lambda f: order.get(f.kind, 9)):
+            if (f.kind, _cause(f)) in CAUSED:
+                return f
             if f.kind not in STRUCTURAL:
                 continue
             if f.kind == "plateau" and _cause(f) not in PLATEAU_CAUSES:
@@ -150,7 +168,7 @@ class Restructurer:
 
     def next_remedy(self, f: Finding) -> str | None:
         options = menu(f, self.model)
-        i = self.tried.get(f.kind, 0)
+        i = self.tried.get(tried_key(f), 0)
         if i >= len(options) or self.changes >= self.max_changes:
             return None
         return options[i]
@@ -161,9 +179,10 @@ class Restructurer:
         from ..doctor.repair import apply_remedy
         self.undo = (copy.deepcopy(self.model), copy.deepcopy(self.optimizer.state_dict()))
         self._last = remedy
-        if remedy in ("optim:eps", "precision:master"):
-            changes = [self._eps() if remedy == "optim:eps" else self._master()]
-            self.tried[f.kind] = self.tried.get(f.kind, 0) + 1
+        if remedy in ("optim:eps", "precision:master", "optim:weight_decay"):
+            changes = [self._eps() if remedy == "optim:eps" else self._master()
+                       if remedy == "precision:master" else self._weight_decay()]
+            self.tried[tried_key(f)] = self.tried.get(tried_key(f), 0) + 1
             self.changes += 1
             return [c for c in changes if c]
         parts = [p for p in remedy.split("+") if not (p == "init:lsuv" and batch is None)]
@@ -176,7 +195,7 @@ class Restructurer:
         if any(p.startswith("init:") for p in parts):
             # the moments and step counts describe weights that no longer exist
             self.optimizer.state.clear()
-        self.tried[f.kind] = self.tried.get(f.kind, 0) + 1
+        self.tried[tried_key(f)] = self.tried.get(tried_key(f), 0) + 1
         self.changes += 1
         return changes
 
@@ -204,6 +223,15 @@ class Restructurer:
                 g["eps"] = new
                 out.append(f"group {gi}: eps {old:g} -> {new:.3g}")
         return ("Adam eps lowered to 1e-3 x the RMS of sqrt(v_hat): " + "; ".join(out)) if out else ""
+
+    def _weight_decay(self) -> str:
+        out = []
+        for gi, g in enumerate(self.optimizer.param_groups):
+            if "weight_decay" in g and not g["weight_decay"]:
+                g["weight_decay"] = WEIGHT_DECAY
+                out.append(f"group {gi}")
+        return (f"weight decay 0 -> {WEIGHT_DECAY} in {', '.join(out)} "
+                f"({type(self.optimizer).__name__})") if out else ""
 
     def _master(self) -> str:
         from .master import MasterWeights
