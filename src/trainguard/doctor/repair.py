@@ -237,9 +237,9 @@ def apply_remedy(model: nn.Module, remedy: str, *, batch: Batch | None = None,
             changes += [f"{k} -> ReLU in {v} layers" for k, v in sw.items()]
             acts_now = {activation_kind(m) for m in model.modules()} - {None}
         elif part == "act:elu":
-            src = ("relu", "relu6", "leaky_relu") if acts_now & {"relu", "relu6", "leaky_relu"} \
-                else _SATURATING
-            sw = _swap_activations(model, src, nn.ELU)
+            elu_from: Sequence[str] = (("relu", "relu6", "leaky_relu")
+                                       if acts_now & {"relu", "relu6", "leaky_relu"} else _SATURATING)
+            sw = _swap_activations(model, elu_from, nn.ELU)
             changes += [f"{k} -> ELU in {v} layers" for k, v in sw.items()]
             acts_now = {activation_kind(m) for m in model.modules()} - {None}
         elif part == "act:leaky":
