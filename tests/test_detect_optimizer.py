@@ -42,8 +42,7 @@ def test_logit_drift_fires_on_a_steady_outward_drift_only():
     from trainguard.types import StepStats
 
     def probe(step, lz):
-        return StepStats(step=step, loss=3.0, grad_norm=1.0,
-                         activations={"(output)": {"kind": "logits", "log_z": lz, "units": 523}})
+        return StepStats(step=step, loss=3.0, grad_norm=1.0, output_log_z=lz)
     d = LogitDriftDetector()
     out = [f for i, lz in enumerate([-16, -40, -65, -50, -64]) for f in d.update(probe(i, lz))]
     assert out == []

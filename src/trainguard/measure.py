@@ -237,6 +237,7 @@ class StepProbe:
         found = acts.pop("__found_inf__", None) if acts else None
         bufs = acts.pop("__buffers__", None) if acts else None
         ost = acts.pop("__optstate__", None) if acts else None
+        logits = acts.pop("(output)", None) if acts else None
         if acts is not None and not acts:
             acts = None
         if not np.isfinite(gn).all():
@@ -247,6 +248,7 @@ class StepProbe:
             gn = gn / divide
         stats = build_stats(step, probe, gn, idx, pn, float(lv[0]), lr=lr, loss_scale=scale,
                             activations=acts, optimizer=self.opt_kind, optimizer_state=self.post)
+        stats.output_log_z = logits["log_z"] if logits else None
         stats.loss_known = known
         self.post = None
         if found is not None:
@@ -312,11 +314,14 @@ class StepProbe:
         idx, with_params, names, kinds, scaled, known = meta
         gn, idx, pn, ev, lv = self.probe.split(host, idx, with_params)
         scale, acts = self.unpack_extra(ev, names, kinds)
+        logits = None
         if acts:
             acts.pop("__found_inf__", None)
+            logits = acts.pop("(output)", None)
             acts = acts or None
         stats = build_stats(step, self.probe, gn, idx, pn, float(lv[0]), lr=lr,
                             loss_scale=scale, activations=acts, optimizer=self.opt_kind)
+        stats.output_log_z = logits["log_z"] if logits else None
         stats.loss_known = known
         if scaled and not stats.grads_finite and stats.loss_finite and stats.params_finite:
             stats.scaler_overflow = True

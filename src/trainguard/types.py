@@ -103,6 +103,9 @@ class StepStats:
     scaler_overflow: bool = False
     #: sampled activation statistics: module name -> dict(kind, dead_fraction, saturated_fraction, second_moment, units)
     activations: dict[str, dict[str, Any]] | None = None
+    #: sampled: mean log Z = logsumexp over the last dimension of the model's output when it
+    #: looks like logits (2-3 dims, last >= 2), else None (see trainguard.detect.logits)
+    output_log_z: float | None = None
     #: optimizer kind, e.g. "sgd", "adam" (for remedies that depend on it)
     optimizer: str | None = None
     #: sampled after the previous sampled update: "eps_dominated_fraction" (Adam-family:

@@ -8,7 +8,7 @@ are rounded to multiples of 1-2 and the softmax, which sees only differences, is
 held-out loss rises late in the run (PaLM's z-loss, Chowdhery et al. 2022, exists for it).
 
 On sampled steps the activation sampler reads the mean log Z per row of the model's output
-when it looks like logits (a floating tensor of 2 or 3 dimensions, last dimension >= 2). The
+(``StepStats.output_log_z``) when it looks like logits (a floating tensor of 2 or 3 dimensions, last dimension >= 2). The
 rule, kind ``divergence`` with ``evidence["cause"] = "logit_drift"``, fires when for
 ``patience`` = 3 consecutive probes |mean log Z| exceeds ``bar`` = 100 and moved further from 0
 than at the previous probe:
@@ -49,14 +49,9 @@ class LogitDriftDetector(Detector):
         self.streak, self.last = 0, None
 
     def update(self, s: StepStats) -> list[Finding]:
-        acts = s.activations
-        if not acts or self.reported:
+        v = s.output_log_z
+        if v is None or self.reported or not math.isfinite(v):
             return []
-        logz = [a["log_z"] for a in acts.values() if a.get("kind") == "logits"
-                and a.get("log_z") is not None and math.isfinite(a["log_z"])]
-        if not logz:
-            return []
-        v = logz[0]
         outward = self.last is not None and abs(v) > abs(self.last)
         self.streak = self.streak + 1 if abs(v) > self.bar and (outward or self.streak == 0) else 0
         self.last = v
