@@ -22,6 +22,7 @@ take the LR below ``min_lr_scale`` of its scheduled value.
       divergence      rollback+lr_backoff (repeats)
       dead_units:killed  rollback+lr_backoff (repeats)
       plateau:learning_rate  rollback+lr_backoff (repeats)
+      divergence:logit_drift (empty: reported only)
 
 Sources: skip-then-rollback follows PaLM (Chowdhery 2022: restart ~100 steps before a spike
 and skip the batches) and OLMo-core's skip-step optimizers; clipping for exploding gradients
