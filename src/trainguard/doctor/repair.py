@@ -480,27 +480,48 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
             m.to(device)
             opt, oc = _build_opt(optimizer_fn, m, over)
             changes += oc
-            if "lr" not in over and not key.startswith(("opt:", "lr:")) and changes:
+            structural = "lr" not in over and not key.startswith(("opt:", "lr:")) and bool(changes)
+            lowered = False
+
+            def lower_lr(m: nn.Module, opt: torch.optim.Optimizer, when: str) -> None:
+                """Set the LR from the changed model's curvature limit (half of it, as the
+                doctor suggests; a tenth for adaptive optimizers)."""
+                nonlocal lowered
+                with preserved_rng():
+                    c = sharpness(_copy(m), loss_fn, probe, device, opt, lr_of(opt), seed=seed)
+                if math.isfinite(c.max_stable_lr) and c.max_stable_lr > 0:
+                    new_lr = 0.5 * c.max_stable_lr if not c.preconditioned else lr_of(opt) / 10
+                    changes.append(f"lr {lr_of(opt):.3g} -> {new_lr:.3g} (diverged {when}; "
+                                   f"curvature limit {c.max_stable_lr:.3g} after the change)")
+                    set_lr(opt, [float(g['lr']) * new_lr / lr_of(opt) for g in opt.param_groups])
+                    lowered = True
+
+            if structural:
                 # the structure changed: a short probe at the user's LR; if it diverges, set
-                # the LR from the new curvature limit (half of it, as the doctor suggests)
+                # the LR from the new curvature limit
                 probe_m = _copy(m)
                 probe_o = clone_optimizer(opt, m, probe_m)
                 pl = train_steps(probe_m, probe_o, loss_fn, batches, PROBE_STEPS, device)
                 if _diverged(pl):
-                    with preserved_rng():
-                        c = sharpness(_copy(m), loss_fn, probe, device, opt, lr_of(opt), seed=seed)
-                    if math.isfinite(c.max_stable_lr) and c.max_stable_lr > 0:
-                        new_lr = 0.5 * c.max_stable_lr if not c.preconditioned else lr_of(opt) / 10
-                        changes.append(f"lr {lr_of(opt):.3g} -> {new_lr:.3g} (diverged in {PROBE_STEPS} "
-                                       f"steps; curvature limit {c.max_stable_lr:.3g} after the change)")
-                        set_lr(opt, [float(g['lr']) * new_lr / lr_of(opt) for g in opt.param_groups])
+                    lower_lr(m, opt, f"in {PROBE_STEPS} steps")
                 del probe_m, probe_o
             if not changes:
                 err = "not applicable (nothing to change)"
             else:
+                start = _copy(m) if structural and not lowered else None
                 torch.manual_seed(seed + 1)
                 tt = time.perf_counter()
                 losses = _train(m, opt, loss_fn, batches, steps, device)
+                if start is not None and _diverged(losses):
+                    # it diverged after the probe: once more from the changed start, at the
+                    # LR of the new curvature limit (issue #13: ELU + He on a 30-layer net
+                    # went non-finite after step 20 on one seed and the trial was lost)
+                    m = start
+                    opt = _build_opt(optimizer_fn, m, over)[0]
+                    lower_lr(m, opt, "during training")
+                    if lowered:
+                        torch.manual_seed(seed + 1)
+                        losses = _train(m, opt, loss_fn, batches, steps, device)
                 train_seconds += time.perf_counter() - tt
                 train_steps_done += len(losses)
             val = _metric_of(m, metric, losses) if losses else math.nan
