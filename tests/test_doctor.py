@@ -351,3 +351,28 @@ def test_the_suggestion_never_raises_the_lr_beside_a_dead_layer():
     assert rep.suggested_lr <= 1e-3
     low = [f for f in rep.findings if f.kind == "lr_too_low"]
     assert all("kept" in f.message for f in low)
+
+
+def test_repair_reruns_a_trial_that_diverges_after_the_probe():
+    """The zoo's 30-layer ReLU/Xavier net, seed 0: ELU + He passes the 20-step probe at the
+    user's LR and goes non-finite later; repair runs it once more from the same changed start
+    at half the new curvature limit (before: the trial was lost and repair kept He init's
+    1.026 against the criterion < 1.0)."""
+    import importlib
+    import inspect
+    import itertools
+
+    from trainguard.doctor import repair
+    from trainguard.zoo import base
+    importlib.import_module("trainguard.zoo.scenarios")  # registers the scenarios
+    s = base.REGISTRY["signal_relu_xavier_deep"]
+    setup = s.build(0)
+    cls = type(setup.optimizer)
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    hyper = {k: v for k, v in setup.optimizer.param_groups[0].items() if k in accepted}
+    batches = list(itertools.islice(setup.batches(), setup.steps))
+    res = repair(lambda: s.build(0).model, lambda p: cls(p, **hyper), setup.loss_fn, batches,
+                 steps=setup.steps, metric=setup.evaluate, higher_is_better=False,
+                 plan=["act:elu+init:he"], max_trials=1, progress=False)
+    assert any("diverged during training" in c for c in res.changes), res.changes
+    assert res.metric < 1.0, res.metric
