@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from collections import OrderedDict
 
 import pytest
