@@ -649,8 +649,8 @@ class Guard(CoreView):
         self.executor.finish_scaler_step(d.scaled)
         batch, self._last_input = self._last_input, None
         changes = rs.apply(f, remedy, batch)
-        from .remedies.structure import CAUSED, STRUCTURAL, _cause
-        if (f.kind, _cause(f)) not in CAUSED:
+        from .remedies.structure import CAUSED, STRUCTURAL, cause_of
+        if (f.kind, cause_of(f)) not in CAUSED:
             # what the structural detectors saw describes the old structure (a weight decay
             # turned on for a logit drift changes nothing they saw)
             self.core.forget_detectors(STRUCTURAL)

@@ -90,9 +90,9 @@ def menu(f: Finding, model: nn.Module) -> list[str]:
             return ["init:orthogonal", "init:xavier", "act:relu+init:he"]
         return ["init:xavier", "act:relu+init:he"]
     if f.kind == "plateau":
-        cause = _cause(f)
+        cause = cause_of(f)
         return [PLATEAU_CAUSES[cause]] if cause in PLATEAU_CAUSES else []
-    key = (f.kind, _cause(f))
+    key = (f.kind, cause_of(f))
     return [CAUSED[key]] if key in CAUSED else []
 
 
@@ -126,10 +126,11 @@ def rescue_menu(f: Finding, model: nn.Module) -> list[str]:
 def tried_key(f: Finding) -> str:
     """What the remedies tried are counted under: the kind, or ``kind:cause`` for a finding
     answered by its cause (a logit drift is not the divergence a rescue answers)."""
-    return f"{f.kind}:{_cause(f)}" if (f.kind, _cause(f)) in CAUSED else f.kind
+    return f"{f.kind}:{cause_of(f)}" if (f.kind, cause_of(f)) in CAUSED else f.kind
 
 
-def _cause(f: Finding) -> Any:
+def cause_of(f: Finding) -> Any:
+    """The finding's ``evidence["cause"]``, or None."""
     return f.evidence.get("cause") if isinstance(f.evidence, dict) else None
 
 
@@ -173,11 +174,11 @@ class Restructurer:
         vanishing gradient reported beside them), then saturation, then a vanishing gradient."""
         order = {"dead_units": 0, "saturation": 1, "vanishing_gradient": 2, "plateau": 3}
         for f in sorted(findings, key=lambda f: order.get(f.kind, 9)):
-            if (f.kind, _cause(f)) in CAUSED:
+            if (f.kind, cause_of(f)) in CAUSED:
                 return f
             if f.kind not in STRUCTURAL:
                 continue
-            if f.kind == "plateau" and _cause(f) not in PLATEAU_CAUSES:
+            if f.kind == "plateau" and cause_of(f) not in PLATEAU_CAUSES:
                 continue  # a plain plateau: nothing structural to change
             if f.kind == "dead_units" and isinstance(f.evidence, dict) \
                     and f.evidence.get("cause") == "killed":
