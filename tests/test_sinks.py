@@ -98,6 +98,13 @@ def test_wandb_sink_offline_reads_back(tmp_path, monkeypatch):
     _run([sink])
     files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
+    # wandb's service process may still be flushing the file when finish() returns (seen once
+    # under load: no history record read back); wait for it, at most 30 s
+    import time
+    deadline = time.monotonic() + 30
+    while not any(r.WhichOneof("record_type") == "history" for r in _wandb_records(files[0])) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
     points: dict = {}
     texts = []
     for rec in _wandb_records(files[0]):
