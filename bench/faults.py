@@ -2,6 +2,7 @@
 non-finite or silently huge state behind, and catches every fault that manifests within a step.
 
     python bench/faults.py [--steps 24] [--seeds 1] [--only MODEL...] [--json PATH] [--markdown PATH]
+                           [--integrity cadence|step] [--param-norm-every N]
 
 Configurations: 6 models (MLP, CNN with BatchNorm, GRU, LSTM, a pre-LN transformer block, a
 tied-embedding language model) x 6 optimizers (SGD+momentum, SGD+Nesterov, Adam, AdamW, RMSprop,
@@ -290,7 +291,13 @@ def main() -> None:
     ap.add_argument("--param-norm-every", type=int, default=None,
                     help="the Guard's param_norm_every (default: the Guard's own, 10); 1 reads "
                          "weights and optimizer state every step")
+    ap.add_argument("--integrity", choices=("cadence", "step"), default=None,
+                    help="the Guard's integrity mode (default: the Guard's own, 'cadence'); "
+                         "'step' checks the weights every step and the update's divisor state "
+                         "in two rolling halves")
     a = ap.parse_args()
+    if a.integrity is not None:
+        GUARD_OPTIONS["integrity"] = a.integrity
     if a.param_norm_every is not None:
         GUARD_OPTIONS["param_norm_every"] = a.param_norm_every
     torch.set_num_threads(1)

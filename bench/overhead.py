@@ -2,6 +2,7 @@
 
     python bench/overhead.py [--model mlp|cnn] [--rounds 15] [--block 40] [--threads 1] [--json PATH]
     python bench/overhead.py --sweep [--rounds 7] [--block 20]   # 0.3-50 ms steps, 1-1,000 tensors
+    python bench/overhead.py --only guard "guard integrity='step'" --rounds 41   # a few variants
 
 Every variant trains its own copy of the same seeded model whose bare step takes well over
 5 ms on one CPU thread: ``--model mlp`` (an MLP on a 256-sample batch: few FLOPs per weight,
@@ -84,6 +85,7 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
         "guard": _loop(model, width, guard={}),
         "guard sync=False": _loop(model, width, guard={"sync": False}),
         "guard param_norm_every=1": _loop(model, width, guard={"param_norm_every": 1}),
+        "guard integrity='step'": _loop(model, width, guard={"integrity": "step"}),
         "bare (fused Adam)": _loop(model, width, fused=True),
         "guard sync=False, fused": _loop(model, width, guard={"sync": False}, fused=True),
         "detect_anomaly": _loop(model, width, anomaly=True),
@@ -200,6 +202,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=None, help="default 256 (mlp), 32 (cnn)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                    help="run only these variants (and the bare loop), e.g. --only guard "
+                         "\"guard integrity='step'\" \"guard param_norm_every=1\"")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.sweep:
@@ -212,7 +217,13 @@ def main() -> None:
     shape = (64,) if a.model == "mlp" else (3, 32, 32)
     xs = torch.randn(a.block, batch, *shape, generator=gen)
     ys = torch.randint(0, 10, (a.block, batch), generator=gen)
-    steps = {name: build() for name, build in variants(a.model, a.width).items()}
+    chosen = variants(a.model, a.width)
+    if a.only:
+        unknown = [n for n in a.only if n not in chosen]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; known: {list(chosen)}")
+        chosen = {n: b for n, b in chosen.items() if n == "bare" or n in a.only}
+    steps = {name: build() for name, build in chosen.items()}
     for fn in steps.values():  # warm-up
         for i in range(10):
             fn(xs[i], ys[i])
@@ -236,12 +247,12 @@ def main() -> None:
     desc = f"MLP 64-{a.width}x3-10" if a.model == "mlp" else "CNN 3x32x32, 32-64-128 channels"
     print(f"model: {desc}, batch {batch}, Adam, {a.threads} thread(s); "
           f"bare step {ms:.2f} ms (median); {a.rounds} interleaved rounds of {a.block} steps")
-    print(f"{'variant':<22}{'ms/step':>10}{'ratio to bare (median)':>26}")
+    print(f"{'variant':<26}{'ms/step':>10}{'ratio to bare (median)':>26}")
     result = {"model": a.model, "batch": batch, "threads": a.threads, "bare_ms": ms, "ratios": {}}
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, bare))
         result["ratios"][name] = ratio
-        print(f"{name:<22}{statistics.median(ts) / a.block * 1e3:>10.2f}{ratio:>26.3f}")
+        print(f"{name:<26}{statistics.median(ts) / a.block * 1e3:>10.2f}{ratio:>26.3f}")
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as fh:

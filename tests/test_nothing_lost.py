@@ -474,3 +474,75 @@ def test_a_fed_back_hidden_state_is_not_called_the_batch():
     assert f[0].where == "args[1]" and f[0].evidence["locate"].get("fed_back") is True
     assert "fed back" in f[0].message and "on_reset" in f[0].remedies[0]
     assert [a.step for a in resets] == [4, 5]
+
+
+# -- integrity="step": latent corruption seen at its step (issue #12, item 4) ---------------------
+@pytest.mark.parametrize("poke,value", [("inf", -math.inf), ("huge", -3e16)])
+def test_integrity_step_sees_a_latent_weight_at_its_step(poke, value):
+    """An Inf (or huge) bias of a dead ReLU unit keeps the loss and gradients finite: on the
+    default cadence it is seen up to ``param_norm_every`` steps late (step 20 for a poke before
+    step 15); with integrity="step" the weights are judged every step and it is seen at once."""
+    def bad(m, o):
+        with torch.no_grad():
+            m[0].bias[3] = value
+    m, o, g = _mlp_run(22, poke_at=15, poke=bad, integrity="step")
+    f = [f for f in g.findings if f.kind == "nonfinite" and f.origin == "parameters"]
+    assert f and f[0].step == 15, [str(x) for x in g.findings]
+    assert any(a.kind == "rollback" and a.step == 15 for a in g.actions)
+    # healthy steps still report the weights' norms on the cadence only
+    assert all(s.param_norms is None for s in g.core.history if s.step % 10 and s.step < 15)
+    g.close()
+    assert all(torch.isfinite(p).all() and p.abs().max() < 1e15 for p in m.parameters())
+
+
+@pytest.mark.parametrize("opt_name,key", [("Adam", "exp_avg_sq"), ("RMSprop", "square_avg"),
+                                          ("Adagrad", "sum")])
+@pytest.mark.parametrize("at", [13, 14])
+def test_integrity_step_sees_a_frozen_coordinate_within_one_step(opt_name, key, at):
+    """+Inf in the state that divides the update freezes a weight with nothing downstream to
+    show it; integrity="step" reads that state in two rolling halves, so it is found at the
+    step after the corruption or the one after (within one step of its first use), on either
+    parity, and rolled back."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    o = getattr(torch.optim, opt_name)(m.parameters(), lr=1e-2)
+    g = tg.Guard(m, o, console=False, integrity="step")
+    for t in range(24):
+        x = torch.randn(16, 8)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+        if t == at:
+            o.state[m[2].weight][key][0, 0] = float("inf")
+    f = next(x for x in g.findings if x.kind == "nonfinite")
+    assert f.origin == "optimizer" and f.where == "2" and at + 1 <= f.step <= at + 2, str(f)
+    assert any(a.kind == "rollback" and a.step == f.step for a in g.actions)
+    assert all(torch.isfinite(v).all() for st in o.state.values() for v in st.values()
+               if torch.is_tensor(v))
+
+
+def test_integrity_step_follows_a_replaced_optimizer_state():
+    """The rolling read caches the state tensors; a load_state_dict replaces them, and the
+    corruption of the new tensors is still seen."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    o = torch.optim.Adam(m.parameters(), lr=1e-2)
+    g = tg.Guard(m, o, console=False, integrity="step")
+    for t in range(16):
+        x = torch.randn(16, 8)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+        if t == 10:
+            o.load_state_dict(o.state_dict())  # new state tensors
+            o.state[m[2].weight]["exp_avg_sq"][1, 1] = float("inf")
+    f = next(x for x in g.findings if x.kind == "nonfinite")
+    assert f.origin == "optimizer" and 11 <= f.step <= 12, str(f)
+
+
+def test_integrity_must_be_a_known_mode():
+    m = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="integrity must be 'cadence' or 'step'"):
+        tg.Guard(m, torch.optim.SGD(m.parameters(), lr=0.1), console=False, integrity="always")

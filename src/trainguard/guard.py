@@ -123,6 +123,18 @@ class Guard(CoreView):
         param_norm_every: parameter norms are measured every this many steps (default 10:
             a second fused pass over all weights every step would cost ~1% of a 7 ms step on
             its own, see bench/overhead.py) and at once whenever a value is non-finite.
+        integrity: ``"cadence"`` (default): weights, optimizer state and buffers are checked
+            for NaN/Inf and huge values every ``param_norm_every`` steps (and at once when the
+            loss or a gradient is non-finite), so a latent corruption that the loss and
+            gradients do not show (an Inf bias of a dead ReLU unit, a flipped exponent in
+            Adam's ``exp_avg_sq``) is caught up to ``param_norm_every`` steps late.
+            ``"step"``: every weight is checked every step, in the gradients' fused norm call,
+            and the optimizer state that divides the update (``exp_avg_sq``, ``square_avg``,
+            ``sum``, ...) in two rolling halves, so such a corruption is caught at its step or
+            the next (momentum and ``exp_avg`` need no read: a bad value there reaches the
+            weights in the same update). It costs one read of the weights and half a read of
+            that state per step: Guard/bare 1.091 against 1.074 for the default on the
+            worst-case CPU MLP step (docs/guard.md, "Fault campaign"); synchronous mode only.
         snapshot_every, snapshots, snapshot_device: rollback snapshot cadence, how many to
             keep, and where to hold them (default every 100 steps, 2 kept, in CPU RAM).
         console: print one line per intervention and a summary (rich when installed).
@@ -167,7 +179,7 @@ class Guard(CoreView):
                  scaler: Any = None, scheduler: Any = None, policy: Policy | None = None,
                  clip: Any = "adaptive", detectors: Sequence[Detector] | None = None,
                  sync: bool = True, sample_every: int = 50, param_norm_every: int = 10,
-                 snapshot_every: int = 100, snapshots: int = 2, snapshot_device: str = "cpu",
+                 integrity: str = "cadence", snapshot_every: int = 100, snapshots: int = 2, snapshot_device: str = "cpu",
                  console: bool = True, log: str | None = None, log_every: int = 10,
                  sinks: Iterable[Sink] = (), locate: bool = True,
                  locate_dir: str | None = None, model_factory: str | None = None,
@@ -244,11 +256,15 @@ class Guard(CoreView):
         self.sync = sync is True
         self.sample_every = _check_int("sample_every", sample_every)
         self.param_norm_every = _check_int("param_norm_every", param_norm_every)
+        if integrity not in ("cadence", "step"):
+            raise ValueError(f"integrity must be 'cadence' or 'step', got {integrity!r}")
+        self.integrity = integrity
         self.log_every = _check_int("log_every", log_every)
         #: the torch side's measurement: fused norms, activations, buffers, post-update stats
         self.measure = StepProbe(model, optimizer, scaler, sharded=_is_sharded(model),
                                  process_group=process_group, sample_every=self.sample_every,
                                  param_norm_every=self.param_norm_every)
+        self.measure.check_weights = integrity == "step"
         self.probe, self.sampler, self.running = (self.measure.probe, self.measure.sampler,
                                                   self.measure.running)
         self.snapshots = SnapshotStore(model, optimizer, self.probe.params, scaler,

@@ -41,6 +41,19 @@ def scaler_stage_ready(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
     return stage is None or getattr(stage, "name", "") == "READY"
 
 
+#: Optimizer state that divides the update (Adam's ``exp_avg_sq``, AMSGrad's maximum, RMSprop's
+#: ``square_avg``, Adagrad's ``sum``, Adamax's ``exp_inf``). +Inf or a huge value there makes the
+#: coordinate's update 0: the weight freezes and nothing downstream ever shows it, so these are
+#: read on their own rolling cadence (issue #12). Numerator state (momentum, ``exp_avg``) needs no
+#: such read: a bad value there reaches the weight in the same step's update, and the weights are
+#: checked every step.
+DENOMINATOR_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "exp_inf"})
+#: each denominator tensor is read every this many steps (a rolling share of them per step): a
+#: corruption is seen at the step it happens or the next — "within one step", what the fault
+#: campaign (bench/faults.py) asks — at half the cost of reading all of them every step.
+DENOMINATOR_EVERY = 2
+
+
 #: the sampled optimizer-state fractions read at most this many coordinates of a tensor (a
 #: strided sample: fractions, not sums; the full 0.6M coordinates of a 64-512x3 MLP cost ~5 ms
 #: per sampled step on one CPU thread)
@@ -82,6 +95,13 @@ class StepProbe:
         self._group_of = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         self._state_owner: list[int] = []
         self.force_params = False  # read parameters etc. at the next step whatever the cadence
+        #: the weights' norms are read every step (in the gradients' fused norm call) and judged
+        #: for NaN/Inf or > HUGE_WEIGHT; they are *reported* (StepStats.param_norms) on the
+        #: ``param_norm_every`` cadence or when bad (issue #12, item 4)
+        self.check_weights = False  # Guard(integrity="step") turns it on
+        self._denoms: list[list[torch.Tensor]] = []  # DENOMINATOR_EVERY rolling shares
+        self._denom_owner: list[list[int]] = []
+        self._denom_key: tuple[int, int] | None = None
         self.sampler.arm()  # the first forward is probed
 
     # -- cadence ----------------------------------------------------------------------------
@@ -111,8 +131,8 @@ class StepProbe:
         return bool(t.item() > 0)
 
     # -- the step's vector --------------------------------------------------------------------
-    def extra_tensors(self, scaled: bool, buffers: bool = False, running: bool = False
-                      ) -> tuple[list[torch.Tensor], list[str], dict]:
+    def extra_tensors(self, scaled: bool, buffers: bool = False, running: bool = False,
+                      denominators: int | None = None) -> tuple[list[torch.Tensor], list[str], dict]:
         """``buffers``: optimizer-state norms (parameter cadence); ``running``: the
         normalisation layers' running statistics (a few small tensors: every step in the
         default mode, so a batch that poisons them is caught, and skipped, at its own step)."""
@@ -131,6 +151,15 @@ class StepProbe:
                                                                  dtype=self.probe.norm_dtype)))
                 names.append("__optstate__")
                 n_buf["__optstate__"] = len(state)
+        elif denominators is not None:
+            share = self.denominator_share(denominators)
+            if share:
+                # fp32 state: no dtype argument (it takes a slower path on CPU)
+                kw = {} if self.probe._fp32 else {"dtype": self.probe.norm_dtype}
+                with torch.no_grad():
+                    extra.append(torch.stack(torch._foreach_norm(share, 2, **kw)))
+                names.append("__optstate__")
+                n_buf["__optstate__"] = len(share)
         if scaled and getattr(self.scaler, "_scale", None) is not None:
             extra.append(self.scaler._scale.detach().float().reshape(1))
             names.append("__scale__")
@@ -162,6 +191,32 @@ class StepProbe:
                     out.append(_local(v.detach()))
                     owner.append(i)
         return out, owner
+
+    def denominator_share(self, step: int) -> list[torch.Tensor]:
+        """The denominator state tensors read at ``step`` (:data:`DENOMINATOR_STATE`, one
+        rolling share of :data:`DENOMINATOR_EVERY`); ``self._state_owner`` names their
+        parameters. The split is rebuilt when the optimizer's state dict is replaced or grows
+        (a load, a rollback, lazily created state)."""
+        state = self.optimizer.state
+        key = (id(state), len(state))
+        if key != self._denom_key:
+            self._denom_key = key
+            self._denoms = [[] for _ in range(DENOMINATOR_EVERY)]
+            self._denom_owner = [[] for _ in range(DENOMINATOR_EVERY)]
+            k = 0
+            for i, p in enumerate(self.probe.params):
+                st = state.get(p)
+                if not st:
+                    continue
+                for name, v in st.items():
+                    if (name in DENOMINATOR_STATE and isinstance(v, torch.Tensor)
+                            and v.is_floating_point() and v.dim() > 0 and v.numel() == p.numel()):
+                        self._denoms[k % DENOMINATOR_EVERY].append(_local(v.detach()))
+                        self._denom_owner[k % DENOMINATOR_EVERY].append(i)
+                        k += 1
+        share = step % DENOMINATOR_EVERY
+        self._state_owner = self._denom_owner[share]
+        return self._denoms[share]
 
     def scaler_found_inf(self) -> torch.Tensor | None:
         """The scaler's own verdict after ``unscale_`` (the inf/NaN count it will skip the
@@ -229,10 +284,21 @@ class StepProbe:
         if loss is None:
             loss = math.nan
         with_params = force_params or self.force_params or self.with_params(step)
+        cadence = with_params
         self.force_params = False
-        extra, names, kinds = self.extra_tensors(scaled, buffers=with_params, running=True)
+        extra, names, kinds = self.extra_tensors(
+            scaled, buffers=with_params, running=True,
+            denominators=step if self.check_weights else None)
         probe = self.probe
-        gn, idx, pn, ev, lv = probe.measure(loss, with_params=with_params, extra=extra)
+        read = with_params or self.check_weights
+        gn, idx, pn, ev, lv = probe.measure(loss, with_params=read, extra=extra)
+        if read and not with_params and pn is not None:
+            with np.errstate(invalid="ignore"):
+                healthy = bool(np.isfinite(pn).all()) and not bool((pn > HUGE_WEIGHT).any())
+            if healthy:
+                pn = None  # judged fine; reported on the cadence only
+            else:
+                with_params = True  # a weight went bad between cadence reads: report it now
         scale, acts = self.unpack_extra(ev, names, kinds)
         found = acts.pop("__found_inf__", None) if acts else None
         bufs = acts.pop("__buffers__", None) if acts else None
@@ -292,7 +358,7 @@ class StepProbe:
         if bufs is not None:
             ok = np.isfinite(bufs["values"])
             if ok.all():
-                if with_params:
+                if cadence:
                     self.running.keep()  # verified: the copy a skip restores (on the cadence)
             else:
                 stats.nonfinite_buffers = sorted({self.running.names[i] for i in np.flatnonzero(~ok)})
