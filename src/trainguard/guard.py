@@ -320,6 +320,10 @@ class Guard(CoreView):
         ) if sync == "deferred" or (sync is False and self.probe.device.type != "cpu") else None
         #: True when the step path never waits for the device (the deferred mode is running)
         self.deferred = self._deferred is not None
+        if self.deferred and integrity == "step":
+            warnings.warn("trainguard: integrity='step' needs the synchronous mode; with "
+                          "sync=False on an accelerator weights and optimizer state are checked "
+                          "every param_norm_every steps", RuntimeWarning, stacklevel=2)
         # one Guard per model: a new one replaces a live one (which piled up hooks before),
         # and a Guard collected without close() takes its hooks with it
         prev = _LIVE.get(model)
