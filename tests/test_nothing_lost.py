@@ -220,18 +220,9 @@ def test_a_correct_loop_raises_no_misuse_warning(recwarn):
 def test_inf_in_the_optimizer_state_is_found_and_rolled_back(opt_name, key):
     """Inf in an adaptive optimizer's state freezes that weight silently (its update is
     m / sqrt(inf) = 0) with a finite loss: before the fix nothing was said (issue #12 item 3)."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    o = getattr(torch.optim, opt_name)(m.parameters(), lr=1e-2)
-    g = tg.Guard(m, o, console=False)
-    for t in range(40):
-        x = torch.randn(16, 8)
-        o.zero_grad()
-        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
-        loss.backward()
-        g.step(loss)
-        if t == 13:
-            o.state[m[2].weight][key][0, 0] = float("inf")
+    def freeze(m, o):
+        o.state[m[2].weight][key][0, 0] = float("inf")
+    m, o, g = _adaptive_run(opt_name, 40, 13, freeze)
     f = next(x for x in g.findings if x.kind == "nonfinite")
     assert f.origin == "optimizer" and f.where == "2" and 14 <= f.step <= 20, str(f)
     assert any(a.kind == "rollback" and a.step == f.step for a in g.actions)
@@ -477,6 +468,24 @@ def test_a_fed_back_hidden_state_is_not_called_the_batch():
 
 
 # -- integrity="step": latent corruption seen at its step (issue #12, item 4) ---------------------
+def _adaptive_run(opt_name, steps, poke_after, poke, **guard_kw):
+    """A small classifier trained with ``torch.optim.<opt_name>``; ``poke(m, o)`` runs right
+    after step ``poke_after``."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    o = getattr(torch.optim, opt_name)(m.parameters(), lr=1e-2)
+    g = tg.Guard(m, o, console=False, **guard_kw)
+    for t in range(steps):
+        x = torch.randn(16, 8)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+        if t == poke_after:
+            poke(m, o)
+    return m, o, g
+
+
 @pytest.mark.parametrize("poke,value", [("inf", -math.inf), ("huge", -3e16)])
 def test_integrity_step_sees_a_latent_weight_at_its_step(poke, value):
     """An Inf (or huge) bias of a dead ReLU unit keeps the loss and gradients finite: on the
@@ -503,18 +512,9 @@ def test_integrity_step_sees_a_frozen_coordinate_within_one_step(opt_name, key, 
     show it; integrity="step" reads that state in two rolling halves, so it is found at the
     step after the corruption or the one after (within one step of its first use), on either
     parity, and rolled back."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    o = getattr(torch.optim, opt_name)(m.parameters(), lr=1e-2)
-    g = tg.Guard(m, o, console=False, integrity="step")
-    for t in range(24):
-        x = torch.randn(16, 8)
-        o.zero_grad()
-        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
-        loss.backward()
-        g.step(loss)
-        if t == at:
-            o.state[m[2].weight][key][0, 0] = float("inf")
+    def freeze(m, o):
+        o.state[m[2].weight][key][0, 0] = float("inf")
+    m, o, g = _adaptive_run(opt_name, 24, at, freeze, integrity="step")
     f = next(x for x in g.findings if x.kind == "nonfinite")
     assert f.origin == "optimizer" and f.where == "2" and at + 1 <= f.step <= at + 2, str(f)
     assert any(a.kind == "rollback" and a.step == f.step for a in g.actions)
@@ -525,19 +525,10 @@ def test_integrity_step_sees_a_frozen_coordinate_within_one_step(opt_name, key, 
 def test_integrity_step_follows_a_replaced_optimizer_state():
     """The rolling read caches the state tensors; a load_state_dict replaces them, and the
     corruption of the new tensors is still seen."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    o = torch.optim.Adam(m.parameters(), lr=1e-2)
-    g = tg.Guard(m, o, console=False, integrity="step")
-    for t in range(16):
-        x = torch.randn(16, 8)
-        o.zero_grad()
-        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
-        loss.backward()
-        g.step(loss)
-        if t == 10:
-            o.load_state_dict(o.state_dict())  # new state tensors
-            o.state[m[2].weight]["exp_avg_sq"][1, 1] = float("inf")
+    def replace_then_freeze(m, o):
+        o.load_state_dict(o.state_dict())  # new state tensors
+        o.state[m[2].weight]["exp_avg_sq"][1, 1] = float("inf")
+    m, o, g = _adaptive_run("Adam", 16, 10, replace_then_freeze, integrity="step")
     f = next(x for x in g.findings if x.kind == "nonfinite")
     assert f.origin == "optimizer" and 11 <= f.step <= 12, str(f)
 
