@@ -533,6 +533,26 @@ def test_integrity_step_follows_a_replaced_optimizer_state():
     assert f.origin == "optimizer" and 11 <= f.step <= 12, str(f)
 
 
+def test_integrity_step_follows_a_state_tensor_swapped_in_place():
+    """A state tensor replaced inside the same state dict (same size, so the rolling split's
+    key does not change) is picked up at the next full read: corrupting the new tensor after
+    that is seen within one step, not at the following full read (step 20)."""
+    def swap(m, o):
+        st = o.state[m[2].weight]
+        st["exp_avg_sq"] = st["exp_avg_sq"].clone()
+    m, o, g = _adaptive_run("Adam", 4, 3, swap, integrity="step")
+    for t in range(4, 20):  # the same run goes on; the new tensor goes bad after step 13
+        x = torch.randn(16, 8)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), (x[:, 0] > 0).long())
+        loss.backward()
+        g.step(loss)
+        if t == 13:
+            o.state[m[2].weight]["exp_avg_sq"][0, 1] = float("inf")
+    f = next(x for x in g.findings if x.kind == "nonfinite")
+    assert f.origin == "optimizer" and 14 <= f.step <= 15, str(f)
+
+
 def test_integrity_must_be_a_known_mode():
     m = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="integrity must be 'cadence' or 'step'"):

@@ -144,6 +144,7 @@ class StepProbe:
             names.append("__buffers__")
             n_buf = {"__buffers__": len(self.running.floats)}
         if buffers:
+            self._denom_key = None  # the rolling split is rebuilt after each full read
             state, self._state_owner = self.optimizer_state_tensors()
             if state:
                 with torch.no_grad():
@@ -195,8 +196,10 @@ class StepProbe:
     def denominator_share(self, step: int) -> list[torch.Tensor]:
         """The denominator state tensors read at ``step`` (:data:`DENOMINATOR_STATE`, one
         rolling share of :data:`DENOMINATOR_EVERY`); ``self._state_owner`` names their
-        parameters. The split is rebuilt when the optimizer's state dict is replaced or grows
-        (a load, a rollback, lazily created state)."""
+        parameters. The split is rebuilt when the optimizer's state dict is replaced or changes
+        size (a load, a rollback, lazily created state) and after every full read on the
+        ``param_norm_every`` cadence (a state tensor swapped in place of another is followed
+        within that many steps)."""
         state = self.optimizer.state
         key = (id(state), len(state))
         if key != self._denom_key:
