@@ -264,8 +264,8 @@ class Guard(CoreView):
         #: the torch side's measurement: fused norms, activations, buffers, post-update stats
         self.measure = StepProbe(model, optimizer, scaler, sharded=_is_sharded(model),
                                  process_group=process_group, sample_every=self.sample_every,
-                                 param_norm_every=self.param_norm_every)
-        self.measure.check_weights = integrity == "step"
+                                 param_norm_every=self.param_norm_every,
+                                 check_weights=integrity == "step")
         self.probe, self.sampler, self.running = (self.measure.probe, self.measure.sampler,
                                                   self.measure.running)
         self.snapshots = SnapshotStore(model, optimizer, self.probe.params, scaler,

@@ -75,11 +75,13 @@ class StepProbe:
             this many steps (every ``sample_every // 10`` during a close watch).
         param_norm_every: parameter norms, optimizer-state norms and buffer checks every this
             many steps (and at once on a non-finite step).
+        check_weights: judge every weight every step and the update's divisor state in
+            rolling halves (``Guard(integrity="step")``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, *,
                  sharded: bool, process_group: Any, sample_every: int,
-                 param_norm_every: int) -> None:
+                 param_norm_every: int, check_weights: bool = False) -> None:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.probe = Probe(model, optimizer, sharded=sharded, process_group=process_group)
         self.sampler = ActivationSampler(model)
@@ -98,7 +100,7 @@ class StepProbe:
         #: the weights' norms are read every step (in the gradients' fused norm call) and judged
         #: for NaN/Inf or > HUGE_WEIGHT; they are *reported* (StepStats.param_norms) on the
         #: ``param_norm_every`` cadence or when bad (issue #12, item 4)
-        self.check_weights = False  # Guard(integrity="step") turns it on
+        self.check_weights = check_weights  # Guard(integrity="step")
         self._denoms: list[list[torch.Tensor]] = []  # DENOMINATOR_EVERY rolling shares
         self._denom_owner: list[list[int]] = []
         self._denom_key: tuple[int, int] | None = None
