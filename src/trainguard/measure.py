@@ -171,10 +171,13 @@ class StepProbe:
             extra.append(found)
             names.append("__found_inf__")
         acts = self.sampler.collect()
-        for name, (kind, t) in acts.items():
-            extra.append(t)
-            names.append(name)
-        return extra, names, {**{n: k for n, (k, _) in acts.items()}, **n_buf}
+        kinds: dict[str, Any] = dict(n_buf)
+        if len(acts):
+            if acts.values is not None:
+                extra.append(acts.values)
+            names.append("__activations__")
+            kinds["__activations__"] = acts
+        return extra, names, kinds
 
     def optimizer_state_tensors(self) -> tuple[list[torch.Tensor], list[int]]:
         """Floating-point optimizer state shaped like its parameter (moments, square averages,
@@ -255,27 +258,30 @@ class StepProbe:
                 acts[n] = {"values": vals[i:i + k]}
                 i += k
                 continue
-            dead, sat, q, units = vals[i:i + 4]
-            i += 4
-            if kinds[n] == "recurrent":  # backward signal through time (first vs last step)
-                first, last = float(dead), float(sat)
-                acts[n] = {"kind": "recurrent", "dead_fraction": None, "saturated_fraction": None,
-                           "second_moment": None, "steps": int(units),
-                           "time_grad_ratio": first / last if last > 0 else math.nan}
-                continue
-            if kinds[n] == "logits":  # the model's output: mean log Z (detect.logits)
-                acts[n] = {"kind": "logits", "dead_fraction": None, "saturated_fraction": None,
-                           "second_moment": None, "log_z": float(q), "units": int(units)}
-                continue
-            if kinds[n] == "softmax":  # attention: one-hot row fraction and max |logit|
-                acts[n] = {"kind": "softmax", "dead_fraction": None,
-                           "saturated_fraction": None if math.isnan(sat) else float(sat),
-                           "second_moment": None, "max_logit": float(q), "units": int(units)}
-                continue
-            acts[n] = {"kind": kinds[n], "dead_fraction": None if math.isnan(dead) else float(dead),
-                       "saturated_fraction": None if math.isnan(sat) else float(sat),
-                       "second_moment": float(q), "units": int(units)}
+            if n == "__activations__":
+                sampled = kinds[n]
+                for name, (kind, four) in sampled.unpack(vals[i:i + sampled.size]).items():
+                    acts[name] = StepProbe.activation_record(kind, *four)
+                i += sampled.size
         return scale, (acts or None)
+
+    @staticmethod
+    def activation_record(kind: str, dead: float, sat: float, q: float, units: float) -> dict:
+        """One sampled activation's entry of ``StepStats.activations``."""
+        if kind == "recurrent":  # backward signal through time (first vs last step)
+            return {"kind": "recurrent", "dead_fraction": None, "saturated_fraction": None,
+                    "second_moment": None, "steps": int(units),
+                    "time_grad_ratio": dead / sat if sat > 0 else math.nan}
+        if kind == "logits":  # the model's output: mean log Z (detect.logits)
+            return {"kind": "logits", "dead_fraction": None, "saturated_fraction": None,
+                    "second_moment": None, "log_z": q, "units": int(units)}
+        if kind == "softmax":  # attention: one-hot row fraction and max |logit|
+            return {"kind": "softmax", "dead_fraction": None,
+                    "saturated_fraction": None if math.isnan(sat) else sat,
+                    "second_moment": None, "max_logit": q, "units": int(units)}
+        return {"kind": kind, "dead_fraction": None if math.isnan(dead) else dead,
+                "saturated_fraction": None if math.isnan(sat) else sat,
+                "second_moment": q, "units": int(units)}
 
     # -- the default mode: one transfer -------------------------------------------------------
     def measure(self, loss: torch.Tensor | float | None, step: int, *, scaled: bool,

@@ -12,8 +12,9 @@ vector, and a parameter copy taken before the update gives the update-to-weight 
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
@@ -44,32 +45,141 @@ def unit_dim(t: torch.Tensor) -> int:
     return 1 if t.dim() in (2, 4, 5) else t.dim() - 1
 
 
-def _activation_stats(kind: str, out: torch.Tensor) -> torch.Tensor:
-    """[dead_fraction, saturated_fraction, second_moment, units] computed on the device, in the
-    output's own dtype (no fp32 copy of the activation: on a 98M-parameter GPT in bf16 the
-    copies of twelve MLP activations cost ~25 ms per sampled step); the second moment is a
-    norm accumulated in fp32 (fp64 for float64 outputs)."""
+def _activation_parts(kind: str, out: torch.Tensor) -> tuple[list[torch.Tensor], "_Layout"]:
+    """The device scalars one activation's statistics are made of, and how the host turns
+    them into [dead_fraction, saturated_fraction, second_moment, units] (:class:`_Layout`).
+    Counts and a sum of squares are computed on the device — a count of units whose maximum
+    is <= 0 (ReLU families), a count of saturated elements (sigmoid, tanh families), the sum of
+    squares accumulated in fp32 (fp64 for float64 outputs) — and divided on the host, so a
+    module costs 2-5 small device ops on a sampled step and no constant tensors (issue #15:
+    the 13 ops and three ``torch.tensor`` constants per module it used to take were most of
+    a sampled step's cost on a model with hundreds of activations). Nothing is copied to
+    fp32 (on a 98M-parameter GPT in bf16 the copies of twelve MLP activations cost ~25 ms
+    per sampled step)."""
     o = out.detach()
     if o.dim() < 2 or o.numel() == 0:
-        nan = torch.tensor(math.nan, device=o.device)
-        return torch.stack([nan, nan, nan, torch.zeros((), device=o.device)])
+        return [], _Layout(False, False, 0, 0)
     d = unit_dim(o)
     units = o.shape[d]
-    reduce_dims = [i for i in range(o.dim()) if i != d]
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
-    if kind in ("relu", "relu6"):
-        dead = (o.amax(dim=reduce_dims) <= 0).float().mean()
-    else:
-        dead = torch.tensor(math.nan, device=o.device)
+    parts: list[torch.Tensor] = []
+    dead = kind in ("relu", "relu6")
+    if dead:
+        parts.append((o.amax(dim=[i for i in range(o.dim()) if i != d]) <= 0).sum())
+    sat = kind in ("sigmoid", "hardsigmoid", "tanh", "hardtanh")
     if kind in ("sigmoid", "hardsigmoid"):
-        sat = ((o < 0.01) | (o > 0.99)).float().mean()
-    elif kind in ("tanh", "hardtanh"):
-        sat = (o.abs() > 0.99).float().mean()
-    else:
-        sat = torch.tensor(math.nan, device=o.device)
-    q = torch.linalg.vector_norm(o, dtype=acc).square() / o.numel()
-    return torch.stack([dead.to(acc), sat.to(acc), q,
-                        torch.tensor(float(units), device=o.device, dtype=acc)])
+        parts.append(((o < 0.01) | (o > 0.99)).sum())
+    elif sat:
+        parts.append((o.abs() > 0.99).sum())
+    parts.append(torch.linalg.vector_norm(o, dtype=acc).square())
+    return parts, _Layout(dead, sat, units, o.numel())
+
+
+_DEAD_KINDS = ("relu", "relu6")
+_SAT_KINDS = {"sigmoid": 0.5, "hardsigmoid": 0.5, "tanh": 0.0, "hardtanh": 0.0}  # -> centre
+
+#: the activations read in a batch (below): tanh and sigmoid, whose outputs autograd keeps
+#: for the backward pass anyway (so holding them costs no memory, and writing one in place
+#: before the backward is an autograd error in the user's own run). The others are read in
+#: their hook: ReLU families need a per-unit maximum (no fused form), and GELU, SiLU and the
+#: like keep their input, not their output, so a later in-place write would be legal.
+_BATCHED_KINDS = ("tanh", "sigmoid")
+#: tanh and sigmoid outputs of at most this many elements are read together after the forward
+#: pass, in a few fused (``torch._foreach_*``) calls, instead of 5 small ops each inside their
+#: hook: below this size the per-call cost dominates (499 tanh outputs of 32x16 on this CPU:
+#: 27.5 ms read one by one, 11.5 ms batched; issue #15). Larger ones are read in their hook,
+#: where the ops cost bandwidth, not calls.
+BATCH_NUMEL = 65536
+#: the batched activations are referenced (not copied) until the step is measured: at most
+#: this many bytes of them (autograd keeps them until the backward pass anyway; this bounds
+#: what is held past it, until the Guard's step)
+BATCH_BYTES = 32 * 2**20
+
+
+def _batched_parts(items: list[tuple[torch.Tensor, str, list[torch.Tensor]]]) -> None:
+    """Fill each item's parts ([saturated count,] sum of squares; see
+    :func:`_activation_parts`) for tensors of one device and dtype, in fused calls: the sum
+    of squares from ``_foreach_norm`` (fp32 accumulation for 16-bit outputs), the saturated
+    count as the L1 norm of ``sign(max(|o - centre| - half_width, 0))`` (tanh: |o| > 0.99;
+    sigmoid: |o - 0.5| > 0.49, i.e. o < 0.01 or o > 0.99). A NaN in the activation makes
+    that count NaN (reported as unknown, where the one-by-one read ignored the NaN)."""
+    ts = [t for t, _k, _p in items]
+    kw = {} if ts[0].dtype in (torch.float32, torch.float64) else {"dtype": torch.float32}
+    norms = torch._foreach_norm(ts, 2, **kw)
+    sq = torch._foreach_mul(norms, norms)
+    sat = [i for i, (_t, k, _p) in enumerate(items) if k in _SAT_KINDS]
+    counts: dict[int, torch.Tensor] = {}
+    if sat:
+        centres = [_SAT_KINDS[items[i][1]] for i in sat]
+        a = torch._foreach_sub([ts[i] for i in sat], centres)
+        torch._foreach_abs_(a)
+        torch._foreach_sub_(a, [0.99 if c == 0.0 else 0.49 for c in centres])
+        torch._foreach_clamp_min_(a, 0.0)
+        torch._foreach_sign_(a)
+        counts = dict(zip(sat, torch._foreach_norm(a, 1, dtype=torch.float32)))
+    for i, (_t, _k, parts) in enumerate(items):
+        if i in counts:
+            parts.append(counts[i])
+        parts.append(sq[i])
+
+
+class _Layout:
+    """How an activation's device scalars (see :func:`_activation_parts`) become
+    [dead_fraction, saturated_fraction, second_moment, units] on the host; ``vector`` entries
+    (softmax, logits, recurrent) are already that 4-vector."""
+
+    __slots__ = ("dead", "sat", "units", "numel", "size")
+
+    def __init__(self, dead: bool, sat: bool, units: int, numel: int) -> None:
+        self.dead, self.sat, self.units, self.numel = dead, sat, units, numel
+        self.size = (dead + sat + 1) if numel else 0
+
+    def finish(self, v: Sequence[float]) -> tuple[float, float, float, float]:
+        if not self.numel:
+            return math.nan, math.nan, math.nan, 0.0
+        i = 0
+        dead = sat = math.nan
+        if self.dead:
+            dead, i = v[0] / self.units, 1
+        if self.sat:
+            sat, i = v[i] / self.numel, i + 1
+        return dead, sat, v[i] / self.numel, float(self.units)
+
+
+class SampledActivations:
+    """One sampled forward pass's statistics: ``values`` (one device vector, or None) and the
+    host's reading of it (:meth:`unpack`)."""
+
+    def __init__(self, entries: dict[str, tuple[str, list[torch.Tensor], "_Layout | None"]]
+                 ) -> None:
+        self.kinds = {n: k for n, (k, _p, _l) in entries.items()}
+        self._entries = [(n, lay) for n, (_k, _p, lay) in entries.items()]
+        scalars = [t for _k, p, lay in entries.values() if lay is not None for t in p]
+        vectors = [p[0] for _k, p, lay in entries.values() if lay is None]
+        parts = ([torch.stack(scalars)] if scalars else []) + vectors
+        if len({t.device for t in parts}) > 1:
+            parts = [t.to(parts[0].device) for t in parts]
+        self.values: torch.Tensor | None = (torch.cat(parts) if len(parts) > 1 else
+                                            parts[0] if parts else None)
+        self.size = 0 if self.values is None else int(self.values.numel())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def unpack(self, vals: np.ndarray) -> dict[str, tuple[str, tuple[float, float, float, float]]]:
+        """name -> (kind, (dead, saturated, second moment or softmax/logit value, units))."""
+        out: dict[str, tuple[str, tuple[float, float, float, float]]] = {}
+        nscal = sum(lay.size for _n, lay in self._entries if lay is not None)
+        i, j = 0, nscal
+        for n, lay in self._entries:
+            if lay is None:
+                a, b, c, d = (float(x) for x in vals[j:j + 4])
+                out[n] = (self.kinds[n], (a, b, c, d))
+                j += 4
+            else:
+                out[n] = (self.kinds[n], lay.finish([float(x) for x in vals[i:i + lay.size]]))
+                i += lay.size
+        return out
 
 
 def _softmax_stats(x: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -127,6 +237,9 @@ class _SoftmaxSpy(torch.overrides.TorchFunctionMode):
         return out
 
 
+_stack_len = getattr(torch._C, "_len_torch_function_stack", None)
+_stack_at = getattr(torch._C, "_get_function_stack_at", None)
+
 _SOFTMAX_FUNCS = {torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
 
 _F = torch.nn.functional
@@ -146,6 +259,16 @@ _FUNCTIONAL_KINDS: dict[Any, str] = {
 }
 
 
+#: functional activations and attention softmaxes are looked for (the spy mode and two
+#: process-wide module hooks) on the first sampled pass and on every ``LOOK_EVERY``-th one after
+#: it; while the last look found none, the passes between skip that machinery. Registered, a
+#: process-wide hook sends every module call through PyTorch's slow path: on a model of 1,500
+#: modules that and the spy were ~45 ms of a ~70 ms sampled-step cost (issue #15). Ten: a
+#: functional call that first appears mid-run is seen within ten samples (500 steps at the
+#: default ``sample_every``); a model that has one is looked at on every pass.
+LOOK_EVERY = 10
+
+
 class ActivationSampler:
     """Forward hooks on activation modules (and a softmax spy for attention), armed only for
     the next forward pass."""
@@ -157,13 +280,22 @@ class ActivationSampler:
         self.recurrent = [(clean_name(name, ""), m) for name, m in model.named_modules()
                           if isinstance(m, nn.RNNBase)]
         self._handles: list[Any] = []
-        self.results: dict[str, tuple[str, torch.Tensor]] = {}
+        #: name -> (kind, device scalars, layout); layout None: the scalars are one 4-vector
+        self.results: dict[str, tuple[str, list[torch.Tensor], _Layout | None]] = {}
         self._stack: list[str] = []
         self._spy: _SoftmaxSpy | None = None
         self._in_spy = False
         self._name_of: dict[int, str] | None = None  # id(module) -> name, built at the first arm
         self._target_names: set[str] = set()
         self._produced: dict[int, str] = {}  # id(output tensor) -> module, this forward only
+        #: activations held for the batched read: (key, kind, tensor, version, parts to fill)
+        self._pending: list[tuple[str, str, torch.Tensor, int, list[torch.Tensor]]] = []
+        self._held = 0  # their bytes
+        self._passes = 0  # armed passes, for LOOK_EVERY
+        self._look = True  # this pass looks for functional calls (spy + process-wide hooks)
+        self._found = True  # the last look found one (so the first pass looks)
+        self._seen = False  # this pass recorded a functional activation or a softmax
+        self._ran = False  # the root's forward ran since the last arm
 
     def refresh(self) -> None:
         """The model's modules changed (a structural repair swapped activations): find the
@@ -176,6 +308,8 @@ class ActivationSampler:
                           if isinstance(m, nn.RNNBase)]
         self._name_of = None
         self.results = {}
+        self._pending, self._held = [], 0
+        self._found, self._passes = True, 0  # look again at the changed model
         if was_armed:
             self.arm()
 
@@ -187,10 +321,15 @@ class ActivationSampler:
         (they used to be two hooks on *every* module: 0.2 s to arm on a 1,500-module model).
         Nothing is stored on the user's modules that ``torch.save`` or ``copy.deepcopy`` would
         carry. Under ``torch.compile`` the process-wide hooks stand aside (dynamo cannot trace
-        them): functional calls are then attributed to the root."""
+        them): functional calls are then attributed to the root. The spy and the process-wide
+        hooks are armed only on the passes that look for functional calls (:data:`LOOK_EVERY`)."""
         if self._handles:
             return
         self.results = {}
+        self._pending, self._held = [], 0
+        self._look = self._found or self._passes % LOOK_EVERY == 0
+        self._passes += 1
+        self._seen = self._ran = False
         from torch.nn.modules.module import (register_module_forward_hook,
                                              register_module_forward_pre_hook)
 
@@ -198,8 +337,9 @@ class ActivationSampler:
         if self._name_of is None:
             self._name_of = {id(m): clean_name(n, "") for n, m in self.model.named_modules()}
             self._target_names = {n for n, _m, _k in self.targets}
-        self._handles.append(register_module_forward_pre_hook(self._global_pre))
-        self._handles.append(register_module_forward_hook(self._global_post))
+        if self._look:
+            self._handles.append(register_module_forward_pre_hook(self._global_pre))
+            self._handles.append(register_module_forward_hook(self._global_post))
         def post(mod: nn.Module, fn: Callable) -> Any:
             return register_private(mod, "_forward_hooks", lambda: mod.register_forward_hook(fn))
 
@@ -219,8 +359,55 @@ class ActivationSampler:
     def _hook(self, name: str, kind: str) -> Callable:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and name not in self.results and torch.is_grad_enabled():
-                self.results[name] = (kind, _activation_stats(kind, out))
+                self._record(name, kind, out)
         return hook
+
+    def _record(self, key: str, kind: str, out: torch.Tensor) -> None:
+        """One activation's statistics: small ones held for the batched read at
+        :meth:`collect` (:data:`BATCH_NUMEL`), the others read now."""
+        o = out.detach()
+        n = o.numel()
+        size = n * o.element_size()
+        if (kind in _BATCHED_KINDS and o.dim() >= 2 and 0 < n <= BATCH_NUMEL
+                and o.is_floating_point() and self._held + size <= BATCH_BYTES):
+            self._held += size
+            parts: list[torch.Tensor] = []
+            self._pending.append((key, kind, o, o._version, parts))
+            self.results[key] = (kind, parts, _Layout(False, kind in _SAT_KINDS,
+                                                      o.shape[unit_dim(o)], n))
+            return
+        with self._outside_spy():
+            got, lay = _activation_parts(kind, o)
+        self.results[key] = (kind, got, lay)
+
+    def _read_pending(self) -> None:
+        """The held activations' statistics, batched per device and dtype. One written in place
+        after its hook ran (its version counter moved) is not read: its values are no longer
+        the activation's."""
+        pending, self._pending, self._held = self._pending, [], 0
+        groups: dict[tuple, list[tuple[torch.Tensor, str, list[torch.Tensor]]]] = {}
+        for key, kind, o, version, parts in pending:
+            if o._version != version:
+                self.results[key] = (kind, [], _Layout(False, False, 0, 0))
+                continue
+            groups.setdefault((o.device, o.dtype), []).append((o, kind, parts))
+        with torch.no_grad():
+            for items in groups.values():
+                _batched_parts(items)
+
+    @contextlib.contextmanager
+    def _outside_spy(self) -> Iterator[None]:
+        """The statistics' own torch calls made with our spy mode stepped out of (when it is
+        the innermost mode; other modes stay): inside a module hook they would each go through
+        its ``__torch_function__`` (issue #15: ~2.7 µs per call, 64 ms of a sampled step on a
+        model with 499 activations)."""
+        spy = self._spy
+        n = _stack_len() if spy is not None and _stack_len is not None else 0
+        if n and _stack_at is not None and _stack_at(n - 1) is spy:
+            with torch.overrides._pop_mode_temporarily():
+                yield
+        else:
+            yield
 
     def _global_pre(self, mod: nn.Module, _inp: Any) -> None:
         if torch.compiler.is_compiling():
@@ -255,21 +442,25 @@ class ActivationSampler:
         while key in self.results:
             n += 1
             key = f"{base}.{name}{n}"
-        self.results[key] = (kind, _activation_stats(kind, out))
+        self._record(key, kind, out)
+        self._seen = True
 
     def _enter_spy(self, _mod: nn.Module, _inp: Any) -> None:
-        if self._spy is None and torch.is_grad_enabled():
-            self._spy = _SoftmaxSpy(self)
-            self._spy.__enter__()
+        if not self._ran and torch.is_grad_enabled():
+            self._ran = True
+            if self._look and self._spy is None:
+                self._spy = _SoftmaxSpy(self)
+                self._spy.__enter__()
 
     def _exit_spy(self, _mod: nn.Module, _inp: Any, out: Any) -> None:
         if self._spy is not None:
             spy, self._spy = self._spy, None
             spy.__exit__(None, None, None)
-            if "(output)" not in self.results:
+        if self._ran:
+            if out is not None and "(output)" not in self.results:
                 st = _logit_stats(out)
                 if st is not None:
-                    self.results["(output)"] = ("logits", st)
+                    self.results["(output)"] = ("logits", [st], None)
 
     def _softmax(self, x: torch.Tensor, dim: int) -> None:
         if self._in_spy:
@@ -287,7 +478,8 @@ class ActivationSampler:
         while key in self.results:
             n += 1
             key = f"{where}.softmax{n}"
-        self.results[key] = ("softmax", st)
+        self.results[key] = ("softmax", [st], None)
+        self._seen = True
 
     def _through_time(self, name: str, mod: nn.Module) -> Callable:
         """Backward signal through time of a recurrent module: the gradient reaching its
@@ -314,8 +506,8 @@ class ActivationSampler:
                     first = gf.select(tdim, 0).norm()
                     last = gf.select(tdim, steps - 1).norm()
                     nan = torch.tensor(math.nan, device=g.device)
-                    self.results[name] = ("recurrent", torch.stack(
-                        [first, last, nan, torch.tensor(float(steps), device=g.device)]))
+                    self.results[name] = ("recurrent", [torch.stack(
+                        [first, last, nan, torch.tensor(float(steps), device=g.device)])], None)
             x.register_hook(grad_hook)
             return (new,) + tuple(args[1:]) if new is not None else None
         return hook
@@ -328,12 +520,15 @@ class ActivationSampler:
         if self._spy is not None:
             self._exit_spy(self.model, None, None)
 
-    def collect(self) -> dict[str, tuple[str, torch.Tensor]]:
+    def collect(self) -> SampledActivations:
         """Take the statistics gathered since the last arm() and stop listening."""
         self.disarm()
         self._produced = {}
+        if self._look and self._ran:
+            self._found = self._seen
+        self._read_pending()
         res, self.results = self.results, {}
-        return res
+        return SampledActivations(res)
 
 
 def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15) -> float | None:
