@@ -240,3 +240,66 @@ def test_narrow_born_dead_net_gets_elu():
     rs = [a for a in r.actions if a.kind == "restructure"]
     assert rs and rs[0].detail["remedy"] == "act:elu+init:he", [str(a) for a in r.actions]
     assert s.passed(r), r.metric
+
+
+def test_postln_transformer_collapsed_after_instability_is_restarted_at_a_lower_lr():
+    """The zoo's Z11 (post-LN Transformer, Adam at a high LR, no warmup): on seed 0 the
+    gradient explodes at step 98 and the loss sits on the unigram plateau (2.9) from there; the
+    plateau after that instability is a collapse: with structural="repair" the model is
+    re-initialised and the LR cut to 1/4 for good, and the run passes (held-out 1.63 < 2.0;
+    guarded in report mode it ends at 2.91)."""
+    from trainguard.remedies.structure import RESTART_LR
+    from trainguard.zoo import base
+    from trainguard.zoo.runner import _structural_factory, train
+    importlib.import_module("trainguard.zoo.scenarios")  # registers the scenarios
+    s = base.REGISTRY["transformer_postln_warmup"]
+    r = train(s.build(0), "guarded", guard_factory=_structural_factory)
+    rs = [a for a in r.actions if a.kind == "restructure"]
+    assert len(rs) == 1 and rs[0].detail["remedy"] == "restart:lr", [str(a) for a in r.actions]
+    assert rs[0].detail["finding"] == "plateau" and "re-initialised" in rs[0].detail["changes"][0]
+    assert r.guard.lr.scale == RESTART_LR and r.guard.lr.ceiling == RESTART_LR
+    assert s.passed(r), r.metric
+
+
+def test_collapse_is_recognised_in_either_order_and_undone():
+    """A plain plateau is a collapse when instability came before it, or within
+    PLATEAU_RECENT steps after it (Z11 seed 1: plateau at 184, explosion at 201); a plain
+    plateau alone is left to the report; the restart is undone with the LR scale."""
+    from collections import Counter
+
+    from trainguard.remedies.lr import LRController
+    from trainguard.remedies.structure import PLATEAU_RECENT, Restructurer
+    from trainguard.types import Finding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    counts: Counter = Counter()
+    rs = Restructurer(model, opt)
+    rs.lr, rs.earlier = LRController(), (lambda: counts)
+
+    def found(kind, step):
+        f = Finding(kind=kind, step=step, severity="warning", message=kind, evidence={})
+        counts[kind] += 1
+        return [f]
+
+    plateau = found("plateau", 100)
+    assert rs.pick(plateau) is None  # nothing unstable yet: a plain plateau is only reported
+    late = found("grad_explosion", 101 + PLATEAU_RECENT)
+    assert rs.pick(late) is None  # too long after it
+    plateau = found("plateau", 300)
+    assert rs.pick(plateau) is plateau[0]  # instability came first
+    boom = found("grad_explosion", 310)
+    f = rs.pick(boom)
+    assert f is plateau[0]  # instability within PLATEAU_RECENT steps after it
+    before = [p.detach().clone() for p in model.parameters()]
+    assert rs.next_remedy(f) == "restart:lr"
+    change = rs.apply(f, "restart:lr")
+    assert "2 modules re-initialised" in change[0] and "0.25 (kept)" in change[0]
+    assert not opt.state and rs.lr.scale == 0.25
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert rs.next_remedy(f) is None  # one restart: a second collapse halts with the story
+    assert rs.restore() and rs.lr.scale == 1.0 and opt.state
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -311,6 +311,9 @@ class Guard(CoreView):
                                  checkpoints=self.checkpoint_store)
         if self.restructurer is not None:
             self.restructurer.executor = self.executor
+            self.restructurer.lr = self.lr
+            core = self.core
+            self.restructurer.earlier = lambda: core.finding_counts
             rescue = weakref.WeakMethod(self._rescue)  # the pieces hold no strong reference
             self.executor.rescue = lambda f, step: bool((m := rescue()) and m(f, step))
         capture = self._capture  # the pieces hold no reference to the Guard itself

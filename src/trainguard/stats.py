@@ -522,13 +522,19 @@ class ActivationSampler:
 
     def collect(self) -> SampledActivations:
         """Take the statistics gathered since the last arm() and stop listening."""
+        if not self._handles and not self.results:
+            return _NOTHING_SAMPLED  # a plain step
         self.disarm()
         self._produced = {}
         if self._look and self._ran:
             self._found = self._seen
+        self._ran = False
         self._read_pending()
         res, self.results = self.results, {}
         return SampledActivations(res)
+
+
+_NOTHING_SAMPLED = SampledActivations({})
 
 
 def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15) -> float | None:

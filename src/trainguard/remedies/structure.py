@@ -39,6 +39,17 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
   sqrt(v_hat), the prescription of Wortsman et al. 2023 (moments kept: they are right);
   16-bit update swamping (``"update_swamping"``): fp32 master weights kept by the Guard
   (:mod:`trainguard.remedies.master`; Micikevicius et al. 2018);
+- ``plateau`` after early instability (no cause of its own, but ``grad_explosion`` or
+  ``loss_spike`` findings earlier in the run; the plateau rule already requires that the loss
+  never halved): the run collapsed onto a plateau it never left, so nothing learnt is lost by
+  starting again — every module with ``reset_parameters`` is re-initialised (PyTorch's
+  defaults), the optimizer state cleared, and the learning rate cut to ``RESTART_LR`` = 1/4
+  for good. The prescription of Liu et al. 2019 and Xiong et al. 2020 for a post-LN
+  Transformer collapsed by a high LR without warmup is a lower peak LR; on the zoo's Z11
+  (``transformer_postln_warmup``) the bare run at lr/4 from the start passes on seed 0
+  (held-out 1.39 against < 2.0), and re-started at the steps the plateau is reported (152 /
+  232) it reaches 1.70 / 1.90 on seeds 0 / 1 (measured with the scenario's build at lr 3e-3 for
+  the remaining 248 / 168 steps);
 - ``divergence`` whose cause is the output logits' common-mode drift (``"logit_drift"``,
   :mod:`trainguard.detect.logits`): weight decay 0.1 in every parameter group that has none
   (Wortsman et al. 2023: AdamW weight decay holds log Z near 0; on the zoo's Z13, decay 0.1 from
@@ -54,6 +65,22 @@ from torch import nn
 
 from ..stats import activation_kind
 from ..types import Finding
+
+#: the learning-rate scale kept after a restart from a collapse (module docstring: the zoo's
+#: Z11 passes at lr/4 from the start, 1.39 on seed 0, and re-started at the plateau)
+RESTART_LR = 0.25
+#: findings that mark early instability: a plateau after one of these is a collapse
+INSTABILITY = ("grad_explosion", "loss_spike")
+#: ... and so is instability within this many steps after a plain plateau was reported (the
+#: plateau rule's patience, detect.progress.PlateauDetector: a run that improves in that time
+#: is no longer reported stuck; on the zoo's Z11 seed 1 the plateau is reported at step 184 and
+#: the gradient explodes at 201)
+PLATEAU_RECENT = 100
+
+
+def f_step(findings: list[Finding]) -> int:
+    """The step of a batch of findings (they share it)."""
+    return max(f.step for f in findings) if findings else 0
 
 #: finding kinds a structural repair answers
 STRUCTURAL = ("dead_units", "vanishing_gradient", "saturation", "plateau")
@@ -71,8 +98,16 @@ _SATURATING = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 _RELU_LIKE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "celu"}
 
 
-def menu(f: Finding, model: nn.Module) -> list[str]:
-    """The remedies to try for ``f``, first first (see the module docstring)."""
+def collapsed(f: Finding, earlier: Any = None) -> bool:
+    """``f`` is a plateau with no cause of its own that followed early instability
+    (``earlier``: the run's finding counts by kind)."""
+    return (f.kind == "plateau" and cause_of(f) is None and earlier is not None
+            and any(earlier.get(k, 0) for k in INSTABILITY))
+
+
+def menu(f: Finding, model: nn.Module, earlier: Any = None) -> list[str]:
+    """The remedies to try for ``f``, first first (see the module docstring); ``earlier``: the
+    run's finding counts by kind."""
     acts = {activation_kind(m) for m in model.modules()} - {None}
     if f.kind == "dead_units":
         if _narrow(f):
@@ -92,6 +127,8 @@ def menu(f: Finding, model: nn.Module) -> list[str]:
         return ["init:xavier", "act:relu+init:he"]
     if f.kind == "plateau":
         cause = cause_of(f)
+        if collapsed(f, earlier):
+            return ["restart:lr"]
         return [PLATEAU_CAUSES[cause]] if cause in PLATEAU_CAUSES else []
     key = (f.kind, cause_of(f))
     return [CAUSED[key]] if key in CAUSED else []
@@ -169,18 +206,32 @@ class Restructurer:
         self.reported_code: set[str] = set()
         #: the Guard's executor (fp32 master weights are kept around its optimizer step)
         self.executor: Any = None
+        #: the Guard's learning-rate controller (a restart cuts its scale)
+        self.lr: Any = None
+        #: the run's finding counts by kind, when asked (the Guard's core.finding_counts)
+        self.earlier: Any = lambda: None
         self._last: str | None = None
+        self._lr_before: dict | None = None
+        self._plateau: Finding | None = None  # the last plain plateau reported
 
     def pick(self, findings: list[Finding]) -> Finding | None:
         """The structural finding to act on this step, if any: dead units first (they cause the
         vanishing gradient reported beside them), then saturation, then a vanishing gradient."""
         order = {"dead_units": 0, "saturation": 1, "vanishing_gradient": 2, "plateau": 3}
+        for f in findings:
+            if f.kind == "plateau" and cause_of(f) is None:
+                self._plateau = f  # remembered: instability after it is a collapse too
+        recent = self._plateau
+        if recent is not None and any(f.kind in INSTABILITY for f in findings) \
+                and f_step(findings) - recent.step <= PLATEAU_RECENT:
+            return recent  # a plain plateau, then instability: the run collapsed
         for f in sorted(findings, key=lambda f: order.get(f.kind, 9)):
             if (f.kind, cause_of(f)) in CAUSED:
                 return f
             if f.kind not in STRUCTURAL:
                 continue
-            if f.kind == "plateau" and cause_of(f) not in PLATEAU_CAUSES:
+            if f.kind == "plateau" and cause_of(f) not in PLATEAU_CAUSES \
+                    and not collapsed(f, self.earlier()):
                 continue  # a plain plateau: nothing structural to change
             if f.kind == "dead_units" and isinstance(f.evidence, dict) \
                     and f.evidence.get("cause") == "killed":
@@ -189,7 +240,7 @@ class Restructurer:
         return None
 
     def next_remedy(self, f: Finding) -> str | None:
-        options = menu(f, self.model)
+        options = menu(f, self.model, self.earlier())
         i = self.tried.get(tried_key(f), 0)
         if i >= len(options) or self.changes >= self.max_changes:
             return None
@@ -201,8 +252,9 @@ class Restructurer:
         from ..doctor.repair import apply_remedy
         self.undo = (copy.deepcopy(self.model), copy.deepcopy(self.optimizer.state_dict()))
         self._last = remedy
+        self._lr_before = self.lr.state_dict() if self.lr is not None else None
         own = {"optim:eps": self._eps, "precision:master": self._master,
-               "optim:weight_decay": self._weight_decay}.get(remedy)
+               "optim:weight_decay": self._weight_decay, "restart:lr": self._restart}.get(remedy)
         if own is not None:  # optimizer and precision remedies: the model is not touched
             change = own()
             self.tried[tried_key(f)] = self.tried.get(tried_key(f), 0) + 1
@@ -246,6 +298,26 @@ class Restructurer:
                 g["eps"] = new
                 out.append(f"group {gi}: eps {old:g} -> {new:.3g}")
         return ("Adam eps lowered to 1e-3 x the RMS of sqrt(v_hat): " + "; ".join(out)) if out else ""
+
+    @torch.no_grad()
+    def _restart(self) -> str:
+        """Start again from PyTorch's default initialisation at ``RESTART_LR`` of the learning
+        rate (see the module docstring): every module with ``reset_parameters``, the optimizer
+        state cleared; parameters outside such modules keep their values."""
+        n = 0
+        for m in self.model.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset) and any(True for _ in m.parameters(recurse=False)):
+                reset()
+                n += 1
+        self.optimizer.state.clear()
+        self._plateau = None
+        lr = ""
+        if self.lr is not None:
+            before, after = self.lr.backoff(RESTART_LR, recover=False)
+            lr = f"; learning-rate scale {before:g} -> {after:g} (kept)"
+        return (f"collapsed onto a plateau after early instability: {n} modules re-initialised "
+                f"(PyTorch defaults), optimizer state cleared{lr}")
 
     def _weight_decay(self) -> str:
         out = []
@@ -293,5 +365,7 @@ class Restructurer:
         if ex is not None and ex.master is not None and self._last == "precision:master":
             ex.master = None
             ex.measure.mastered = set()
+        if self._last == "restart:lr" and self.lr is not None and self._lr_before is not None:
+            self.lr.load_state_dict(self._lr_before)
         self.undo = None
         return True
