@@ -75,6 +75,17 @@ def test_statistics_match_a_direct_computation(width):
     assert got["gelu"]["dead_fraction"] is None and got["gelu"]["saturated_fraction"] is None
 
 
+def test_float64_outputs():
+    """A float64 model's activations are read in fp64 (the batched count once asked for an
+    fp32 norm of fp64 values: a RuntimeError on every sampled step of a float64 model)."""
+    torch.manual_seed(0)
+    model = Net(16).double()
+    got = _read(model, torch.randn(64, 8, dtype=torch.float64))
+    _d, ts, _ss, q = _expect(model.seen["tanh"])
+    assert got["tanh"]["saturated_fraction"] == pytest.approx(ts, abs=1e-12)
+    assert got["tanh"]["second_moment"] == pytest.approx(q, rel=1e-12)
+
+
 def test_functional_and_bf16_outputs():
     torch.manual_seed(0)
     model = Net(16, functional=True).to(torch.bfloat16)

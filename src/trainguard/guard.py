@@ -312,8 +312,6 @@ class Guard(CoreView):
         if self.restructurer is not None:
             self.restructurer.executor = self.executor
             self.restructurer.lr = self.lr
-            core = self.core
-            self.restructurer.earlier = lambda: core.finding_counts
             rescue = weakref.WeakMethod(self._rescue)  # the pieces hold no strong reference
             self.executor.rescue = lambda f, step: bool((m := rescue()) and m(f, step))
         capture = self._capture  # the pieces hold no reference to the Guard itself
@@ -685,7 +683,6 @@ class Guard(CoreView):
         """After a structural change: what the snapshots held describes the old structure (a
         fresh verified one is taken), the probes watch the new one closely, and the change is
         an action."""
-        from .remedies.structure import tried_key
         self.sampler.refresh()
         self.snapshots.clear()
         self.executor.snapshot(step + 1)
@@ -695,7 +692,7 @@ class Guard(CoreView):
         self.core.act("restructure", f"{f.kind}{where}: {remedy}: "
                       + ("; ".join(changes) if changes else "nothing to change"), step=step,
                       finding=f.kind, remedy=remedy, changes=changes, where=f.where,
-                      attempt=self.restructurer.tried[tried_key(f)])
+                      attempt=self.restructurer.tried[self.restructurer.key(f)])
 
     def _rescue(self, f: Finding, step: int) -> bool:
         """Policy(structural="repair"), rollbacks exhausted: before halting, try the

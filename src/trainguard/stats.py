@@ -116,7 +116,7 @@ def _batched_parts(items: list[tuple[torch.Tensor, str, list[torch.Tensor]]]) ->
         torch._foreach_sub_(a, [0.99 if c == 0.0 else 0.49 for c in centres])
         torch._foreach_clamp_min_(a, 0.0)
         torch._foreach_sign_(a)
-        counts = dict(zip(sat, torch._foreach_norm(a, 1, dtype=torch.float32)))
+        counts = dict(zip(sat, torch._foreach_norm(a, 1, **kw)))
     for i, (_t, _k, parts) in enumerate(items):
         if i in counts:
             parts.append(counts[i])

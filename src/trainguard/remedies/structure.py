@@ -39,17 +39,16 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
   sqrt(v_hat), the prescription of Wortsman et al. 2023 (moments kept: they are right);
   16-bit update swamping (``"update_swamping"``): fp32 master weights kept by the Guard
   (:mod:`trainguard.remedies.master`; Micikevicius et al. 2018);
-- ``plateau`` after early instability (no cause of its own, but ``grad_explosion`` or
-  ``loss_spike`` findings earlier in the run; the plateau rule already requires that the loss
-  never halved): the run collapsed onto a plateau it never left, so nothing learnt is lost by
-  starting again — every module with ``reset_parameters`` is re-initialised (PyTorch's
-  defaults), the optimizer state cleared, and the learning rate cut to ``RESTART_LR`` = 1/4
-  for good. The prescription of Liu et al. 2019 and Xiong et al. 2020 for a post-LN
-  Transformer collapsed by a high LR without warmup is a lower peak LR; on the zoo's Z11
-  (``transformer_postln_warmup``) the bare run at lr/4 from the start passes on seed 0
-  (held-out 1.39 against < 2.0), and re-started at the steps the plateau is reported (152 /
-  232) it reaches 1.70 / 1.90 on seeds 0 / 1 (measured with the scenario's build at lr 3e-3 for
-  the remaining 248 / 168 steps);
+- ``plateau`` beside a gradient explosion (a plain plateau — no cause of its own — and a
+  ``grad_explosion`` within ``COLLAPSE_WINDOW`` = 100 steps of each other, in either order; the
+  plateau rule already requires that the loss never halved): the explosion knocked the run onto
+  a plateau it never left, so nothing learnt is lost by starting again — every module with
+  ``reset_parameters`` is re-initialised (PyTorch's defaults), the optimizer state cleared, and
+  the learning rate cut to ``RESTART_LR`` = 1/4 for good. The prescription of Liu et al. 2019
+  and Xiong et al. 2020 for a post-LN Transformer collapsed by a high LR without warmup is a
+  lower peak LR; on the zoo's Z11 (``transformer_postln_warmup``) the bare run at lr/4 from the
+  start passes on seed 0 (held-out 1.39 against < 2.0), and re-started at the steps the
+  collapse is recognised (138 / 201) it passes on seeds 0 / 1 (1.63 / 1.76);
 - ``divergence`` whose cause is the output logits' common-mode drift (``"logit_drift"``,
   :mod:`trainguard.detect.logits`): weight decay 0.1 in every parameter group that has none
   (Wortsman et al. 2023: AdamW weight decay holds log Z near 0; on the zoo's Z13, decay 0.1 from
@@ -69,18 +68,14 @@ from ..types import Finding
 #: the learning-rate scale kept after a restart from a collapse (module docstring: the zoo's
 #: Z11 passes at lr/4 from the start, 1.39 on seed 0, and re-started at the plateau)
 RESTART_LR = 0.25
-#: findings that mark early instability: a plateau after one of these is a collapse
-INSTABILITY = ("grad_explosion", "loss_spike")
-#: ... and so is instability within this many steps after a plain plateau was reported (the
-#: plateau rule's patience, detect.progress.PlateauDetector: a run that improves in that time
-#: is no longer reported stuck; on the zoo's Z11 seed 1 the plateau is reported at step 184 and
-#: the gradient explodes at 201)
-PLATEAU_RECENT = 100
-
-
-def f_step(findings: list[Finding]) -> int:
-    """The step of a batch of findings (they share it)."""
-    return max(f.step for f in findings) if findings else 0
+#: a plain plateau and a gradient explosion at most this many steps apart (either order) are a
+#: collapse. 100: the plateau rule's patience (detect.progress.PlateauDetector), so the
+#: explosion falls inside the stretch the plateau describes or right after its report. Over the
+#: zoo's 92 runs (``trainguard zoo --seeds 2 --no-baselines --structural --json``, the guarded
+#: runs' findings) only Z11 has the pair (seed 0: explosion 98, plateau 138; seed 1: plateau
+#: 184, explosion 201); the nearest other pair is 252 steps apart (Z13 seed 0). Loss spikes do
+#: not count: Z13 has them 13-66 steps after plateau reports in a run that goes on improving.
+COLLAPSE_WINDOW = 100
 
 #: finding kinds a structural repair answers
 STRUCTURAL = ("dead_units", "vanishing_gradient", "saturation", "plateau")
@@ -98,16 +93,9 @@ _SATURATING = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 _RELU_LIKE = {"relu", "relu6", "leaky_relu", "prelu", "elu", "selu", "gelu", "silu", "celu"}
 
 
-def collapsed(f: Finding, earlier: Any = None) -> bool:
-    """``f`` is a plateau with no cause of its own that followed early instability
-    (``earlier``: the run's finding counts by kind)."""
-    return (f.kind == "plateau" and cause_of(f) is None and earlier is not None
-            and any(earlier.get(k, 0) for k in INSTABILITY))
-
-
-def menu(f: Finding, model: nn.Module, earlier: Any = None) -> list[str]:
-    """The remedies to try for ``f``, first first (see the module docstring); ``earlier``: the
-    run's finding counts by kind."""
+def menu(f: Finding, model: nn.Module, collapse: bool = False) -> list[str]:
+    """The remedies to try for ``f``, first first (see the module docstring); ``collapse``: a
+    plain plateau beside a gradient explosion."""
     acts = {activation_kind(m) for m in model.modules()} - {None}
     if f.kind == "dead_units":
         if _narrow(f):
@@ -127,7 +115,7 @@ def menu(f: Finding, model: nn.Module, earlier: Any = None) -> list[str]:
         return ["init:xavier", "act:relu+init:he"]
     if f.kind == "plateau":
         cause = cause_of(f)
-        if collapsed(f, earlier):
+        if collapse and cause is None:
             return ["restart:lr"]
         return [PLATEAU_CAUSES[cause]] if cause in PLATEAU_CAUSES else []
     key = (f.kind, cause_of(f))
@@ -208,30 +196,25 @@ class Restructurer:
         self.executor: Any = None
         #: the Guard's learning-rate controller (a restart cuts its scale)
         self.lr: Any = None
-        #: the run's finding counts by kind, when asked (the Guard's core.finding_counts)
-        self.earlier: Any = lambda: None
         self._last: str | None = None
         self._lr_before: dict | None = None
         self._plateau: Finding | None = None  # the last plain plateau reported
+        self._explosion: int | None = None  # the step of the last gradient explosion
+        self._collapse: Finding | None = None  # the plateau recognised as a collapse
 
     def pick(self, findings: list[Finding]) -> Finding | None:
         """The structural finding to act on this step, if any: dead units first (they cause the
         vanishing gradient reported beside them), then saturation, then a vanishing gradient."""
         order = {"dead_units": 0, "saturation": 1, "vanishing_gradient": 2, "plateau": 3}
-        for f in findings:
-            if f.kind == "plateau" and cause_of(f) is None:
-                self._plateau = f  # remembered: instability after it is a collapse too
-        recent = self._plateau
-        if recent is not None and any(f.kind in INSTABILITY for f in findings) \
-                and f_step(findings) - recent.step <= PLATEAU_RECENT:
-            return recent  # a plain plateau, then instability: the run collapsed
+        collapse = self._collapsed(findings)
+        if collapse is not None:
+            return collapse
         for f in sorted(findings, key=lambda f: order.get(f.kind, 9)):
             if (f.kind, cause_of(f)) in CAUSED:
                 return f
             if f.kind not in STRUCTURAL:
                 continue
-            if f.kind == "plateau" and cause_of(f) not in PLATEAU_CAUSES \
-                    and not collapsed(f, self.earlier()):
+            if f.kind == "plateau" and cause_of(f) not in PLATEAU_CAUSES:
                 continue  # a plain plateau: nothing structural to change
             if f.kind == "dead_units" and isinstance(f.evidence, dict) \
                     and f.evidence.get("cause") == "killed":
@@ -239,9 +222,33 @@ class Restructurer:
             return f
         return None
 
+    def _collapsed(self, findings: list[Finding]) -> Finding | None:
+        """The plain plateau to answer as a collapse this step: one and a gradient explosion at
+        most :data:`COLLAPSE_WINDOW` steps apart, whichever came second being this step's."""
+        hit: Finding | None = None
+        for f in findings:
+            if f.kind == "grad_explosion":
+                p = self._plateau
+                if p is not None and f.step - p.step <= COLLAPSE_WINDOW:
+                    hit = p
+                self._explosion = f.step
+        for f in findings:
+            if f.kind == "plateau" and cause_of(f) is None:
+                self._plateau = f
+                if self._explosion is not None and f.step - self._explosion <= COLLAPSE_WINDOW:
+                    hit = f
+        if hit is not None:
+            self._collapse = hit
+        return hit
+
+    def key(self, f: Finding) -> str:
+        """What the remedies tried for ``f`` are counted under (:func:`tried_key`; a collapse
+        apart from the optimizer-numerics plateaus)."""
+        return "plateau:collapse" if f is self._collapse else tried_key(f)
+
     def next_remedy(self, f: Finding) -> str | None:
-        options = menu(f, self.model, self.earlier())
-        i = self.tried.get(tried_key(f), 0)
+        options = menu(f, self.model, collapse=f is self._collapse)
+        i = self.tried.get(self.key(f), 0)
         if i >= len(options) or self.changes >= self.max_changes:
             return None
         return options[i]
@@ -257,7 +264,7 @@ class Restructurer:
                "optim:weight_decay": self._weight_decay, "restart:lr": self._restart}.get(remedy)
         if own is not None:  # optimizer and precision remedies: the model is not touched
             change = own()
-            self.tried[tried_key(f)] = self.tried.get(tried_key(f), 0) + 1
+            self.tried[self.key(f)] = self.tried.get(self.key(f), 0) + 1
             self.changes += 1
             return [change] if change else []
         parts = [p for p in remedy.split("+") if not (p == "init:lsuv" and batch is None)]
@@ -270,7 +277,7 @@ class Restructurer:
         if any(p.startswith("init:") for p in parts):
             # the moments and step counts describe weights that no longer exist
             self.optimizer.state.clear()
-        self.tried[tried_key(f)] = self.tried.get(tried_key(f), 0) + 1
+        self.tried[self.key(f)] = self.tried.get(self.key(f), 0) + 1
         self.changes += 1
         return changes
 
@@ -311,12 +318,12 @@ class Restructurer:
                 reset()
                 n += 1
         self.optimizer.state.clear()
-        self._plateau = None
+        self._plateau = self._explosion = None  # what they described is gone
         lr = ""
         if self.lr is not None:
             before, after = self.lr.backoff(RESTART_LR, recover=False)
             lr = f"; learning-rate scale {before:g} -> {after:g} (kept)"
-        return (f"collapsed onto a plateau after early instability: {n} modules re-initialised "
+        return (f"collapsed onto a plateau beside a gradient explosion: {n} modules re-initialised "
                 f"(PyTorch defaults), optimizer state cleared{lr}")
 
     def _weight_decay(self) -> str:

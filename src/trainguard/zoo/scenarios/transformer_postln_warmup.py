@@ -38,7 +38,11 @@ Guard (``tg.Guard`` with defaults, seeds 0 / 1 / 2): seed 0 - grad_explosion at 
 plateau at 152 (then vanishing_gradient from step 237, a consequence of the collapse); seed 1 -
 grad_explosion at 115, 171, 215, plateau at 232; seed 2 - no finding (four clips). Its clipping
 does not rescue the run (held-out 2.92 / 2.75 / 2.18, all still failing), hence
-``repairable_online=False``; on the pre-LN run it finds nothing.
+``repairable_online=False``; on the pre-LN run it finds nothing. With
+``tg.Policy(structural="repair")`` the plateau after the explosion is a collapse: the model is
+re-initialised and the LR cut to 1/4 for good (``restart:lr``, at steps 138 / 201 on seeds 0 /
+1; held-out 1.63 / 1.76, both passing: ``trainguard zoo --only transformer_postln_warmup
+--seeds 2 --no-baselines --structural``).
 """
 from __future__ import annotations
 
