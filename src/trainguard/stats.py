@@ -45,6 +45,9 @@ def unit_dim(t: torch.Tensor) -> int:
     return 1 if t.dim() in (2, 4, 5) else t.dim() - 1
 
 
+_DEAD_KINDS = ("relu", "relu6")
+_SAT_KINDS = {"sigmoid": 0.5, "hardsigmoid": 0.5, "tanh": 0.0, "hardtanh": 0.0}  # -> centre
+
 def _activation_parts(kind: str, out: torch.Tensor) -> tuple[list[torch.Tensor], "_Layout"]:
     """The device scalars one activation's statistics are made of, and how the host turns
     them into [dead_fraction, saturated_fraction, second_moment, units] (:class:`_Layout`).
@@ -63,20 +66,17 @@ def _activation_parts(kind: str, out: torch.Tensor) -> tuple[list[torch.Tensor],
     units = o.shape[d]
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
     parts: list[torch.Tensor] = []
-    dead = kind in ("relu", "relu6")
+    dead = kind in _DEAD_KINDS
     if dead:
         parts.append((o.amax(dim=[i for i in range(o.dim()) if i != d]) <= 0).sum())
-    sat = kind in ("sigmoid", "hardsigmoid", "tanh", "hardtanh")
-    if kind in ("sigmoid", "hardsigmoid"):
+    sat = kind in _SAT_KINDS
+    if sat and _SAT_KINDS[kind]:  # sigmoid families: centred on 0.5
         parts.append(((o < 0.01) | (o > 0.99)).sum())
     elif sat:
         parts.append((o.abs() > 0.99).sum())
     parts.append(torch.linalg.vector_norm(o, dtype=acc).square())
     return parts, _Layout(dead, sat, units, o.numel())
 
-
-_DEAD_KINDS = ("relu", "relu6")
-_SAT_KINDS = {"sigmoid": 0.5, "hardsigmoid": 0.5, "tanh": 0.0, "hardtanh": 0.0}  # -> centre
 
 #: the activations read in a batch (below): tanh and sigmoid, whose outputs autograd keeps
 #: for the backward pass anyway (so holding them costs no memory, and writing one in place
