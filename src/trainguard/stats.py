@@ -87,8 +87,8 @@ _BATCHED_KINDS = ("tanh", "sigmoid")
 #: tanh and sigmoid outputs of at most this many elements are read together after the forward
 #: pass, in a few fused (``torch._foreach_*``) calls, instead of 5 small ops each inside their
 #: hook: below this size the per-call cost dominates (499 tanh outputs of 32x16 on this CPU:
-#: 27.5 ms read one by one, 11.5 ms batched; issue #15). Larger ones are read in their hook,
-#: where the ops cost bandwidth, not calls.
+#: 27.5 ms read one by one, 11.5 ms batched, ``python bench/sampled_step.py``; issue #15).
+#: Larger ones are read in their hook, where the ops cost bandwidth, not calls.
 BATCH_NUMEL = 65536
 #: the batched activations are referenced (not copied) until the step is measured: at most
 #: this many bytes of them (autograd keeps them until the backward pass anyway; this bounds

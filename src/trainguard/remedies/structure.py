@@ -314,7 +314,7 @@ class Restructurer:
         n = 0
         for m in self.model.modules():
             reset = getattr(m, "reset_parameters", None)
-            if callable(reset) and any(True for _ in m.parameters(recurse=False)):
+            if callable(reset) and next(m.parameters(recurse=False), None) is not None:
                 reset()
                 n += 1
         self.optimizer.state.clear()

@@ -1,0 +1,117 @@
+"""What a sampled step costs on a model with many activations, piece by piece (issue #15).
+
+    python bench/sampled_step.py [--rounds 12]
+
+On the 1,000-tensor model of ``bench/amortised.py`` (499 x (Linear(16,16), Tanh), batch 32,
+Adam, one thread):
+
+1. a whole guarded step with the probes armed against a plain one (two Guards in one process,
+   ``sample_every=1`` against never; rounds of 3 steps, interleaved, median);
+2. a sampled forward pass alone, looking for functional calls (spy mode + process-wide module
+   hooks) and not looking (the passes between looks, ``stats.LOOK_EVERY``), against a plain
+   forward;
+3. the tanh statistics of 499 32x16 outputs read one by one (``stats._activation_parts``)
+   against the batched read (``stats._batched_parts``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+import trainguard as tg  # noqa: E402
+from trainguard import stats  # noqa: E402
+
+
+def build() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(499)],
+                         nn.Linear(16, 10))
+
+
+def timed(f: Callable[[], object], n: int = 3) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=12)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))
+
+    # 1. whole steps
+    runs = {}
+    for every in (1, 10**9):
+        m = build()
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        g = tg.Guard(m, opt, console=False, sample_every=every, param_norm_every=10**9,
+                     snapshot_every=10**9)
+        runs[every] = (m, opt, g)
+
+    def step(m: nn.Module, opt: torch.optim.Optimizer, g: tg.Guard) -> None:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        g.step(loss)
+
+    for r in runs.values():
+        for _ in range(5):
+            step(*r)
+    t: dict[int, list[float]] = {k: [] for k in runs}
+    for _ in range(a.rounds):
+        for k, (m, opt, g) in runs.items():
+            t[k].append(timed(lambda: step(m, opt, g)))  # noqa: B023 (called at once)
+    sampled, plain = statistics.median(t[1]), statistics.median(t[10**9])
+    print(f"guarded step: plain {plain:.1f} ms, sampled {sampled:.1f} ms (+{sampled - plain:.1f} ms)")
+    for r in runs.values():
+        r[2].close()
+
+    # 2. a sampled forward alone
+    m = build()
+    s = stats.ActivationSampler(m)
+
+    def armed(look: bool) -> None:
+        s._found = look  # look for functional calls on this pass, or not
+        s._passes = 1
+        s.arm()
+        m(x)
+        s.collect()
+
+    f: dict[str, list[float]] = {"plain": [], "looking": [], "not looking": []}
+    for _ in range(a.rounds):
+        f["plain"].append(timed(lambda: m(x)))
+        f["looking"].append(timed(lambda: armed(True)))
+        f["not looking"].append(timed(lambda: armed(False)))
+    base = statistics.median(f["plain"])
+    print(f"sampled forward: plain {base:.1f} ms; " + ", ".join(
+        f"{k} +{statistics.median(v) - base:.1f} ms" for k, v in f.items() if k != "plain"))
+
+    # 3. one by one against batched
+    outs = [torch.randn(32, 16).tanh() for _ in range(499)]
+
+    def one_by_one() -> None:
+        for o in outs:
+            stats._activation_parts("tanh", o)
+
+    def batched() -> None:
+        stats._batched_parts([(o, "tanh", []) for o in outs])
+
+    r1 = [timed(one_by_one) for _ in range(a.rounds)]
+    r2 = [timed(batched) for _ in range(a.rounds)]
+    print(f"499 tanh outputs 32x16: one by one {statistics.median(r1):.1f} ms, "
+          f"batched {statistics.median(r2):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
