@@ -207,6 +207,20 @@ def test_vanishing_through_time_uses_the_median_after_init():
                 [st(50 * i, acts=_rec(r)) for i, r in enumerate(lstm)])
 
 
+def test_vanishing_through_time_lets_a_new_cell_settle():
+    """A GRU swapped in mid-run (structural repair) is probed every 5 steps while its path is
+    still shut; the probes within 50 steps of its first one are not judged."""
+    shut = [2.2e-19] + [1e-10] * 9 + [2e-3, 2e-2, 5e-2]
+    steps = [150 + 5 * i for i in range(10)] + [200, 250, 300]
+    assert feed(VanishingGradientDetector(),
+                [st(t, acts=_rec(r)) for t, r in zip(steps, shut)]) == []
+    # without the settling span the shut probes would have been called vanishing
+    assert feed(VanishingGradientDetector(time_settle=1),
+                [st(t, acts=_rec(r)) for t, r in zip(steps, shut)])
+    with pytest.raises(ValueError):
+        VanishingGradientDetector(time_settle=0)
+
+
 def test_zero_gradient_detector():
     f = feed(ZeroGradientDetector(), [st(i, grads=[0.0, 0.5]) for i in range(20)])
     assert len(f) == 1 and f[0].kind == "vanishing_gradient"

@@ -303,3 +303,50 @@ def test_collapse_is_recognised_in_either_order_and_undone():
     assert rs.pick(later) is None
     f = rs.pick(found("grad_explosion", 950))
     assert f is later[0]  # the plateau came first
+
+
+def test_vanishing_rnn_is_swapped_for_a_gru_and_undone():
+    """Issue #13: a plain nn.RNN whose gradient vanishes through time (the zoo's Z5 twin, tanh,
+    rho 0.9, T = 100) is replaced by an nn.GRU of the same shape at the step the vanishing is
+    recognised; its parameters take the old ones' places in the optimizer and the probe; the
+    run passes its criterion (bare: 0.17); undo puts the RNN back."""
+    from trainguard.zoo.base import REGISTRY
+    from trainguard.zoo.runner import _structural_factory, train
+    s = REGISTRY["recurrent_vanishing_rnn"]
+    setup = s.build(0)
+    old_rnn = setup.model.rnn
+    old = set(map(id, old_rnn.parameters()))
+    r = train(setup, "guarded", guard_factory=_structural_factory)
+    rs = [a for a in r.actions if a.kind == "restructure"]
+    assert [a.detail["remedy"] for a in rs] == ["cell:gru"] and rs[0].step == 150
+    assert "nn.GRU" in rs[0].detail["changes"][0]
+    model, opt, g = setup.model, setup.optimizer, r.guard
+    assert type(model.rnn) is nn.GRU and model.rnn.hidden_size == 50 and model.rnn.batch_first
+    held = [p for grp in opt.param_groups for p in grp["params"]]
+    assert {id(p) for p in model.parameters()} == set(map(id, held))
+    assert not old & set(map(id, held)) and not any(p in opt.state for p in old_rnn.parameters())
+    assert [id(p) for p in g.probe.params] == [id(p) for p in model.parameters()]
+    assert s.passed(r), r.metric
+    # no spike or other finding from the Guard's own change
+    assert [f.kind for f in r.findings] == ["vanishing_gradient"]
+    assert g.undo_restructure()
+    assert model.rnn is old_rnn
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    assert [id(p) for p in g.probe.params] == [id(p) for p in model.parameters()]
+
+
+def test_rnn_that_cannot_be_swapped_is_reported_with_the_line():
+    from trainguard.remedies.structure import menu, needs_code
+    from trainguard.types import Finding
+
+    class MyRNN(nn.RNN):
+        pass
+    f = Finding(kind="vanishing_gradient", step=150, where="rnn", message="",
+                evidence={"through_time": True})
+    m = nn.Module()
+    m.rnn = MyRNN(2, 8, batch_first=True)
+    assert "cannot swap" in needs_code(f, m) and menu(f, m) != ["cell:gru"]
+    m.rnn = nn.RNN(2, 8, batch_first=True)
+    assert needs_code(f, m) is None and menu(f, m) == ["cell:gru"]
+    m.rnn.weight_hh_l0.requires_grad_(False)  # frozen on purpose: left alone
+    assert "cannot swap" in needs_code(f, m)

@@ -312,6 +312,8 @@ class Guard(CoreView):
         if self.restructurer is not None:
             self.restructurer.executor = self.executor
             self.restructurer.lr = self.lr
+            rebind = weakref.WeakMethod(self._rebind)
+            self.restructurer.rebind = lambda pairs: (m := rebind()) is not None and m(pairs)
             rescue = weakref.WeakMethod(self._rescue)  # the pieces hold no strong reference
             self.executor.rescue = lambda f, step: bool((m := rescue()) and m(f, step))
         capture = self._capture  # the pieces hold no reference to the Guard itself
@@ -671,11 +673,15 @@ class Guard(CoreView):
         self.executor.finish_scaler_step(d.scaled)
         batch, self._last_input = self._last_input, None
         changes = rs.apply(f, remedy, batch)
-        from .remedies.structure import CAUSED, STRUCTURAL, cause_of
+        from .remedies.structure import CAUSED, OPTIMIZER_ONLY, STRUCTURAL, cause_of
         if (f.kind, cause_of(f)) not in CAUSED:
             # what the structural detectors saw describes the old structure (a weight decay
             # turned on for a logit drift changes nothing they saw)
             self.core.forget_detectors(STRUCTURAL)
+        if remedy not in OPTIMIZER_ONLY:
+            # a changed model starts from another loss and gradient scale: the spike windows
+            # describe the old one (a swapped-in GRU's first loss was a "spike" of the RNN's)
+            self.core.reset_detectors()
         self._changed(f, remedy, changes, step)
         return True
 
@@ -693,6 +699,18 @@ class Guard(CoreView):
                       + ("; ".join(changes) if changes else "nothing to change"), step=step,
                       finding=f.kind, remedy=remedy, changes=changes, where=f.where,
                       attempt=self.restructurer.tried[self.restructurer.key(f)])
+
+    def _rebind(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A structural repair replaced parameters (a recurrent cell swap): each new one takes
+        its old one's place in the probe's parameter list (shared with the snapshots and the
+        loop check), so names, module grouping and order stay as they were."""
+        new_of = {id(o): n for o, n in pairs}
+        params = self.probe.params
+        for i, p in enumerate(params):
+            if id(p) in new_of:
+                params[i] = new_of[id(p)]
+        self.probe.last_grads = []
+        self.measure.rebind()
 
     def _rescue(self, f: Finding, step: int) -> bool:
         """Policy(structural="repair"), rollbacks exhausted: before halting, try the

@@ -106,6 +106,14 @@ class StepProbe:
         self._denom_key: tuple[int, int] | None = None
         self.sampler.arm()  # the first forward is probed
 
+    def rebind(self) -> None:
+        """The optimizer's parameters were replaced in place (a structural repair swapped a
+        module): forget what was keyed on the old ones."""
+        self._group_of = {id(p): grp for grp in self.optimizer.param_groups for p in grp["params"]}
+        self._denom_key = None
+        self._state_owner = []
+        self.post = None
+
     # -- cadence ----------------------------------------------------------------------------
     def arm_if_due(self, step: int) -> None:
         """``step`` is the number of the next step."""

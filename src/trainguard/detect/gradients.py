@@ -15,13 +15,18 @@ Two signals, either one is enough:
 * **Through time** (recurrent modules, ``nn.RNN``/``nn.GRU``/``nn.LSTM``): on sampled steps the
   probe measures the gradient reaching the module's first input step against the one reaching
   its last, ``||dL/dx_0|| / ||dL/dx_T-1||``. The median of the last ``time_window`` = 5
-  probes (the probe at initialisation excluded, from the third on) below ``time_ratio`` =
-  1e-4 (the same 1e-4 as the backward rule) is vanishing through time (Bengio et al. 1994;
+  probes (those within ``time_settle`` = 50 steps of the module's first probe excluded, from
+  the third on) below ``time_ratio`` = 1e-4 (the same 1e-4 as the backward rule) is
+  vanishing through time (Bengio et al. 1994;
   Pascanu et al. 2013). Per-module gradient norms cannot see it: the recurrent weights get
   their gradient from the last few steps. Measured (zoo ``recurrent_vanishing_rnn``, tanh RNN
   rho = 0.9, T = 100): median ~1e-5, single probes 2e-10 to 2e-2; its GRU repair starts at
   1e-10 but opens the path within 100-200 steps (2e-2, then >= 1) - hence the median and
-  the skipped first probe; healthy LSTM on the adding problem: see docs/zoo.md.
+  the settling span. 50 steps: one probe interval at the default ``sample_every``, so at that
+  cadence only the probe at initialisation is skipped (as before: the RNN is still reported
+  at step 150); it matters after a structural repair swaps in a GRU mid-run, whose new
+  module is probed every 5 steps at first (a close watch) while its path is still shut;
+  healthy LSTM on the adding problem: see docs/zoo.md.
 
 None of the rules reports while the loss sits far above its first value (see :func:`exploded`).
 """
@@ -51,22 +56,24 @@ def exploded(d: Detector, s: StepStats) -> bool:
 class VanishingGradientDetector(Detector):
     kind = "vanishing_gradient"
     _state = ("streak", "reported", "forward_reported", "time_seen", "time_reported",
-              "first_loss", "loss_ema")
+              "time_first", "first_loss", "loss_ema")
 
     def __init__(self, ratio: float = 1e-4, patience: int = 20,
                  forward_ratio: float = 1e-4, time_ratio: float = 1e-4,
-                 time_window: int = 5) -> None:
+                 time_window: int = 5, time_settle: int = 50) -> None:
         check_positive("ratio", ratio)
         check_positive("patience", patience, integer=True)
         check_positive("forward_ratio", forward_ratio)
         check_positive("time_ratio", time_ratio)
         check_positive("time_window", time_window, integer=True)
         self.ratio, self.patience, self.forward_ratio = ratio, patience, forward_ratio
-        self.time_ratio, self.time_window = time_ratio, time_window
+        check_positive("time_settle", time_settle, integer=True)
+        self.time_ratio, self.time_window, self.time_settle = time_ratio, time_window, time_settle
         self.streak = 0
         self.reported = False
         self.forward_reported = False
-        self.time_seen: dict[str, list[float]] = {}  # module -> ratios (first = at init)
+        self.time_seen: dict[str, list[float]] = {}  # module -> ratios after settling
+        self.time_first: dict[str, int] = {}  # module -> the step of its first probe
         self.time_reported: list[str] = []
         self.first_loss: float | None = None
         self.loss_ema: float | None = None
@@ -129,11 +136,13 @@ class VanishingGradientDetector(Detector):
             r = a.get("time_grad_ratio") if a.get("kind") == "recurrent" else None
             if r is None or not math.isfinite(r) or name in self.time_reported:
                 continue
+            first = self.time_first.setdefault(name, s.step)
+            if s.step - first < self.time_settle:
+                continue  # the probe at initialisation, and those while the cell settles
             seen = self.time_seen.setdefault(name, [])
             seen.append(float(r))
-            if len(seen) > self.time_window + 1:
-                del seen[1:len(seen) - self.time_window]  # keep the init probe and the last few
-            recent = sorted(seen[1:][-self.time_window:])
+            del seen[:-self.time_window]  # the last few
+            recent = sorted(seen)
             if len(recent) < 3:
                 continue
             med = recent[len(recent) // 2]

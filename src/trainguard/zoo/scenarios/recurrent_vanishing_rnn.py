@@ -24,8 +24,12 @@ its gates give an additive path through time) 0.0005 / 0.0011 / 0.0004 / 0.0005 
 (~6.7 s a run). The GRU also starts with a vanishing path (input-gradient ratio 1e-10 at
 init) but opens it within 100-200 steps (0.02-0.1, then >= 1 once it has learned). An LSTM
 of the same width is a repair too but slower: 0.165 at 600 steps, below 0.05 only after
-1220-1750 steps (seeds 0-2). Not repairable online: the prescription is a gated cell
-(GRU/LSTM), or an orthogonal W_rec at rho = 1 with a shorter T.
+1220-1750 steps (seeds 0-2). Not repairable by the default Guard's remedies (skip, clip,
+LR backoff, rollback): the prescription is a gated cell (GRU/LSTM), or an orthogonal W_rec at
+rho = 1 with a shorter T. With ``Policy(structural="repair")`` the Guard makes the first swap
+itself (remedies/structure.py, ``cell:gru``): at step 150, where the vanishing is recognised,
+``rnn`` becomes an ``nn.GRU`` of the same shape, and the run ends at 0.0009 / 0.0014 (seeds
+0 / 1; the swap by hand at step 150 without the Guard: 0.0014 / 0.0042).
 
 What the Guard sees (seeds 0-1): ``vanishing_gradient`` in ``rnn`` at step 150, from its
 through-time probe (detect/gradients.py): the median of ||dL/dx_0|| / ||dL/dx_T-1|| over
