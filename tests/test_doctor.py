@@ -375,3 +375,28 @@ def test_repair_reruns_a_trial_that_diverges_after_the_probe():
                  plan=["act:elu+init:he"], max_trials=1, progress=False)
     assert any("diverged during training" in c for c in res.changes), res.changes
     assert res.metric < 1.0, res.metric
+
+
+def test_lsuv_goes_first_on_a_net_deep_for_its_width():
+    """Issue #13: on a ReLU net whose signal vanishes, He init is prescribed first unless the
+    net is deep for its width (sum of 1/width >= DEEP_NARROW): there LSUV, which sets each
+    layer's realised scale on a batch (Hanin & Rolnick 2018; the zoo's 30 x 128 net: He 2 of 4
+    seeds below the criterion, LSUV 4 of 4)."""
+    from trainguard.doctor.prescribe import DEEP_NARROW, prescribe, width_depth_ratio
+    from trainguard.types import Finding
+
+    def net(depth, width):
+        layers, d = [], 64
+        for _ in range(depth):
+            lin = nn.Linear(d, width)
+            nn.init.xavier_normal_(lin.weight)
+            layers += [lin, nn.ReLU()]
+            d = width
+        return nn.Sequential(*layers, nn.Linear(d, 10))
+    f = Finding(kind="vanishing_gradient", step=0, where="", message="vanishing",
+                severity="error")
+    deep, shallow = net(30, 128), net(2, 128)
+    assert width_depth_ratio(deep) == pytest.approx(30 / 128)
+    assert width_depth_ratio(shallow) < DEEP_NARROW <= width_depth_ratio(deep)
+    assert [p.remedy for p in prescribe([f], deep, {})][:2] == ["init:lsuv", "init:he"]
+    assert [p.remedy for p in prescribe([f], shallow, {})][:2] == ["init:he", "init:lsuv"]

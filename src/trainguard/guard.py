@@ -700,7 +700,7 @@ class Guard(CoreView):
                       finding=f.kind, remedy=remedy, changes=changes, where=f.where,
                       attempt=self.restructurer.tried[self.restructurer.key(f)])
 
-    def _rebind(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _rebind(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """A structural repair replaced parameters (a recurrent cell swap): each new one takes
         its old one's place in the probe's parameter list (shared with the snapshots and the
         loop check), so names, module grouping and order stay as they were."""

@@ -67,6 +67,28 @@ def _has_norm(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+#: a network whose hidden widths have ``sum(1/width) >= DEEP_NARROW`` is deep for its width:
+#: LSUV (which measures and sets each layer's scale on a batch) goes before He init. Hanin &
+#: Rolnick 2018 (arXiv 1803.01719): under He init the *expected* activation scale is constant,
+#: but its spread from one draw to the next grows with beta = sum over hidden layers of 1/width
+#: (depth/width at constant width), so a deep, narrow net may start far from unit scale. Measured
+#: on the zoo's 30 x 128 ReLU/Xavier net (beta 0.23; ``python bench/doctor_repair.py --zoo
+#: --only signal_relu_xavier_deep``, one trial each, seeds 0-3): He init 1.03 / 1.92 / 0.66 /
+#: 1.20 held-out cross-entropy (2 of 4 below the criterion 1.0), LSUV 0.82 / 0.44 / 0.70 / 0.51
+#: (4 of 4); on the bench's own 30 x 128 case both pass 3 of 3 (accuracy 0.895 / 0.895 / 0.895 and
+#: 0.901 / 0.895 / 0.877 against >= 0.85). 0.1: between that net and the shallow nets people
+#: train (a 64-128-64-10 MLP: 0.023; the zoo's 10 x 256 sigmoid stack: 0.039).
+DEEP_NARROW = 0.1
+
+
+def width_depth_ratio(model: nn.Module) -> float:
+    """beta = sum of 1/width over the hidden weight layers (all but the last), widths being
+    output features or channels (see :data:`DEEP_NARROW`)."""
+    ws = [m.weight.shape[0] for m in model.modules()
+          if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.weight.dim() >= 2]
+    return float(sum(1.0 / w for w in ws[:-1] if w > 0))
+
+
 def init_style(model: nn.Module) -> str:
     """"he", "xavier" or "" from the median of Var[W]·fan_in over weight layers (He: 2,
     Xavier on square layers: 1, PyTorch default U[±1/√n]: 1/3)."""
@@ -143,8 +165,13 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                     "He init keeps q^l constant through ReLU layers: last-layer std 0.86 at depth 30 "
                     "vs 2e-5 with Xavier (He 2015, mechanisms §2.2)", "init:he", bonus=0.5)
             if not sat_acts:
+                beta = width_depth_ratio(model)
+                deep = beta >= DEEP_NARROW
                 add(f, "LSUV: orthonormal init, then rescale each layer to unit output variance on one "
-                    "batch", lins, "mechanisms §2.8 (Mishkin & Matas 2015)", "init:lsuv", bonus=0.3)
+                    "batch", lins, "mechanisms §2.8 (Mishkin & Matas 2015)"
+                    + (f"; first for a net this deep for its width (sum of 1/width {beta:.2f}: He "
+                       "init's realised scale varies from draw to draw, Hanin & Rolnick 2018)"
+                       if deep else ""), "init:lsuv", bonus=0.6 if deep else 0.3)
                 if not _has_norm(model):
                     add(f, f"insert nn.BatchNorm1d after each of the {max(0, len(lins) - 1)} hidden "
                         "Linear layers", lins[:-1],

@@ -67,7 +67,7 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -244,7 +244,7 @@ class Restructurer:
         #: the Guard's learning-rate controller (a restart cuts its scale)
         self.lr: Any = None
         #: the Guard's rebinding of replaced parameters (old, new) in its probe (a cell swap)
-        self.rebind: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], None] | None = None
+        self.rebind: Callable[[Sequence[tuple[torch.Tensor, torch.Tensor]]], None] | None = None
         self._cell_undo: tuple[nn.Module, str, nn.Module, list] | None = None
         self._last: str | None = None
         self._lr_before: dict | None = None
@@ -408,7 +408,7 @@ class Restructurer:
                 f"nn.GRU of the same shape ({n0} -> {n1} parameters, PyTorch's default init), "
                 "its parameters in the old ones' places in the optimizer, state started afresh")
 
-    def _replace(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _replace(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Each old parameter's place in the optimizer's groups (and the Guard's probe) goes to
         its new one; the old one's optimizer state is dropped."""
         new_of = {id(o): n for o, n in pairs}
