@@ -122,6 +122,9 @@ def menu(f: Finding, model: nn.Module, collapse: bool = False) -> list[str]:
         if acts & _SATURATING:
             return ["act:relu+init:he", "init:lsuv"]
         if acts & _RELU_LIKE:
+            from ..doctor.prescribe import DEEP_NARROW, width_depth_ratio
+            if width_depth_ratio(model) >= DEEP_NARROW:  # deep for its width: the doctor's order
+                return ["init:lsuv", "init:he", "act:leaky+init:he"]
             return ["init:he", "act:leaky+init:he", "init:lsuv"]
         return ["init:orthogonal", "init:lsuv"]
     if f.kind == "saturation":
