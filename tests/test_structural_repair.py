@@ -350,3 +350,19 @@ def test_rnn_that_cannot_be_swapped_is_reported_with_the_line():
     assert needs_code(f, m) is None and menu(f, m) == ["cell:gru"]
     m.rnn.weight_hh_l0.requires_grad_(False)  # frozen on purpose: left alone
     assert "cannot swap" in needs_code(f, m)
+
+
+def test_deep_narrow_relu_net_gets_lsuv_first():
+    """The Guard's menu for a vanishing signal in a ReLU net follows the doctor: LSUV first when
+    the net is deep for its width (sum of 1/width >= DEEP_NARROW), He init first otherwise."""
+    from trainguard.remedies.structure import menu
+    from trainguard.types import Finding
+
+    def net(depth):
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Linear(128, 128), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(128, 10))
+    f = Finding(kind="vanishing_gradient", step=0, where="", message="")
+    assert menu(f, net(30))[0] == "init:lsuv"
+    assert menu(f, net(3))[0] == "init:he"
