@@ -310,6 +310,7 @@ def test_vanishing_rnn_is_swapped_for_a_gru_and_undone():
     rho 0.9, T = 100) is replaced by an nn.GRU of the same shape at the step the vanishing is
     recognised; its parameters take the old ones' places in the optimizer and the probe; the
     run passes its criterion (bare: 0.17); undo puts the RNN back."""
+    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
     from trainguard.zoo.base import REGISTRY
     from trainguard.zoo.runner import _structural_factory, train
     s = REGISTRY["recurrent_vanishing_rnn"]
@@ -366,3 +367,22 @@ def test_deep_narrow_relu_net_gets_lsuv_first():
     f = Finding(kind="vanishing_gradient", step=0, where="", message="")
     assert menu(f, net(30))[0] == "init:lsuv"
     assert menu(f, net(3))[0] == "init:he"
+
+
+@pytest.mark.parametrize("name, remedy", [
+    ("signal_tanh_ordered", "init:orthogonal"),   # 40 x 128 tanh, sigma_w^2 = 0.5 (Z3)
+    ("signal_relu_xavier_deep", "init:lsuv"),     # 30 x 128 ReLU, Xavier (Z2): deep for its width
+])
+def test_init_repairs_in_the_run(name, remedy):
+    """The re-initialisations from a real run: the zoo's ordered-phase tanh stack gets an
+    orthogonal init, the deep narrow ReLU/Xavier stack LSUV on the step's batch; both then pass
+    their criterion (bare: 2.31 held-out cross-entropy against < 1.0)."""
+    import trainguard.zoo.scenarios  # noqa: F401 - registers the scenarios
+    from trainguard.zoo.base import REGISTRY
+    from trainguard.zoo.runner import _structural_factory, train
+    s = REGISTRY[name]
+    r = train(s.build(0), "guarded", guard_factory=_structural_factory)
+    rs = [a for a in r.actions if a.kind == "restructure"]
+    assert rs and rs[0].detail["remedy"] == remedy, [a.detail for a in rs]
+    assert rs[0].detail["changes"], rs[0].detail
+    assert s.passed(r), r.metric
