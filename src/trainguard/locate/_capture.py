@@ -169,24 +169,12 @@ class StepCapture:
         if self.keep_output_grad:
             for i, (_, t) in enumerate(leaves):
                 if t.requires_grad:
-                    node = t.grad_fn
-                    if node is not None:
-                        # a pre-hook on the node that made the output sees the same gradient a
-                        # tensor hook would (tensor hooks are node pre-hooks underneath) at a
-                        # third of the cost of Tensor.register_hook's Python wrapper, which
-                        # was a fifth of the capture's time on every step
-                        node.register_prehook(functools.partial(self._store_out, i, t.output_nr))
-                    else:  # an output that is a leaf (the model returned a parameter)
-                        t.register_hook(functools.partial(self._store_grad, i))
+                    t.register_hook(functools.partial(self._store_grad, i))
         return None
 
     def _store_grad(self, i: int, g: torch.Tensor) -> None:
         if i < len(self.grads):
             self.grads[i] = g
-
-    def _store_out(self, i: int, nr: int, grad_outputs: tuple) -> None:
-        if nr < len(grad_outputs) and grad_outputs[nr] is not None:
-            self._store_grad(i, grad_outputs[nr])
 
     def _on_update(self, *_: Any) -> None:
         self._updated = True

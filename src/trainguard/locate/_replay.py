@@ -234,15 +234,10 @@ def preserved_state(model: nn.Module, *, cuda: bool) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
-_CUDA: list[bool] = []  # torch.cuda.is_available(), asked once
-
-
 def autocast_state() -> dict[str, Any]:
     """The ambient autocast settings (cheap: two or four C calls)."""
     st = {"cpu": [torch.is_autocast_enabled("cpu"), str(torch.get_autocast_dtype("cpu"))]}
-    if not _CUDA:
-        _CUDA.append(torch.cuda.is_available())
-    if _CUDA[0]:
+    if torch.cuda.is_available():
         st["cuda"] = [torch.is_autocast_enabled("cuda"), str(torch.get_autocast_dtype("cuda"))]
     return st
 
