@@ -87,6 +87,9 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
         "guard param_norm_every=1": _loop(model, width, guard={"param_norm_every": 1}),
         "guard integrity='step'": _loop(model, width, guard={"integrity": "step"}),
         "guard locate=False": _loop(model, width, guard={"locate": False}),  # the replay capture's share
+        # the detectors' share: measurement, policy and executor without a single rule
+        "guard detectors=[]": _loop(model, width, guard={"detectors": []}),
+        "guard detectors=[], locate=False": _loop(model, width, guard={"detectors": [], "locate": False}),
         "bare (fused Adam)": _loop(model, width, fused=True),
         "guard sync=False, fused": _loop(model, width, guard={"sync": False}, fused=True),
         "detect_anomaly": _loop(model, width, anomaly=True),
