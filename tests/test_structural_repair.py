@@ -386,3 +386,46 @@ def test_init_repairs_in_the_run(name, remedy):
     assert rs and rs[0].detail["remedy"] == remedy, [a.detail for a in rs]
     assert rs[0].detail["changes"], rs[0].detail
     assert s.passed(r), r.metric
+
+
+def test_cell_swap_keeps_layers_direction_and_trains():
+    """A 2-layer bidirectional nn.RNN becomes a GRU with the same names and layout; the
+    Guard's probe and the optimizer follow it, training steps go on, undo restores it."""
+    from trainguard.types import Finding
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(3, 8, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x):
+            h, _ = self.rnn(x)
+            return self.head(h[:, -1])
+    torch.manual_seed(0)
+    m = Net()
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, o, console=False, policy=tg.Policy(structural="repair"))
+    x, y = torch.randn(4, 5, 3), torch.randn(4, 1)
+
+    def step():
+        o.zero_grad()
+        loss = nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        return g.step(loss)
+    step()
+    old = m.rnn
+    f = Finding(kind="vanishing_gradient", step=1, where="rnn", message="",
+                evidence={"through_time": True})
+    changes = g.restructurer.apply(f, "cell:gru")
+    assert changes and "2 layers" in changes[0]
+    new = m.rnn
+    assert type(new) is nn.GRU and new.bidirectional and new.num_layers == 2 and new.batch_first
+    assert [n for n, _ in new.named_parameters()] == [n for n, _ in old.named_parameters()]
+    assert [id(p) for p in g.probe.params] == [id(p) for p in m.parameters()]
+    assert all(step() for _ in range(3))  # the probe reads the GRU's gradients, Adam steps them
+    assert set(map(id, o.state)) <= set(map(id, m.parameters()))
+    assert g.undo_restructure() and m.rnn is old
+    assert [id(p) for p in o.param_groups[0]["params"]] == [id(p) for p in m.parameters()]
+    assert step()
+    g.close()
