@@ -72,8 +72,8 @@ def _has_norm(model: nn.Module) -> bool:
 #: Rolnick 2018 (arXiv 1803.01719): under He init the *expected* activation scale is constant,
 #: but its spread from one draw to the next grows with beta = sum over hidden layers of 1/width
 #: (depth/width at constant width), so a deep, narrow net may start far from unit scale. Measured
-#: on the zoo's 30 x 128 ReLU/Xavier net (beta 0.23; ``python bench/doctor_repair.py --zoo
-#: --only signal_relu_xavier_deep``, one trial each, seeds 0-3): He init 1.03 / 1.92 / 0.66 /
+#: on the zoo's 30 x 128 ReLU/Xavier net (beta 0.23; ``python bench/lsuv_vs_he.py``, one
+#: doctor trial each, seeds 0-3): He init 1.03 / 1.92 / 0.66 /
 #: 1.20 held-out cross-entropy (2 of 4 below the criterion 1.0), LSUV 0.82 / 0.44 / 0.70 / 0.51
 #: (4 of 4); on the bench's own 30 x 128 case both pass 3 of 3 (accuracy 0.895 / 0.895 / 0.895 and
 #: 0.901 / 0.895 / 0.877 against >= 0.85). 0.1: between that net and the shallow nets people

@@ -35,9 +35,9 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
   then LSUV — unless the net is deep for its width (the doctor's
   :data:`~trainguard.doctor.prescribe.DEEP_NARROW`: sum of 1/width >= 0.1), where LSUV comes
   first, then He init, then LeakyReLU(0.1) + He (the zoo's 30 x 128 ReLU/Xavier net in this
-  mode, seeds 0-4: LSUV 0.30 / 0.98 / 0.99 / 0.62 / 0.40 held-out cross-entropy, all below
-  the criterion 1.0; He init 1.42 / 1.07 / 1.27 / 0.86 on seeds 1-4); otherwise orthogonal
-  init, then LSUV;
+  mode, seeds 0-4, ``python bench/lsuv_vs_he.py``: LSUV 0.30 / 0.98 / 0.99 / 0.62 / 0.40
+  held-out cross-entropy, all below the criterion 1.0; He init first 0.79 / 1.42 / 1.07 /
+  1.27 / 0.86, 2 of 5); otherwise orthogonal init, then LSUV;
 - ``saturation`` (activations, not attention): tanh only: orthogonal init first; then Xavier
   init, then ReLU + He init;
 - ``plateau`` whose cause is the optimizer's numerics (never a plain plateau): Adam's epsilon
@@ -63,7 +63,7 @@ born-dead ReLUs, Mishkin & Matas 2015 for LSUV):
   parameter groups (same hyperparameters, fresh state) and in the Guard's probe. On the zoo's
   Z5 vanishing twin (tanh RNN, rho 0.9, T = 100) the Guard swaps at the step the vanishing
   is recognised (150) and the run ends at held-out MSE 0.0009 / 0.0014 on seeds 0 / 1 against
-  < 0.05 (the RNN: 0.17; the same swap by hand at step 150: 0.0014 / 0.0042);
+  < 0.05 (the RNN: 0.17; ``trainguard zoo --only recurrent_vanishing_rnn --seeds 2 --structural``);
 - ``divergence`` whose cause is the output logits' common-mode drift (``"logit_drift"``,
   :mod:`trainguard.detect.logits`): weight decay 0.1 in every parameter group that has none
   (Wortsman et al. 2023: AdamW weight decay holds log Z near 0; on the zoo's Z13, decay 0.1 from

@@ -29,7 +29,7 @@ LR backoff, rollback): the prescription is a gated cell (GRU/LSTM), or an orthog
 rho = 1 with a shorter T. With ``Policy(structural="repair")`` the Guard makes the first swap
 itself (remedies/structure.py, ``cell:gru``): at step 150, where the vanishing is recognised,
 ``rnn`` becomes an ``nn.GRU`` of the same shape, and the run ends at 0.0009 / 0.0014 (seeds
-0 / 1; the swap by hand at step 150 without the Guard: 0.0014 / 0.0042).
+0 / 1; ``trainguard zoo --only recurrent_vanishing_rnn --seeds 2 --structural``).
 
 What the Guard sees (seeds 0-1): ``vanishing_gradient`` in ``rnn`` at step 150, from its
 through-time probe (detect/gradients.py): the median of ||dL/dx_0|| / ||dL/dx_T-1|| over
