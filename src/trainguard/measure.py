@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .remedies.buffers import RunningStats
-from .stats import ActivationSampler, Probe, _local, build_stats, optimizer_kind
+from .stats import ActivationSampler, Probe, _local, build_stats, optimizer_kind, quick_stats
 from .types import StepStats
 
 #: A module whose weights' norm exceeds this is corrupted even though finite. No trained layer
@@ -146,6 +146,13 @@ class StepProbe:
         """``buffers``: optimizer-state norms (parameter cadence); ``running``: the
         normalisation layers' running statistics (a few small tensors: every step in the
         default mode, so a batch that poisons them is caught, and skipped, at its own step)."""
+        sampler = self.sampler
+        if not (buffers or scaled or denominators is not None or sampler._handles
+                or sampler.results):  # a plain step: at most the running statistics
+            if running and self.running.floats:
+                return ([self.running.norms()], ["__buffers__"],
+                        {"__buffers__": len(self.running.floats)})
+            return [], [], {}
         extra: list[torch.Tensor] = []
         names: list[str] = []
         n_buf = {}
@@ -310,7 +317,24 @@ class StepProbe:
             denominators=step if self.check_weights else None)
         probe = self.probe
         read = with_params or self.check_weights
-        gn, idx, pn, ev, lv = probe.measure(loss, with_params=read, extra=extra)
+        if not read and not divide and probe._world_size == 1 and (
+                not names or names == ["__buffers__"]):
+            # the common step (no sampled probe, no cadence read, no scaler state): one
+            # transfer, then plain Python; anything not finite goes on to the general path
+            vec, idx, _ = probe.measure_device(loss, with_params=False, extra=extra)
+            host = vec.tolist()
+            ng = len(idx)
+            if (not known or math.isfinite(host[-1])) and all(
+                    math.isfinite(v) for v in host[ng:-1]):
+                quick = quick_stats(step, probe, host[:ng], idx, host[-1], lr=lr,
+                                    optimizer=self.opt_kind, optimizer_state=self.post,
+                                    loss_known=known)
+                if quick is not None:
+                    self.post = None
+                    return quick, probe.last_grads
+            gn, idx, pn, ev, lv = probe.split(np.asarray(host, dtype=np.float64), idx, False)
+        else:
+            gn, idx, pn, ev, lv = probe.measure(loss, with_params=read, extra=extra)
         if read and not with_params and pn is not None:
             with np.errstate(invalid="ignore"):
                 healthy = bool(np.isfinite(pn).all()) and not bool((pn > HUGE_WEIGHT).any())

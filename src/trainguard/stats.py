@@ -632,6 +632,10 @@ class Probe:
         self._fp32 = all(p.dtype == self.norm_dtype for p in self.params)
         self._all_idx = np.arange(len(self.params), dtype=np.int64)
         self._one_per_module = bool(np.array_equal(self.group, self._all_idx))
+        #: module -> the positions of its parameters (the host-side grouping of a full step)
+        self._members: list[list[int]] = [[] for _ in self.modules]
+        for i, m in enumerate(group):
+            self._members[m].append(i)
         self.process_group = process_group
         self.device = self.params[0].device
         self._world()
@@ -653,13 +657,19 @@ class Probe:
         """Everything for one step stacked in one device vector (all-reduced when
         distributed): [grad norms..., param norms..., extra..., loss]. Returns
         (vector, index of the parameters that have gradients, number of norms)."""
-        with torch.no_grad():
+        # no autograd recording (a create_graph backward leaves gradients that require grad);
+        # the raw switch: the no_grad context manager costs a few times more on every step
+        grad_mode = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             gs, idx = self.grads()
             self.last_grads = gs
             kw = {} if self._fp32 else {"dtype": self.norm_dtype}
             n_norms = len(gs) + (len(self.params) if with_params else 0)
             if isinstance(loss, torch.Tensor):
-                lt = loss.detach().reshape(()).to(self.norm_dtype)
+                lt = loss.detach()
+                if lt.dtype is not self.norm_dtype or lt.dim():
+                    lt = lt.reshape(()).to(self.norm_dtype)
             else:
                 lt = torch.tensor(float(loss), device=self.device, dtype=self.norm_dtype)
             norms = list(torch._foreach_norm(gs, 2, **kw)) if gs else []
@@ -674,6 +684,8 @@ class Probe:
                 vec = torch.cat(parts)
             if self._world_size != 1:
                 vec = self._reduce(vec, n_norms=n_norms)
+        finally:
+            torch._C._set_grad_enabled(grad_mode)
         return vec, idx, n_norms
 
     def exact_grad_norms(self, gn: np.ndarray) -> np.ndarray:
@@ -748,13 +760,18 @@ class Probe:
             return np.sqrt(sq)
 
 
+def grad_total(gn: Sequence[float]) -> float:
+    """The global gradient norm from per-parameter norms: the square root of their squares'
+    sum, added in order (inf when one is inf, NaN when one is NaN)."""
+    return math.sqrt(sum([x * x for x in gn]))
+
+
 def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
                 pn: np.ndarray | None, loss: float, **kw: Any) -> StepStats:
     with np.errstate(over="ignore", invalid="ignore"):
-        gsq = np.square(gn)
-        total = math.sqrt(float(gsq.sum())) if len(gn) else 0.0
+        total = grad_total(gn.tolist()) if len(gn) else 0.0
         if len(probe.modules) == len(idx) and idx is probe._all_idx and probe._one_per_module:
-            groups = np.sqrt(gsq)  # one parameter tensor per module: no grouping needed
+            groups = np.sqrt(np.square(gn))  # one parameter tensor per module: no grouping
         else:
             groups = probe.group_norms(gn, idx)
         pgroups = probe.group_norms(pn, probe._all_idx) if pn is not None else None
@@ -763,3 +780,20 @@ def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
                      grad_norms=groups.tolist(),
                      param_norms=pgroups.tolist() if pgroups is not None else None,
                      param_norm=ptotal, **kw)
+
+
+def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss: float,
+                **kw: Any) -> StepStats | None:
+    """:func:`build_stats` for the common step, in plain Python on the host list (on a small
+    model numpy's per-call cost is most of the Guard's time; the arithmetic is the same:
+    squares summed in order per module, as ``np.bincount`` does). None when the loss or a norm
+    is not finite or some parameter has no gradient: the general path takes those."""
+    total = grad_total(gn)
+    if idx is not probe._all_idx or not (math.isfinite(total) and math.isfinite(loss)):
+        return None
+    if probe._one_per_module:
+        groups = [math.sqrt(x * x) for x in gn]  # one parameter tensor per module
+    else:
+        groups = [math.sqrt(sum([gn[i] * gn[i] for i in m])) for m in probe._members]
+    return StepStats(step=step, loss=loss, grad_norm=total, modules=probe.modules,
+                     grad_norms=groups, **kw)

@@ -21,6 +21,7 @@ import math
 
 from ..types import Finding, StepStats
 from .base import Detector, check_positive
+from .gradients import exploded
 
 
 class ZeroGradientDetector(Detector):
@@ -40,7 +41,6 @@ class ZeroGradientDetector(Detector):
         self.streak = 0
 
     def update(self, s: StepStats) -> list[Finding]:
-        from .gradients import exploded
         if exploded(self, s):  # dead units after an explosion, not a signal that never arrives
             self.streak = 0
             return []

@@ -84,6 +84,13 @@ class VanishingGradientDetector(Detector):
     def _backward(self, s: StepStats) -> list[Finding]:
         if len(s.grad_norms) < 2 or not s.grads_finite:
             return []
+        top = max(s.grad_norms)
+        if top > 0 and min(s.grad_norms) >= self.ratio * top:
+            # the common step, decided without the search below: every module's norm, the
+            # first live one's included, is at least ``ratio`` of the largest
+            self.streak = 0
+            self.reported = False
+            return []
         first_i = next((i for i, g in enumerate(s.grad_norms) if g > 0), None)
         top = max(s.grad_norms)
         if first_i is None or top <= 0 or first_i == len(s.grad_norms) - 1:
@@ -166,4 +173,6 @@ class VanishingGradientDetector(Detector):
         if exploded(self, s):
             self.streak = 0
             return []
+        if not s.activations:  # the forward and through-time rules read sampled steps only
+            return self._backward(s)
         return self._forward(s) + self._backward(s) + self._through_time(s)

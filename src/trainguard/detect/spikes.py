@@ -59,7 +59,7 @@ the clipped value), so a lasting level shift is absorbed instead of alarming for
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 from collections import deque
 
 import numpy as np
@@ -245,10 +245,25 @@ class GradExplosionDetector(_LogJump):
             raise ValueError(f"ema must be in (0, 1), got {ema!r}")
         self.ema = ema
         self.module_log_ema: np.ndarray | None = None
+        #: per-module norms not yet folded into ``module_log_ema`` (folded in order, with the
+        #: same arithmetic, when a finding needs the average, at ``state_dict`` or every
+        #: ``_FOLD`` steps: the average is read only when a jump is reported)
+        self._pending: list[Sequence[float]] = []
+
+    _FOLD = 64
 
     def reset(self) -> None:
         super().reset()
         self.module_log_ema = None
+        self._pending = []
+
+    def state_dict(self) -> dict[str, Any]:
+        self._fold()
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = []
+        super().load_state_dict(state)
 
     def _floor_ok(self, v: float, med: float) -> bool:
         prev = self.history[-1] if self.history else None
@@ -276,6 +291,7 @@ class GradExplosionDetector(_LogJump):
                 and v > self.jump * h[-1] and h[-1] > self.jump * h[-2])
 
     def _worst_module(self, s: StepStats) -> tuple[str, float]:
+        self._fold()
         if not s.modules or self.module_log_ema is None:
             return "", math.nan
         g = np.asarray(s.grad_norms, dtype=float)
@@ -289,11 +305,18 @@ class GradExplosionDetector(_LogJump):
     def _track_modules(self, s: StepStats) -> None:
         if not s.modules:
             return
-        g = np.log(np.maximum(np.asarray(s.grad_norms, dtype=float), 1e-45))
-        if self.module_log_ema is None or self.module_log_ema.shape != g.shape:
-            self.module_log_ema = g
-        else:
-            self.module_log_ema = self.ema * self.module_log_ema + (1 - self.ema) * g
+        self._pending.append(s.grad_norms)
+        if len(self._pending) >= self._FOLD:
+            self._fold()
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, []
+        for norms in pending:
+            g = np.log(np.maximum(np.asarray(norms, dtype=float), 1e-45))
+            if self.module_log_ema is None or self.module_log_ema.shape != g.shape:
+                self.module_log_ema = g
+            else:
+                self.module_log_ema = self.ema * self.module_log_ema + (1 - self.ema) * g
 
     def update(self, s: StepStats) -> list[Finding]:
         if not s.grads_finite or s.scaler_overflow:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..types import Finding
-from ._replay import (Location, _arg_path, autocast_state, nonfinite_params,
+from ._replay import (Location, _arg_path, nonfinite_params,
                       parameters_location, replay_step, tensor_leaves, unwrap)
 
 _RANDOM_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -118,6 +118,7 @@ class StepCapture:
         self.bundles: list[str] = []
         self.random = has_randomness(self.inner) if rng is None else bool(rng)
         self.on_cuda = any(p.is_cuda for p in self.inner.parameters())
+        self._cuda = torch.cuda.is_available()
         self.sharded = _sharded(model)
         from ..hooks import register_private  # kept out of torch.save(model) and deepcopy
         self._handles = [
@@ -127,6 +128,9 @@ class StepCapture:
                              lambda: model.register_forward_hook(self._on_post))]
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._on_update))
+        #: storage signatures of this step's and the previous step's outputs
+        self._outputs_now: set[tuple] = set()
+        self._prev_outputs: set[tuple] = set()
         self._clear()
         self._prev_healthy = False  # the previous step had a captured forward and no finding
         self._updated = False       # an optimizer step ran since the last release()
@@ -136,7 +140,7 @@ class StepCapture:
         self.args: tuple | None = None
         self.kwargs: dict | None = None
         self.grads: list[torch.Tensor | None] = []
-        self.autocast: dict | None = None
+        self._autocast_raw: tuple | None = None
         self.rng: torch.Tensor | None = None
         self.cuda_rng: list | None = None
         self.training = True
@@ -149,13 +153,28 @@ class StepCapture:
             return None
         self.taken = True
         self.args, self.kwargs = args, kwargs
-        self.autocast = autocast_state()
+        # the raw settings (two C calls; a third pair on CUDA): the dict of
+        # :func:`autocast_state` is built only when a replay or a bundle reads it
+        self._autocast_raw = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                              *((torch.is_autocast_enabled("cuda"),
+                                 torch.get_autocast_dtype("cuda")) if self._cuda else ()))
         self.training = module.training
         if self.random:
             self.rng = torch.get_rng_state()
             if self.on_cuda and torch.cuda.is_available():
                 self.cuda_rng = torch.cuda.get_rng_state_all()
         return None
+
+    @property
+    def autocast(self) -> dict | None:
+        """The captured step's autocast settings, as :func:`autocast_state` writes them."""
+        raw = self._autocast_raw
+        if raw is None:
+            return None
+        st: dict[str, Any] = {"cpu": [raw[0], str(raw[1])]}
+        if len(raw) > 2:
+            st["cuda"] = [raw[2], str(raw[3])]
+        return st
 
     def _on_post(self, module: nn.Module, args: Any, out: Any) -> None:
         if not self.taken or self._hooked or not torch.is_grad_enabled():
@@ -182,8 +201,8 @@ class StepCapture:
     # ------------------------------------------------------------------ protocol
     def release(self) -> None:
         """End of a step: drop the references to this step's inputs and gradients."""
-        self._prev_outputs = getattr(self, "_outputs_now", set())
-        self._outputs_now: set = set()
+        self._prev_outputs = self._outputs_now
+        self._outputs_now = set()
         self._prev_healthy = self.taken and not self._refined
         self._updated = False
         self._clear()
@@ -263,7 +282,7 @@ class StepCapture:
         """An input that is the model's own output of the previous step (a recurrent hidden
         state fed back by the loop) is named as such, not as the batch: a skip cannot clean
         it, the loop must reset it (``Guard(on_reset=...)``)."""
-        prev = getattr(self, "_prev_outputs", set())
+        prev = self._prev_outputs
         if not prev:
             return
         for path, t in tensor_leaves((self.args or (), self.kwargs or {})):
@@ -292,7 +311,7 @@ class StepCapture:
         for n in names:
             p = params.get(n)
             st = self.optimizer.state.get(p) if p is not None else None
-            if not st:
+            if not st or p is None:
                 continue
             with torch.no_grad():
                 if any(isinstance(v, torch.Tensor) and v.is_floating_point()

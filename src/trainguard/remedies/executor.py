@@ -197,13 +197,24 @@ class Executor:
         """The user's update, at the Guard's LR scale (through the scaler under fp16)."""
         if self.outside:
             return  # the framework steps right after decide_step, inside applying()
+        if self.master is None and self.lr.scale == 1.0:
+            # the common step: what applying() does, without two generator context managers
+            self.loopcheck.inside = True
+            try:
+                self._update(scaled)
+            finally:
+                self.loopcheck.inside = False
+            return
         with self.applying(), (self.master.stepping() if self.master is not None
                                 else contextlib.nullcontext()):
-            if scaled:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+            self._update(scaled)
+
+    def _update(self, scaled: bool) -> None:
+        if scaled:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def apply(self, scaled: bool, stats: StepStats) -> bool:
         saved = None if self.outside else self.measure.before_update(stats)

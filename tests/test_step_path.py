@@ -1,0 +1,203 @@
+"""The healthy step's short path (issue #15): the same records and decisions as the general
+path, in less Python. Each test pins one shortcut to the computation it replaces."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import trainguard as tg
+from trainguard.detect import GradExplosionDetector, VanishingGradientDetector
+from trainguard.stats import Probe, build_stats, grad_total, quick_stats
+from trainguard.types import StepStats
+
+
+def _net(seed: int = 0, norm: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(8, 16)]
+    if norm:
+        layers.append(nn.BatchNorm1d(16))
+    layers += [nn.Tanh(), nn.Linear(16, 4)]
+    return nn.Sequential(*layers)
+
+
+def _backward(m: nn.Module, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    loss = nn.functional.cross_entropy(m(x), y)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_quick_record_equals_the_general_one(norm):
+    """Several tensors per module (weight and bias; BatchNorm's pair): the per-module norms
+    and the total are the same numbers as build_stats' numpy grouping, to the last bit."""
+    m = _net(norm=norm)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    loss = _backward(m)
+    probe = Probe(m, opt)
+    vec, idx, _ = probe.measure_device(loss, with_params=False)
+    host = vec.tolist()
+    quick = quick_stats(3, probe, host[:-1], idx, host[-1], lr=0.1)
+    full = build_stats(3, probe, np.asarray(host[:-1]), idx, None, host[-1], lr=0.1)
+    assert quick is not None
+    assert quick.grad_norms == full.grad_norms
+    assert quick.grad_norm == full.grad_norm == grad_total(host[:-1])
+    assert quick.loss == full.loss and quick.modules == full.modules
+    assert quick.param_norms is None and quick.lr == 0.1
+    exact = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in m.parameters()))
+    assert quick.grad_norm == pytest.approx(exact, rel=1e-6)
+
+
+def test_quick_record_leaves_the_unusual_steps_to_the_general_path():
+    m = _net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    probe = Probe(m, opt)
+    norms = [1.0] * len(probe.params)
+    assert quick_stats(0, probe, norms, probe._all_idx, 2.0) is not None
+    assert quick_stats(0, probe, [math.inf] + norms[1:], probe._all_idx, 2.0) is None
+    assert quick_stats(0, probe, [math.nan] + norms[1:], probe._all_idx, 2.0) is None
+    assert quick_stats(0, probe, norms, probe._all_idx, math.nan) is None
+    # a parameter without a gradient: the grouping of a partial index is numpy's
+    assert quick_stats(0, probe, norms[1:], np.arange(1, len(norms)), 2.0) is None
+
+
+def test_guard_records_the_same_stream_on_either_path():
+    """A guarded run's per-step records: the short path (plain steps) and the general path
+    (cadence and sampled steps) agree with a recomputation from the gradients themselves."""
+    m = _net(norm=True)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False, sample_every=7, param_norm_every=5)
+    seen = []
+    for t in range(30):
+        opt.zero_grad()
+        loss = _backward(m, seed=t)
+        total = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in m.parameters()))
+        g.step(loss)
+        s = g.core.history[-1]
+        assert s.step == t and s.loss == pytest.approx(loss.item())
+        assert s.grad_norm == pytest.approx(total, rel=1e-5)
+        assert len(s.grad_norms) == len(s.modules) == 3  # 0, 1 (BatchNorm), 3
+        assert (s.param_norms is not None) == (t % 5 == 0)
+        seen.append(s.activations is not None)
+    assert seen[0] and seen[7] and not seen[1]
+    assert g.core.finding_counts == {}
+    g.close()
+
+
+def test_nonfinite_running_statistics_still_named_at_their_step():
+    """A BatchNorm whose running statistics turned NaN on a plain step: the short path hands
+    the step to the general one, which names and restores them."""
+    m = _net(norm=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, opt, console=False)
+    for t in range(13):
+        opt.zero_grad()
+        loss = _backward(m, seed=t)
+        if t == 12:
+            m[1].running_var[0] = float("nan")
+        g.step(loss)
+    f = [f for f in g.core.findings if f.kind == "nonfinite"]
+    assert f and f[0].step == 12 and f[0].origin == "buffers"
+    assert torch.isfinite(m[1].running_var).all()
+    g.close()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_create_graph_backward_records_no_graph_and_keeps_grad_mode():
+    """Gradients that require grad (a double-backward loop): the measurement builds no graph
+    through them, and the ambient grad mode is what it was."""
+    m = _net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, opt, console=False)
+    for t in range(3):
+        opt.zero_grad()
+        g_ = torch.Generator().manual_seed(t)
+        loss = nn.functional.cross_entropy(m(torch.randn(8, 8, generator=g_)),
+                                           torch.randint(0, 4, (8,), generator=g_))
+        loss.backward(create_graph=True)
+        assert all(p.grad.requires_grad for p in m.parameters())
+        vec, _, _ = g.probe.measure_device(loss, with_params=False)
+        assert not vec.requires_grad and torch.is_grad_enabled()
+        assert g.step(loss) is True
+    with torch.no_grad():
+        g.probe.measure_device(1.0, with_params=False)
+        assert not torch.is_grad_enabled()
+    for p in m.parameters():
+        p.grad = None  # the create_graph gradients hold a reference cycle through the graph
+    g.close()
+
+
+def _eager_ema(stream, ema=0.9):
+    out = None
+    for norms in stream:
+        gl = np.log(np.maximum(np.asarray(norms, dtype=float), 1e-45))
+        out = gl if out is None else ema * out + (1 - ema) * gl
+    return out
+
+
+def test_grad_explosion_module_average_folds_to_the_same_numbers():
+    """The per-module log-norm average is folded in batches: the same values as folding it
+    every step, whenever it is read (a finding, state_dict), and none of it after reset."""
+    rng = np.random.RandomState(0)
+    stream = [list(np.exp(rng.randn(3) * 0.1) * [1.0, 2.0, 0.5]) for _ in range(150)]
+    d = GradExplosionDetector()
+    for i, g in enumerate(stream):
+        assert d.update(StepStats(step=i, loss=1.0, grad_norm=float(np.linalg.norm(g)),
+                                  modules=["a", "b", "c"], grad_norms=g)) == []
+    assert len(d._pending) == 150 % d._FOLD
+    state = d.state_dict()
+    assert d._pending == []
+    np.testing.assert_array_equal(np.asarray(state["module_log_ema"]), _eager_ema(stream))
+    # a jump names the module that grew most against its own average
+    jump = [1.0, 2.0, 500.0]
+    f = d.update(StepStats(step=150, loss=1.0, grad_norm=float(np.linalg.norm(jump)),
+                           modules=["a", "b", "c"], grad_norms=jump))
+    assert f and f[0].where == "c"
+    d.reset()
+    assert d._pending == [] and d.module_log_ema is None
+    # a restored state starts with nothing pending
+    d2 = GradExplosionDetector()
+    d2.update(StepStats(step=0, loss=1.0, grad_norm=1.0, modules=["a"], grad_norms=[1.0]))
+    d2.load_state_dict(state)
+    assert d2._pending == []
+    np.testing.assert_array_equal(d2.module_log_ema, _eager_ema(stream))
+
+
+def test_vanishing_shortcut_resets_like_the_search():
+    """The common-step shortcut (every module within ``ratio`` of the largest) does what the
+    first-live-module search does: the streak and the report re-arm."""
+    d = VanishingGradientDetector(patience=3)
+    mods = ["in", "out"]
+
+    def s(i, g):
+        return StepStats(step=i, loss=1.0, grad_norm=1.0, modules=mods, grad_norms=g)
+
+    assert d.update(s(0, [1e-6, 1.0])) == [] and d.streak == 1
+    assert d.update(s(1, [0.5, 1.0])) == [] and d.streak == 0
+    assert [f.step for i in range(2, 6) for f in d.update(s(i, [1e-6, 1.0]))] == [4]
+    assert d.reported
+    d.update(s(6, [0.5, 1.0]))
+    assert not d.reported and d.streak == 0
+    # a dead first layer (exactly zero) is not the shortcut's case: the search decides
+    assert d.update(s(7, [0.0, 1e-7, 1.0])) == [] and d.streak == 1
+
+
+def test_capture_records_autocast_as_before():
+    m = _net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, opt, console=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(4, 8))
+    cap = g._capture
+    assert cap is not None
+    assert cap.autocast is not None and cap.autocast["cpu"] == [True, "torch.bfloat16"]
+    cap.release()
+    assert cap.autocast is None
+    m(torch.randn(4, 8))
+    assert cap.autocast is not None and cap.autocast["cpu"][0] is False
+    g.close()
