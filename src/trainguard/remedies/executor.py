@@ -97,6 +97,8 @@ class Executor:
     def late(self, plan: Plan, step: int, scaled: bool) -> bool:
         """halt, rollback and lr_backoff (what can still be done a few steps late); True when
         the step's update must not be applied."""
+        if not plan.actions:
+            return False  # the common step: nothing planned
         kinds = plan.kinds()
         by = dict(plan.actions)
         core = self.core
