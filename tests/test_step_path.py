@@ -201,3 +201,52 @@ def test_capture_records_autocast_as_before():
     m(torch.randn(4, 8))
     assert cap.autocast is not None and cap.autocast["cpu"][0] is False
     g.close()
+
+
+def test_sampled_only_rules_rest_on_plain_steps_with_the_same_findings():
+    """DeadUnits, Saturation, OptimizerStall and LogitDrift read only sampled fields: the core
+    skips them on plain steps, and the findings of a real run are those of calling every
+    detector on every step."""
+    from trainguard.core import DecisionCore
+    from trainguard.detect import default_detectors
+
+    class Counting(GradExplosionDetector):
+        sampled = "activations"
+        calls = 0
+
+        def update(self, s):
+            Counting.calls += 1
+            return []
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        m[2].bias.fill_(-50.0)  # the second ReLU layer dies: a dead_units finding
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False, sample_every=10, policy=tg.Policy.monitor_only())
+    g.core.detectors.append(Counting())
+    for t in range(60):
+        opt.zero_grad()
+        g.step(_backward_any(m, t))
+    stream = list(g.core.history)
+    # called on the sampled steps and the steps after them (the update's optimizer state)
+    sampled = [s for s in stream if s.activations is not None or s.optimizer_state is not None
+               or s.output_log_z is not None]
+    assert Counting.calls == len(sampled) < len(stream) // 4
+    every = DecisionCore(detectors=default_detectors())
+    every._every_src = every.detectors  # as if every detector were called each step
+    every._every = every.detectors
+    expected = [(f.kind, f.step, f.where) for s in stream
+                for f in every.detect(s, infer_chance=lambda _: g.core.chance_loss)]
+    got = [(f.kind, f.step, f.where) for f in g.core.findings]
+    assert got == expected
+    assert any(k == "dead_units" for k, _, _ in got)
+    g.close()
+
+
+def _backward_any(m: nn.Module, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    loss = nn.functional.cross_entropy(m(torch.randn(32, 8, generator=gen)),
+                                       torch.randint(0, 4, (32,), generator=gen))
+    loss.backward()
+    return loss

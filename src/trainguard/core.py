@@ -77,6 +77,10 @@ class DecisionCore:
                              f"got {chance_loss!r}")
         self.policy = policy if policy is not None else Policy()
         self.detectors = list(detectors) if detectors is not None else default_detectors()
+        # the detectors called on a plain step (see Detector.sampled), rebuilt when the list
+        # changes
+        self._every_src: list[Detector] = []
+        self._every: list[Detector] = []
         # each detector's state as built: forget_detectors() returns them to it
         self._fresh = [copy.deepcopy(d.state_dict()) for d in self.detectors]
         self.sinks: list[Sink] = list(sinks)
@@ -154,7 +158,14 @@ class DecisionCore:
         if self.chance_option == "auto" and self.chance_loss is None and stats.loss_usable:
             self.chance_option = None  # decided once, at the first usable loss
             self.set_chance(infer_chance(stats.loss) if infer_chance is not None else None)
-        return [f for d in self.detectors for f in d.update(stats)]
+        dets = self.detectors
+        if stats.activations is None and stats.optimizer_state is None \
+                and stats.output_log_z is None:  # a plain step: the sampled-only rules rest
+            if self._every_src != dets:
+                self._every_src = list(dets)
+                self._every = [d for d in dets if getattr(d, "sampled", None) is None]
+            dets = self._every
+        return [f for d in dets for f in d.update(stats)]
 
     def decide(self, findings: Sequence[Finding], step: int | None = None) -> Plan:
         """The policy's plan for these findings (and the bookkeeping of severe steps)."""

@@ -19,6 +19,11 @@ class Detector:
 
     kind: str = ""
     _state: tuple[str, ...] = ()
+    #: the one sampled StepStats field this detector reads (``"activations"``,
+    #: ``"optimizer_state"``, ``"output_log_z"``), when it reads nothing else: its ``update``
+    #: returns no finding and changes no state while that field is empty, so the decision core
+    #: does not call it then (most steps). None: called every step.
+    sampled: str | None = None
 
     def update(self, s: StepStats) -> list[Finding]:  # pragma: no cover - interface
         raise NotImplementedError

@@ -35,6 +35,7 @@ from .base import Detector, check_positive
 
 class LogitDriftDetector(Detector):
     kind = "divergence"
+    sampled = "output_log_z"
     _state = ("streak", "last", "reported")
 
     def __init__(self, bar: float = 100.0, patience: int = 3) -> None:

@@ -24,6 +24,7 @@ from .base import Detector, check_positive
 
 class OptimizerStallDetector(Detector):
     kind = "plateau"
+    sampled = "optimizer_state"
     _state = ("eps_streak", "swamp_streak", "reported")
 
     def __init__(self, eps_fraction: float = 0.9, swamp_fraction: float = 0.5,

@@ -38,6 +38,7 @@ SATURATING_KINDS = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 
 class DeadUnitsDetector(Detector):
     kind = "dead_units"
+    sampled = "activations"
     _state = ("first_seen", "reported", "alive_at", "killed")
 
     def __init__(self, full: float = 0.99, rise: float = 0.4, level: float = 0.6) -> None:
@@ -97,6 +98,7 @@ class DeadUnitsDetector(Detector):
 
 class SaturationDetector(Detector):
     kind = "saturation"
+    sampled = "activations"
     _state = ("streaks", "reported")
 
     def __init__(self, saturated: float = 0.75, patience: int = 2, attention: float = 0.9) -> None:
