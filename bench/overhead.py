@@ -90,6 +90,10 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
         # the detectors' share: measurement, policy and executor without a single rule
         "guard detectors=[]": _loop(model, width, guard={"detectors": []}),
         "guard detectors=[], locate=False": _loop(model, width, guard={"detectors": [], "locate": False}),
+        # the four rules whose remedies act on the step itself (skip, clip, rollback) alone
+        "guard detectors=step4": _loop(model, width, guard={"detectors": [
+            tg.detect.NonFiniteDetector(), tg.detect.LossSpikeDetector(),
+            tg.detect.GradExplosionDetector(), tg.detect.DivergenceDetector()]}),
         "bare (fused Adam)": _loop(model, width, fused=True),
         "guard sync=False, fused": _loop(model, width, guard={"sync": False}, fused=True),
         "detect_anomaly": _loop(model, width, anomaly=True),
