@@ -92,7 +92,6 @@ class VanishingGradientDetector(Detector):
             self.reported = False
             return []
         first_i = next((i for i, g in enumerate(s.grad_norms) if g > 0), None)
-        top = max(s.grad_norms)
         if first_i is None or top <= 0 or first_i == len(s.grad_norms) - 1:
             self.streak = 0
             return []
