@@ -80,6 +80,8 @@ def _wandb_records(path):
         if kind == 0:
             pos += left
             continue
+        if pos + 7 + n > len(data):
+            break  # the writer is still appending this record
         chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
         if kind in (1, 4):
             rec = pb.Record()
@@ -98,12 +100,18 @@ def test_wandb_sink_offline_reads_back(tmp_path, monkeypatch):
     _run([sink])
     files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
-    # wandb's service process may still be flushing the file when finish() returns (seen once
-    # under load: no history record read back); wait for it, at most 30 s
+    # wandb's service process may still be flushing the file when finish() returns (seen under
+    # load: no history record read back; a record cut in the middle): wait until a history
+    # record is there and the file stopped growing, at most 30 s
+    import os
     import time
-    deadline = time.monotonic() + 30
-    while not any(r.WhichOneof("record_type") == "history" for r in _wandb_records(files[0])) \
-            and time.monotonic() < deadline:
+    deadline, size = time.monotonic() + 30, -1
+    while time.monotonic() < deadline:
+        now = os.path.getsize(files[0])
+        if now == size and any(r.WhichOneof("record_type") == "history"
+                               for r in _wandb_records(files[0])):
+            break
+        size = now
         time.sleep(0.5)
     points: dict = {}
     texts = []
