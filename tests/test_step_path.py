@@ -15,8 +15,11 @@ from trainguard.stats import Probe, build_stats, grad_total, quick_stats
 from trainguard.types import StepStats
 
 
-def _net(seed: int = 0, norm: bool = False) -> nn.Module:
+def _net(seed: int = 0, norm: bool = False, deep: int = 0) -> nn.Module:
     torch.manual_seed(seed)
+    if deep:  # more parameter tensors than the plain-Python grouping takes (QUICK_GROUPING)
+        return nn.Sequential(nn.Linear(8, 16), *[nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+                                                 for _ in range(deep)], nn.Linear(16, 4))
     layers: list[nn.Module] = [nn.Linear(8, 16)]
     if norm:
         layers.append(nn.BatchNorm1d(16))
@@ -32,11 +35,14 @@ def _backward(m: nn.Module, seed: int = 1) -> torch.Tensor:
     return loss
 
 
-@pytest.mark.parametrize("norm", [False, True])
-def test_quick_record_equals_the_general_one(norm):
-    """Several tensors per module (weight and bias; BatchNorm's pair): the per-module norms
-    and the total are the same numbers as build_stats' numpy grouping, to the last bit."""
-    m = _net(norm=norm)
+@pytest.mark.parametrize("norm,deep", [(False, 0), (True, 0), (False, 40)])
+def test_quick_record_equals_the_general_one(norm, deep):
+    """Several tensors per module (weight and bias; BatchNorm's pair), and a model with more
+    tensors than the plain-Python grouping takes: the per-module norms and the total are the
+    same numbers as build_stats' numpy grouping, to the last bit."""
+    from trainguard.stats import QUICK_GROUPING
+    m = _net(norm=norm, deep=deep)
+    assert (len(list(m.parameters())) > QUICK_GROUPING) == bool(deep)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     loss = _backward(m)
     probe = Probe(m, opt)
