@@ -68,6 +68,9 @@ def test_quick_record_leaves_the_unusual_steps_to_the_general_path():
     assert quick_stats(0, probe, [math.inf] + norms[1:], probe._all_idx, 2.0) is None
     assert quick_stats(0, probe, [math.nan] + norms[1:], probe._all_idx, 2.0) is None
     assert quick_stats(0, probe, norms, probe._all_idx, math.nan) is None
+    # an unknown loss (NaN by convention, loss_known=False) is not a non-finite one
+    unknown = quick_stats(0, probe, norms, probe._all_idx, math.nan, loss_known=False)
+    assert unknown is not None and not unknown.loss_known and unknown.loss_finite
     # a parameter without a gradient: the grouping of a partial index is numpy's
     assert quick_stats(0, probe, norms[1:], np.arange(1, len(norms)), 2.0) is None
 
@@ -256,3 +259,33 @@ def _backward_any(m: nn.Module, seed: int) -> torch.Tensor:
                                        torch.randint(0, 4, (32,), generator=gen))
     loss.backward()
     return loss
+
+
+def test_a_loop_that_shows_no_loss_stays_on_the_short_path():
+    """guard.step() without a loss (a framework that keeps it): the record is the short path's,
+    the loss unknown, no finding; the general path is not taken on every step."""
+    import trainguard.measure as measure_mod
+    m = _net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = tg.Guard(m, opt, console=False, sample_every=1000, param_norm_every=1000)
+    calls = {"quick": 0}
+    real = measure_mod.quick_stats
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls["quick"] += out is not None
+        return out
+
+    measure_mod.quick_stats = counted
+    try:
+        for t in range(12):
+            opt.zero_grad()
+            _backward(m, seed=t)
+            assert g.step() is True
+    finally:
+        measure_mod.quick_stats = real
+    s = g.core.history[-1]
+    assert not s.loss_known and s.grads_finite and s.grad_norm > 0
+    assert calls["quick"] == 11  # every step but the first (sampled on the first step)
+    assert g.core.finding_counts == {}
+    g.close()

@@ -324,8 +324,7 @@ class StepProbe:
             vec, idx, _ = probe.measure_device(loss, with_params=False, extra=extra)
             host = vec.tolist()
             ng = len(idx)
-            if (not known or math.isfinite(host[-1])) and all(
-                    math.isfinite(v) for v in host[ng:-1]):
+            if all(math.isfinite(v) for v in host[ng:-1]):  # running statistics, if any
                 quick = quick_stats(step, probe, host[:ng], idx, host[-1], lr=lr,
                                     optimizer=self.opt_kind, optimizer_state=self.post,
                                     loss_known=known)

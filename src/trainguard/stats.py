@@ -800,11 +800,13 @@ def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss:
                 **kw: Any) -> StepStats | None:
     """:func:`build_stats` for the common step, in plain Python on the host list (on a small
     model numpy's per-call cost is most of the Guard's time; the arithmetic is the same:
-    squares summed in order per module, as ``np.bincount`` does). None when the loss or a norm
-    is not finite or some parameter has no gradient: the general path takes those."""
+    squares summed in order per module, as ``np.bincount`` does). None when a norm or a known
+    loss is not finite or some parameter has no gradient: the general path takes those (an
+    unknown loss, ``loss_known=False``, is NaN by convention and stays on this path)."""
     a = np.asarray(gn, dtype=np.float64) if len(gn) > QUICK_GROUPING else None
     total = grad_total(gn if a is None else a)
-    if idx is not probe._all_idx or not (math.isfinite(total) and math.isfinite(loss)):
+    loss_ok = math.isfinite(loss) or not kw.get("loss_known", True)
+    if idx is not probe._all_idx or not (math.isfinite(total) and loss_ok):
         return None
     if a is not None:
         groups = probe.group_norms(a, idx).tolist()  # many tensors: numpy's loop
