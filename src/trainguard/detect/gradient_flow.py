@@ -44,9 +44,13 @@ class ZeroGradientDetector(Detector):
         if exploded(self, s):  # dead units after an explosion, not a signal that never arrives
             self.streak = 0
             return []
-        g = list(s.grad_norms)
-        if len(g) < 2 or not s.grads_finite or not s.loss_finite or self.reported:
+        gn = s.grad_norms
+        if len(gn) < 2 or not s.grads_finite or not s.loss_finite or self.reported:
             return []
+        if gn[0] != 0.0:  # the common step: the first module gets a gradient
+            self.streak = 0
+            return []
+        g = list(gn)
         first_live = next((i for i, v in enumerate(g) if v > 0), None)
         if g[0] != 0.0 or first_live is None or not math.isfinite(g[first_live]):
             self.streak = 0

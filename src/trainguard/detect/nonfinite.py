@@ -29,6 +29,9 @@ class NonFiniteDetector(Detector):
 
     def update(self, s: StepStats) -> list[Finding]:
         loss_ok = s.loss_finite
+        if (loss_ok and s.grads_finite and s.params_finite and not s.huge_param_modules
+                and not s.nonfinite_buffers and not s.nonfinite_optimizer_modules):
+            return []  # the common step: everything finite, nothing huge
         bad_params = s.nonfinite_param_modules() if not s.params_finite else []
         huge = list(s.huge_param_modules)
         if huge and not bad_params:

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import islice
 
 from ..types import Finding, StepStats
 from .base import Detector, check_positive
@@ -196,23 +197,27 @@ class DivergenceDetector(Detector):
         if ruin is not None:
             return [ruin]
         out: list[Finding] = []
-        r = list(self.recent)
-        if (len(r) == self.fast_steps + 1 and all(b > a for a, b in zip(r, r[1:]))
-                and r[0] > 0 and r[-1] / r[0] >= self.fast_factor
-                and (self.first_loss is None or r[-1] > self.first_loss)):
+        rc = self.recent
+        # the fast rule's conditions, cheapest first (all pure): most steps stop at the ratio
+        if (len(rc) == self.fast_steps + 1 and rc[0] > 0 and rc[-1] / rc[0] >= self.fast_factor
+                and (self.first_loss is None or rc[-1] > self.first_loss)
+                and all(b > a for a, b in zip(rc, list(rc)[1:]))):
+            r = list(rc)
             out.append(self._finding(s, f"the loss grew {r[-1] / r[0]:.1e}x in {self.fast_steps} "
                                         f"steps ({r[0]:.3g} -> {r[-1]:.3g}): exponential blow-up",
                                      {"losses": r, "trigger": "fast"}))
             self.recent.clear()
             self.window.clear()
             return out
-        w = list(self.window)
-        if len(w) >= 3:
-            i = min(range(len(w) - 2), key=w.__getitem__)  # the low point before the last two
-            lo = w[i]
-            if (lo > 0 and w[-1] >= self.fast_factor * lo
-                    and w[-2] >= math.sqrt(self.fast_factor) * lo
-                    and (self.first_loss is None or w[-1] > self.first_loss)):
+        win = self.window
+        if len(win) >= 3:
+            # the low point before the last two (the first one of equal lows, as min() takes)
+            lo = min(islice(win, len(win) - 2))
+            if (lo > 0 and win[-1] >= self.fast_factor * lo
+                    and win[-2] >= math.sqrt(self.fast_factor) * lo
+                    and (self.first_loss is None or win[-1] > self.first_loss)):
+                w = list(win)
+                i = w.index(lo)
                 out.append(self._finding(
                     s, f"the loss grew {w[-1] / lo:.1e}x in {len(w) - 1 - i} steps ({lo:.3g} -> "
                        f"{w[-1]:.3g}): runaway blow-up",
@@ -224,10 +229,11 @@ class DivergenceDetector(Detector):
             return out
         self.best = self.ema if self.best is None else min(self.best, self.ema)
         # half the progress since the start given back; a run that never beat its first
-        # loss has none to give back, so 4x its best suffices
-        lost = (self.ema - self.best) > 0.5 * max(self.initial - self.best, 0.0)
-        med = sorted(self.lastp)[len(self.lastp) // 2]
-        if self.best > 0 and self.ema > self.factor * self.best and med > self.factor * self.best and lost:
+        # loss has none to give back, so 4x its best suffices (the median of the last
+        # ``patience`` losses is read only when the smoothed loss is that high)
+        if (self.best > 0 and self.ema > self.factor * self.best
+                and sorted(self.lastp)[len(self.lastp) // 2] > self.factor * self.best
+                and (self.ema - self.best) > 0.5 * max(self.initial - self.best, 0.0)):
             self.above += 1
         else:
             self.above = 0
@@ -253,7 +259,9 @@ class DivergenceDetector(Detector):
         self.lastk.append(loss)
         if not self.ruin or l0 is None or len(self.last3) < 3 or self.seen <= self.ruin_quiet_until:
             return None
-        m3 = _median(self.last3)
+        m3 = sorted(self.last3)[1]  # the median of three
+        lastk = self.lastk
+        mk: float | None = None  # the median of the last ``giveback_window``, read at most once
         rule: str | None = None
         msg = ""
         onset = self.seen
@@ -263,7 +271,12 @@ class DivergenceDetector(Detector):
             # confidently wrong single examples (batch 1) are not a ruin
             fresh = self.seen <= self.early or 0 <= self.seen - self.lr_rise_at <= 20
             n = 3 if fresh else (self.lastk.maxlen or 9)
-            level = m3 if fresh else (_median(self.lastk) if len(self.lastk) == n else -math.inf)
+            if fresh:
+                level = m3
+            elif len(lastk) == n:
+                level = mk = _median(lastk)
+            else:
+                level = -math.inf
             if level > ref + self.chance_margin:
                 rule, onset = "above_chance", self.seen - n // 2
                 msg = (f"the loss {level:.4g} (median of the last {n}) is {level - ref:.2g} nats above "
@@ -276,8 +289,9 @@ class DivergenceDetector(Detector):
                 msg = (f"the loss {m3:.4g} (median of the last 3) has stayed above "
                        f"{self.start_factor:g}x its first value {l0:.4g} for "
                        f"{self.start_streak} steps")
-        if rule is None and len(self.lastk) == self.lastk.maxlen:
-            mk = _median(self.lastk)
+        if rule is None and len(lastk) == lastk.maxlen:
+            if mk is None:
+                mk = _median(lastk)
             self.bestk = mk if self.bestk is None else min(self.bestk, mk)
             top = max(l0, self.chance) if self.chance is not None else l0
             progress = top - self.bestk

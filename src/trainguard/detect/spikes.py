@@ -82,10 +82,13 @@ class _LogJump(Detector):
         self.history: deque[float] = deque(maxlen=window)  # raw values
         self.initial: float | None = None
         self._first: list[float] = []
+        #: running [sum of logs, sum of squared logs, non-positive count, count] of the window
+        self._sums: list[Any] | None = None
+        self._steps = 0
 
     def reset(self) -> None:
         self.history.clear()
-        self._sums: list[Any] | None = None
+        self._sums = None
 
     def _track_initial(self, v: float) -> None:
         if self.initial is None:
@@ -97,7 +100,7 @@ class _LogJump(Detector):
     def _log_moments(self) -> tuple[float, float] | None:
         """Mean and std of log(history) from running sums (O(1) per step); None if some
         value is not positive. Sums are rebuilt when the window changed under them."""
-        sums = getattr(self, "_sums", None)
+        sums = self._sums
         if sums is None or sums[3] != len(self.history):
             a = np.fromiter(self.history, dtype=float)
             if a.min() <= 0:
@@ -112,11 +115,13 @@ class _LogJump(Detector):
         mu = sums[0] / n
         return mu, math.sqrt(max(sums[1] / n - mu * mu, 0.0))
 
-    def _push(self, v: float) -> None:
-        sums = getattr(self, "_sums", None)
+    def _push(self, v: float, lv: float | None = None) -> None:
+        """Append ``v`` (``lv``: its log when the caller has it) and update the sums."""
+        sums = self._sums
+        h = self.history
         if sums is not None:
-            if len(self.history) == self.history.maxlen:
-                old = self.history[0]
+            if len(h) == h.maxlen:
+                old = h[0]
                 if old > 0:
                     lo = math.log(old)
                     sums[0] -= lo
@@ -125,20 +130,22 @@ class _LogJump(Detector):
                     sums[2] -= 1
                 sums[3] -= 1
             if v > 0:
-                lv = math.log(v)
+                if lv is None:
+                    lv = math.log(v)
                 sums[0] += lv
                 sums[1] += lv * lv
             else:
                 sums[2] += 1
             sums[3] += 1
-        self.history.append(v)
-        self._steps = getattr(self, "_steps", 0) + 1
+        h.append(v)
+        self._steps += 1
         if self._steps % 1000 == 0:
             self._sums = None  # rebuild now and then against floating-point drift
 
     def _judge(self, v: float) -> tuple[bool, dict]:
         """Is ``v`` a jump? Returns (verdict, evidence); updates the history."""
-        self._track_initial(v)
+        if self.initial is None:
+            self._track_initial(v)
         if len(self.history) < self.min_history:
             early = self._early(v)
             if early:
@@ -155,7 +162,7 @@ class _LogJump(Detector):
             lv = math.log(v)
             z = (lv - mu) / sd if sd > 0 else (math.inf if lv > mu else 0.0)
             if z <= self.z:  # the common case: no median needed
-                self._push(v)
+                self._push(v, lv)
                 return False, {}
             med = float(np.median(np.fromiter(self.history, dtype=float)))
             cap = math.exp(min(mu + self.z * sd, 700.0))
@@ -251,6 +258,9 @@ class GradExplosionDetector(_LogJump):
         self._pending: list[Sequence[float]] = []
 
     _FOLD = 64
+    #: up to this many modules the folding runs in Python floats, above it row by row in numpy
+    #: (a numpy call costs about as much as ~30 Python multiply-adds)
+    _FOLD_PLAIN = 32
 
     def reset(self) -> None:
         super().reset()
@@ -311,12 +321,37 @@ class GradExplosionDetector(_LogJump):
 
     def _fold(self) -> None:
         pending, self._pending = self._pending, []
-        for norms in pending:
-            g = np.log(np.maximum(np.asarray(norms, dtype=float), 1e-45))
-            if self.module_log_ema is None or self.module_log_ema.shape != g.shape:
-                self.module_log_ema = g
-            else:
-                self.module_log_ema = self.ema * self.module_log_ema + (1 - self.ema) * g
+        i = 0
+        while i < len(pending):
+            # a run of records with the same modules takes one log for the whole block (an
+            # elementwise ufunc: the same values as row by row); the average then goes on
+            # row by row with the same arithmetic as before
+            j, n = i + 1, len(pending[i])
+            while j < len(pending) and len(pending[j]) == n:
+                j += 1
+            block = np.log(np.maximum(np.asarray(pending[i:j], dtype=float), 1e-45))
+            i = j
+            ema = self.module_log_ema
+            a, b = self.ema, 1 - self.ema
+            if n <= self._FOLD_PLAIN:
+                # narrow rows in Python floats: the same IEEE products and sums as numpy's
+                # elementwise ``a * ema + b * g``, without a numpy call per row per operation
+                rows = block.tolist()
+                if ema is None or ema.shape != (n,):
+                    cur = rows[0]
+                    rows = rows[1:]
+                else:
+                    cur = ema.tolist()
+                for r in rows:
+                    cur = [a * m + b * x for m, x in zip(cur, r)]
+                self.module_log_ema = np.array(cur, dtype=float)
+                continue
+            for g in block:
+                if ema is None or ema.shape != g.shape:
+                    ema = g.copy()
+                else:
+                    ema = a * ema + b * g
+            self.module_log_ema = ema
 
     def update(self, s: StepStats) -> list[Finding]:
         if not s.grads_finite or s.scaler_overflow:
