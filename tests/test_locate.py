@@ -367,6 +367,93 @@ def test_capture_ignores_no_grad_forwards_and_keeps_the_first():
     assert cap.args is None and not cap.taken
 
 
+class Plain(nn.Module):
+    """No training-time randomness: the capture takes the inputs in its one forward hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.norm = RMSNorm()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x, scale=1.0):
+        return self.head(self.norm(self.embed(x) * scale)).mean(1)
+
+
+def test_one_hook_capture_locates_and_keeps_the_first_forward():
+    torch.manual_seed(0)
+    m = Plain()
+    cap = StepCapture(m)
+    assert not cap.random and not cap.pre_hook
+    assert len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 1
+    x, y = make_data()
+    with torch.no_grad():
+        m(x * 0)  # an evaluation pass does not count
+    assert not cap.taken
+    out = m(x, scale=2.0)
+    assert cap.args[0] is x and cap.kwargs == {"scale": 2.0} and cap.training
+    m(x + 1)  # a second micro-batch: the first forward of the step is kept
+    assert cap.args[0] is x
+    out.sum().backward()
+    assert cap.grads[0] is not None and cap.grads[0].shape == out.shape
+    cap.release()
+    # a backward-origin fault: an all-zero row reaching the RMSNorm (0 / eps forward, NaN back)
+    h = m.norm.register_forward_pre_hook(lambda mod, a: (a[0] * (a[0][:, :1, :1] != 0),))
+    x0 = x.clone()
+    x0[:, 0] = 0.0
+    m.embed.bias.data.zero_()
+    loss, f = run_step(m, cap, x0, y)
+    h.remove()
+    assert torch.isfinite(loss)
+    assert (f.origin, f.where) == ("backward", "norm")
+    x[2, 1, 3] = math.nan
+    _, f = run_step(m, cap, x, y)
+    assert (f.origin, f.where) == ("input", "args[0]")
+    cap.remove()
+    assert len(m._forward_hooks) == 0
+
+
+def test_capture_takes_the_inputs_from_before_another_pre_hook():
+    """A pre-hook registered earlier may replace the inputs; a replay calls the model, which
+    runs that hook again, so the capture keeps the inputs as they were before it."""
+    torch.manual_seed(0)
+    m = Plain()
+    m.register_forward_pre_hook(lambda mod, a: (a[0] * 2,))
+    cap = StepCapture(m)
+    assert cap.pre_hook
+    x, _ = make_data()
+    m(x)
+    assert cap.args[0] is x
+    cap.release()
+    # a pre-hook that appears later is seen at its first forward; from then on the capture
+    # takes the inputs before it
+    m2 = Plain()
+    cap2 = StepCapture(m2)
+    assert not cap2.pre_hook
+    m2.register_forward_pre_hook(lambda mod, a: (a[0] * 2,))
+    m2(x)
+    assert cap2.pre_hook
+    cap2.release()
+    m2(x)
+    assert cap2.args[0] is x
+
+
+def test_the_guards_own_sampled_step_hooks_keep_the_one_hook_capture():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 5))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, opt, console=False, sample_every=2)
+    x, y = make_data()
+    for _ in range(5):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        g.step(loss)
+    assert g._capture is not None and not g._capture.pre_hook
+    assert any(r.activations for r in g.core.history)  # sampled steps armed hooks
+    g.close()
+
+
 def test_healthy_step_is_not_reproduced_and_refine_never_raises():
     m = make_model()
     cap = StepCapture(m)

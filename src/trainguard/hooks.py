@@ -1,7 +1,8 @@
 """Hooks that do not travel with the user's model (issue #12, item 9).
 
-The Guard keeps a forward pre-hook and a forward hook on the model's root for its whole life
-(to capture each step's inputs for locate, and to arm the sampled-step probes). Stored in the
+The Guard keeps a forward hook (and, when the model has Dropout-like modules or pre-hooks of
+its own, a forward pre-hook) on the model's root for its whole life (to capture each step's
+inputs for locate), and arms more on sampled steps (the activation probes). Stored in the
 module's hook dicts, they were pickled by ``torch.save(model)`` (which then failed, or could
 only be loaded with the whole Guard and its closures) and copied by ``copy.deepcopy(model)``
 and ``torch.optim.swa_utils.AveragedModel`` (an EMA copy held a deep copy of the optimizer).
@@ -53,3 +54,14 @@ def register_private(module: nn.Module, attr: str, register: Callable[[], Any]) 
     if isinstance(d, _PrivateHooks) and handle.id in d:
         d.private.add(handle.id)
     return handle
+
+
+def foreign_hooks(module: nn.Module, attr: str) -> bool:
+    """``module`` holds hooks in ``attr`` (e.g. ``"_forward_pre_hooks"``) other than those
+    registered through :func:`register_private`."""
+    d = module.__dict__.get(attr)
+    if not d:
+        return False
+    if isinstance(d, _PrivateHooks):
+        return any(k not in d.private for k in d)
+    return True

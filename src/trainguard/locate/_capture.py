@@ -4,8 +4,9 @@ Per step it keeps *references* (no copies) to what a replay needs: the model's i
 autocast settings and grad mode, the CPU/CUDA RNG state when the model has training-time
 randomness (a 5 KB CPU tensor; nothing otherwise), and the gradient that flowed into the
 model's output tensors (a tensor hook on each output, so the backward can be replayed
-without the loss function). Cost on a healthy step: two Python hooks on the root module and
-one tensor hook per output (bench/locate_overhead.py).
+without the loss function). Cost on a healthy step: one Python forward hook on the root
+module (plus a forward pre-hook when the model has Dropout-like modules or pre-hooks of its
+own) and one tensor hook per output (bench/locate_overhead.py).
 
 Memory: the references live until ``release()`` at the end of ``guard.step``. Inputs are held
 anyway by the training loop; the output gradient (batch x outputs, e.g. the logits' gradient)
@@ -120,12 +121,19 @@ class StepCapture:
         self.on_cuda = any(p.is_cuda for p in self.inner.parameters())
         self._cuda = torch.cuda.is_available()
         self.sharded = _sharded(model)
-        from ..hooks import register_private  # kept out of torch.save(model) and deepcopy
-        self._handles = [
-            register_private(model, "_forward_pre_hooks",
-                             lambda: model.register_forward_pre_hook(self._on_pre, with_kwargs=True)),
-            register_private(model, "_forward_hooks",
-                             lambda: model.register_forward_hook(self._on_post))]
+        from ..hooks import foreign_hooks, register_private  # kept out of torch.save(model)
+        # One forward hook (with kwargs) takes the inputs and hooks the outputs. A pre-hook,
+        # put first, takes the inputs instead when the RNG state must be read before the
+        # forward (Dropout-like modules), or when other forward pre-hooks are on the model:
+        # they may replace the inputs, and a replay calls the model, which runs them again,
+        # so it must get the inputs as they were before them (one appearing later is seen
+        # by the forward hook, which then adds the pre-hook from the next step on).
+        self.pre_hook = False
+        self._handles = [register_private(
+            model, "_forward_hooks",
+            lambda: model.register_forward_hook(self._on_forward, with_kwargs=True))]
+        if self.random or foreign_hooks(model, "_forward_pre_hooks"):
+            self._add_pre_hook()
         if optimizer is not None:
             self._handles.append(optimizer.register_step_post_hook(self._on_update))
         #: storage signatures of this step's and the previous step's outputs
@@ -148,9 +156,34 @@ class StepCapture:
         self._hooked = False
         self._refined = False
 
+    def _add_pre_hook(self) -> None:
+        from ..hooks import register_private
+        model = self.model
+        self.pre_hook = True
+        self._handles.append(register_private(
+            model, "_forward_pre_hooks",
+            lambda: model.register_forward_pre_hook(self._on_pre, with_kwargs=True,
+                                                    prepend=True)))
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        """Take the inputs (unless the pre-hook did) and hook the outputs."""
+        if not self.taken:
+            if not torch.is_grad_enabled():
+                return None
+            if module._forward_pre_hooks and not self.pre_hook:
+                from ..hooks import foreign_hooks
+                if foreign_hooks(module, "_forward_pre_hooks"):
+                    self._add_pre_hook()  # this step's inputs may have been replaced already
+            self._take(module, args, kwargs)
+        return self._on_post(module, args, out)
+
     def _on_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.taken or not torch.is_grad_enabled():
             return None
+        self._take(module, args, kwargs)
+        return None
+
+    def _take(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.taken = True
         self.args, self.kwargs = args, kwargs
         # the raw settings (two C calls; a third pair on CUDA): the dict of
@@ -163,7 +196,6 @@ class StepCapture:
             self.rng = torch.get_rng_state()
             if self.on_cuda and torch.cuda.is_available():
                 self.cuda_rng = torch.cuda.get_rng_state_all()
-        return None
 
     @property
     def autocast(self) -> dict | None:
