@@ -129,6 +129,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compare", metavar="SRC", help="another tree's src/ directory")
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--patterns", type=int, default=60,
+                    help="pattern streams for --compare (each run with and without a chance level)")
     a = ap.parse_args()
     trees = {"this": load(HERE)}
     if a.compare:
@@ -149,11 +151,11 @@ def main() -> None:
     if a.compare:
         results = {}
         for k, (detect, types) in trees.items():
-            strs = pattern_streams(types)
+            strs = pattern_streams(types, a.patterns)
             results[k] = [decisions(detect, strs, c) for c in (False, True)]
-        n = sum(len(found) for r in results["this"] for found, _ in r)
+        count = sum(len(found) for r in results["this"] for found, _ in r)
         same = results["this"] == results["other"]
-        print(f"decisions on 120 pattern streams: {n} findings; identical findings and final "
+        print(f"decisions on {2 * a.patterns} pattern streams: {count} findings; identical findings and final "
               f"states: {same}")
         if not same:
             sys.exit(1)

@@ -1,13 +1,15 @@
 """Per-step overhead of the Guard against the bare loop and peer tools, measured side by side.
 
-    python bench/overhead.py [--model mlp|cnn] [--rounds 15] [--block 40] [--threads 1] [--json PATH]
+    python bench/overhead.py [--model mlp|cnn|gpt] [--rounds 15] [--block 40] [--threads 1] [--json PATH]
     python bench/overhead.py --sweep [--rounds 7] [--block 20]   # 0.3-50 ms steps, 1-1,000 tensors
     python bench/overhead.py --only guard "guard integrity='step'" --rounds 41   # a few variants
 
 Every variant trains its own copy of the same seeded model whose bare step takes well over
 5 ms on one CPU thread: ``--model mlp`` (an MLP on a 256-sample batch: few FLOPs per weight,
-the worst case for a probe that reads every gradient) or ``--model cnn`` (a small CNN on
-3x32x32 inputs, batch 32). Adam. Variants run in blocks of
+the worst case for a probe that reads every gradient), ``--model cnn`` (a small CNN on
+3x32x32 inputs, batch 32) or ``--model gpt`` (a 2-layer nanoGPT-shaped decoder, width 128,
+vocabulary 2048, context 64, batch 8, AdamW, fp32: a language model as people train one, at a
+size a CPU runs). Adam (AdamW for the GPT). Variants run in blocks of
 ``--block`` steps, interleaved round-robin for ``--rounds`` rounds after a warm-up, so slow
 drifts of the machine hit every variant alike; each block's time is divided by the bare
 block of the same round and the median ratio over rounds is reported.
@@ -35,8 +37,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import trainguard as tg  # noqa: E402
 
 
+#: ``--model gpt``: a small nanoGPT-shaped decoder (bench/overhead_gpu.py's GPT, fp32 on CPU)
+GPT_LAYERS, GPT_VOCAB, GPT_CTX = 2, 2048, 64
+
+
 def make(model: str, width: int, seed: int = 0, fused: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
+    if model == "gpt":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from overhead_gpu import GPT
+        gpt: nn.Module = GPT(GPT_VOCAB, GPT_CTX, width, GPT_LAYERS, max(1, width // 64))
+        return gpt, torch.optim.AdamW(gpt.parameters(), lr=3e-4, fused=fused or None)
     if model == "mlp":
         m = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                           nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
@@ -61,7 +72,10 @@ def _loop(model: str, width: int, *, guard: dict | None = None,
             o.zero_grad()
             ctx = torch.autograd.detect_anomaly() if anomaly else contextlib.nullcontext()
             with ctx:
-                loss = nn.functional.cross_entropy(m(x), y)
+                out = m(x)
+                if out.dim() == 3:  # a language model's (batch, time, vocab) logits
+                    out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+                loss = nn.functional.cross_entropy(out, y)
                 loss.backward()
             if after_backward is not None:
                 after_backward(m, log)
@@ -79,7 +93,8 @@ def _item_logging(m: nn.Module, log: list) -> None:
     del log[:-1000]
 
 
-def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]]:
+def variants(model: str, width: int, zclip: bool = True
+             ) -> dict[str, Callable[[], Callable[[torch.Tensor, torch.Tensor], None]]]:
     out = {
         "bare": _loop(model, width),
         "guard": _loop(model, width, guard={}),
@@ -100,6 +115,8 @@ def variants(model: str, width: int) -> dict[str, Callable[[], Callable[[torch.T
         "clip_grad_norm_": _loop(model, width, after_backward=lambda m, log: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
         "per-param .item()": _loop(model, width, after_backward=_item_logging),
     }
+    if not zclip:  # not asked for: its import alone (it pulls in Lightning) takes seconds
+        return out
     try:
         from zclip import ZClip  # type: ignore
         z = ZClip()
@@ -206,9 +223,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--block", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=None, help="default 256 (mlp), 32 (cnn)")
+    ap.add_argument("--model", choices=("mlp", "cnn", "gpt"), default="mlp",
+                    help="gpt: a 2-layer nanoGPT-shaped decoder, vocabulary 2048, context 64, "
+                         "AdamW, fp32")
+    ap.add_argument("--width", type=int, default=None, help="default 512 (mlp), 128 (gpt)")
+    ap.add_argument("--batch", type=int, default=None, help="default 256 (mlp), 32 (cnn), 8 (gpt)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
                     help="run only these variants (and the bare loop), e.g. --only guard "
@@ -220,12 +239,17 @@ def main() -> None:
         return
     import warnings
     warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
-    batch = a.batch or (256 if a.model == "mlp" else 32)
+    batch = a.batch or {"mlp": 256, "cnn": 32, "gpt": 8}[a.model]
+    a.width = a.width or (128 if a.model == "gpt" else 512)
     gen = torch.Generator().manual_seed(0)
-    shape = (64,) if a.model == "mlp" else (3, 32, 32)
-    xs = torch.randn(a.block, batch, *shape, generator=gen)
-    ys = torch.randint(0, 10, (a.block, batch), generator=gen)
-    chosen = variants(a.model, a.width)
+    if a.model == "gpt":  # random tokens, next-token targets
+        xs = torch.randint(0, GPT_VOCAB, (a.block, batch, GPT_CTX), generator=gen)
+        ys = torch.randint(0, GPT_VOCAB, (a.block, batch, GPT_CTX), generator=gen)
+    else:
+        shape = (64,) if a.model == "mlp" else (3, 32, 32)
+        xs = torch.randn(a.block, batch, *shape, generator=gen)
+        ys = torch.randint(0, 10, (a.block, batch), generator=gen)
+    chosen = variants(a.model, a.width, zclip=not a.only or "ZClip" in a.only)
     if a.only:
         unknown = [n for n in a.only if n not in chosen]
         if unknown:
@@ -234,7 +258,7 @@ def main() -> None:
     steps = {name: build() for name, build in chosen.items()}
     for fn in steps.values():  # warm-up
         for i in range(10):
-            fn(xs[i], ys[i])
+            fn(xs[i % a.block], ys[i % a.block])
     times: dict[str, list[float]] = {n: [] for n in steps}
     from trainguard.progress import Progress
     progress = Progress(a.rounds, "overhead rounds", enabled=True)
@@ -252,8 +276,10 @@ def main() -> None:
     progress.close()
     bare = times["bare"]
     ms = statistics.median(bare) / a.block * 1e3
-    desc = f"MLP 64-{a.width}x3-10" if a.model == "mlp" else "CNN 3x32x32, 32-64-128 channels"
-    print(f"model: {desc}, batch {batch}, Adam, {a.threads} thread(s); "
+    desc = {"mlp": f"MLP 64-{a.width}x3-10", "cnn": "CNN 3x32x32, 32-64-128 channels",
+            "gpt": f"GPT {GPT_LAYERS}x{a.width}, vocabulary {GPT_VOCAB}, context {GPT_CTX}"}[a.model]
+    opt = "AdamW" if a.model == "gpt" else "Adam"
+    print(f"model: {desc}, batch {batch}, {opt}, {a.threads} thread(s); "
           f"bare step {ms:.2f} ms (median); {a.rounds} interleaved rounds of {a.block} steps")
     print(f"{'variant':<26}{'ms/step':>10}{'ratio to bare (median)':>26}")
     result = {"model": a.model, "batch": batch, "threads": a.threads, "bare_ms": ms, "ratios": {}}

@@ -1,0 +1,33 @@
+"""The benchmark scripts behind the README's figures still run (tiny settings; no timing is
+asserted, only that they finish and print what the docs quote)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def run(*args: str) -> str:
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_overhead_runs_on_each_model_with_blocks_shorter_than_the_warm_up():
+    # a block of fewer than 10 steps used to crash the warm-up (it indexed 10 batches)
+    out = run("bench/overhead.py", "--model", "mlp", "--width", "16", "--batch", "4",
+              "--only", "guard", "clip_grad_norm_", "--rounds", "1", "--block", "3")
+    assert "clip_grad_norm_" in out and "guard" in out
+    out = run("bench/overhead.py", "--model", "gpt", "--width", "64", "--batch", "2",
+              "--only", "guard", "--rounds", "1", "--block", "2")
+    assert "GPT 2x64" in out
+
+
+def test_detector_cost_compares_a_tree_with_itself():
+    out = run("bench/detector_cost.py", "--rounds", "1", "--patterns", "6",
+              "--compare", os.path.join(ROOT, "src"))
+    assert "identical findings and final states: True" in out
+    assert "DivergenceDetector" in out
