@@ -52,7 +52,7 @@ class ZeroGradientDetector(Detector):
             return []
         g = list(gn)
         first_live = next((i for i, v in enumerate(g) if v > 0), None)
-        if g[0] != 0.0 or first_live is None or not math.isfinite(g[first_live]):
+        if first_live is None or not math.isfinite(g[first_live]):
             self.streak = 0
             return []
         self.streak += 1

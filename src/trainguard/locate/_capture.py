@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks import foreign_hooks, register_private  # kept out of torch.save(model)
 from ..types import Finding
 from ._replay import (Location, _arg_path, nonfinite_params,
                       parameters_location, replay_step, tensor_leaves, unwrap)
@@ -121,7 +122,6 @@ class StepCapture:
         self.on_cuda = any(p.is_cuda for p in self.inner.parameters())
         self._cuda = torch.cuda.is_available()
         self.sharded = _sharded(model)
-        from ..hooks import foreign_hooks, register_private  # kept out of torch.save(model)
         # One forward hook (with kwargs) takes the inputs and hooks the outputs. A pre-hook,
         # put first, takes the inputs instead when the RNG state must be read before the
         # forward (Dropout-like modules), or when other forward pre-hooks are on the model:
@@ -157,7 +157,6 @@ class StepCapture:
         self._refined = False
 
     def _add_pre_hook(self) -> None:
-        from ..hooks import register_private
         model = self.model
         self.pre_hook = True
         self._handles.append(register_private(
@@ -171,7 +170,6 @@ class StepCapture:
             if not torch.is_grad_enabled():
                 return None
             if module._forward_pre_hooks and not self.pre_hook:
-                from ..hooks import foreign_hooks
                 if foreign_hooks(module, "_forward_pre_hooks"):
                     self._add_pre_hook()  # this step's inputs may have been replaced already
             self._take(module, args, kwargs)
