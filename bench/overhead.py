@@ -242,7 +242,7 @@ def main() -> None:
     batch = a.batch or {"mlp": 256, "cnn": 32, "gpt": 8}[a.model]
     a.width = a.width or (128 if a.model == "gpt" else 512)
     gen = torch.Generator().manual_seed(0)
-    if a.model == "gpt":  # random tokens, next-token targets
+    if a.model == "gpt":  # random tokens and random targets (the cost does not depend on them)
         xs = torch.randint(0, GPT_VOCAB, (a.block, batch, GPT_CTX), generator=gen)
         ys = torch.randint(0, GPT_VOCAB, (a.block, batch, GPT_CTX), generator=gen)
     else:
@@ -282,7 +282,8 @@ def main() -> None:
     print(f"model: {desc}, batch {batch}, {opt}, {a.threads} thread(s); "
           f"bare step {ms:.2f} ms (median); {a.rounds} interleaved rounds of {a.block} steps")
     print(f"{'variant':<26}{'ms/step':>10}{'ratio to bare (median)':>26}")
-    result = {"model": a.model, "batch": batch, "threads": a.threads, "bare_ms": ms, "ratios": {}}
+    result = {"model": a.model, "width": a.width, "batch": batch, "threads": a.threads, "bare_ms": ms,
+              "ratios": {}}
     for name, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, bare))
         result["ratios"][name] = ratio
