@@ -399,6 +399,7 @@ class Guard(CoreView):
         step = self.core.step_count
         self.lr.tick(troubled=d.severe)
         self.executor.after_step(d.stats, False, d.severe, step, snapshot=False)
+        self.probe.last_grads = []  # as in _end_step: the gradients are the user's to free
         self.core.step_count += 1
         self.measure.arm_if_due(self.core.step_count)
         return d.findings
@@ -524,6 +525,10 @@ class Guard(CoreView):
                             else torch.tensor(v, device=dev) for v in seen]).mean()
 
     def _end_step(self, applied: bool) -> bool:
+        # the gradients measured this step are the user's to free (zero_grad(set_to_none=True)):
+        # held here, they stayed alive through the next forward and backward (one extra copy
+        # of every gradient at the memory peak)
+        self.probe.last_grads = []
         self.last_step_applied = applied
         self.core.step_count += 1
         self.measure.arm_if_due(self.core.step_count)
