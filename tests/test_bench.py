@@ -31,3 +31,12 @@ def test_detector_cost_compares_a_tree_with_itself():
               "--compare", os.path.join(ROOT, "src"))
     assert "identical findings and final states: True" in out
     assert "DivergenceDetector" in out
+
+
+def test_gpu_overhead_script_smoke_runs_on_cpu_with_its_breakdown_variants():
+    # the script bench/gpu.sh runs on a GPU machine: its options must work before one is lent
+    out = run("bench/overhead_gpu.py", "--device", "cpu", "--layers", "1", "--width", "64",
+              "--vocab", "256", "--ctx", "16", "--batch", "2", "--rounds", "1", "--block", "2",
+              "--only", "guard", "guard detectors=[], locate=False", "--memory",
+              "--src", os.path.join(ROOT, "src"))
+    assert "guard detectors=[], locate=False" in out and "sampled probe step" in out
