@@ -16,7 +16,7 @@ from trainguard.detect import (DivergenceDetector, GradExplosionDetector, Platea
                                VanishingGradientDetector)
 from trainguard.detect.progress import LR_REMEDIES
 from trainguard.remedies.lr import LRController
-from trainguard.stats import chance_level
+from trainguard.stats import chance_level, loss_kind
 from trainguard.types import StepStats
 
 LN64 = math.log(64)
@@ -282,3 +282,61 @@ def test_guard_infers_the_chance_level_at_the_first_step():
     loss.backward()
     g2.step(loss)
     assert g2.chance_loss is None
+
+
+def test_loss_kind_reads_the_loss_functions_nodes():
+    F = nn.functional
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    y, t = torch.randint(0, 5, (6,)), torch.rand(6, 5)
+    w = torch.randn(5, 5, requires_grad=True)
+    ce = {"cross_entropy": F.cross_entropy(x, y),
+          "label smoothing": F.cross_entropy(x, y, label_smoothing=0.1),
+          "soft targets": F.cross_entropy(x, t.softmax(-1)),
+          "nll on log_softmax": F.nll_loss(x.log_softmax(-1), y),
+          "sequence (B, V, T)": F.cross_entropy(torch.randn(2, 5, 7, requires_grad=True),
+                                                torch.randint(0, 5, (2, 7))),
+          "plus an L2 penalty": F.cross_entropy(x @ w, y) + 1e-4 * w.square().sum()}
+    other = {"mse": F.mse_loss(x, t), "l1": F.l1_loss(x, t), "smooth l1": F.smooth_l1_loss(x, t),
+             "huber": F.huber_loss(x, t), "bce": F.binary_cross_entropy_with_logits(x, t),
+             "bce on sigmoid": F.binary_cross_entropy(x.sigmoid(), t),
+             "cross-entropy plus an MSE term": F.cross_entropy(x, y) + F.mse_loss(x, t)}
+    for name, loss in ce.items():
+        loss.backward()  # read after the backward pass, as the Guard does
+        assert loss_kind(loss) == "cross_entropy", name
+    for name, loss in other.items():
+        loss.backward()
+        assert loss_kind(loss) == "other", name
+    assert loss_kind(1.5) is None and loss_kind(F.mse_loss(x, t).detach()) is None
+    assert loss_kind((x ** 2).mean()) is None  # says nothing: the first loss decides as before
+    clf = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    assert chance_level(clf, 2.37, kind="other") is None
+    assert chance_level(clf, 2.37, kind="cross_entropy") == pytest.approx(math.log(10))
+
+
+@pytest.mark.parametrize("sync", [True, "deferred"])
+def test_a_regression_whose_first_mse_lies_near_ln_v_is_not_taken_for_a_classifier(sync):
+    """Bug: a 10-output regression whose first MSE happened to lie within 15% of ln 10 was
+    given chance level ln 10; when its targets grew noisier (a shift in the data, healthy),
+    the loss rose 0.5 above "chance" and the Guard called the model confidently wrong, rolled
+    back, backed the learning rate off and halted the run. The MSE node in the loss's graph
+    now says it is no cross-entropy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = tg.Guard(model, opt, console=False, sync=sync)
+    gen = torch.Generator().manual_seed(1)
+    first = None
+    for step in range(80):
+        x = torch.randn(32, 8, generator=gen)
+        scale = 1.5 if step < 40 else 2.0  # the targets get noisier half-way
+        y = scale * torch.randn(32, 10, generator=gen)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        first = float(loss.detach()) if first is None else first
+        g.step(loss)
+    g.close()
+    assert abs(first - math.log(10)) <= 0.15 * math.log(10)  # the coincidence this test needs
+    assert g.chance_loss is None
+    assert not g.findings, [str(f) for f in g.findings]

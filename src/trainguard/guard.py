@@ -35,7 +35,7 @@ from .remedies.executor import Executor
 from .remedies.lr import LRController
 from .remedies.snapshot import SnapshotStore
 from .sinks.base import Sink
-from .stats import StepStats, chance_level
+from .stats import StepStats, chance_level, loss_kind
 from .types import Action, Finding
 
 
@@ -157,7 +157,9 @@ class Guard(CoreView):
             "above chance" rule. ``"auto"`` (default): inferred at the first step when the
             first loss is within 15% of ln V for V = the output size of the model's last
             ``nn.Linear`` or an ``nn.Embedding``'s vocabulary (a classifier or language
-            model at initialisation); a number: that level; ``None``: no such rule.
+            model at initialisation), unless the loss's autograd graph shows a regression,
+            binary or margin loss (:func:`trainguard.stats.loss_kind`); a number: that
+            level; ``None``: no such rule.
         checkpoint_dir: a folder for checkpoints that are never poisoned: every
             ``checkpoint_every`` steps (and on ``guard.save_checkpoint()``) the Guard writes model,
             optimizer, scaler and its own state there, only while ``guard.healthy`` (an unhealthy
@@ -289,6 +291,9 @@ class Guard(CoreView):
         self.last_step_applied = True
         self._closed = False
         self._observed: list[Any] = []  # losses shown by observe_loss since the last step
+        #: what the first loss's autograd graph says it is (stats.loss_kind), in a box shared
+        #: with the deferred stepper; read until the chance level is decided, then never
+        self._loss_kind: list[str | None] = [None]
         from .loopcheck import LoopCheck
         me = weakref.ref(self)  # hooks must not keep the Guard alive
 
@@ -319,7 +324,8 @@ class Guard(CoreView):
         capture = self._capture  # the pieces hold no reference to the Guard itself
         self._deferred = DeferredStepper(
             self.core, self.measure, self.executor,
-            infer_chance=lambda first_loss: chance_level(model, first_loss),
+            infer_chance=lambda first_loss, box=self._loss_kind: chance_level(
+                model, first_loss, kind=box[0]),
             release=capture.release if capture is not None else (lambda: None),
         ) if sync == "deferred" or (sync is False and self.probe.device.type != "cpu") else None
         #: True when the step path never waits for the device (the deferred mode is running)
@@ -409,6 +415,7 @@ class Guard(CoreView):
         ``optimizer.step()`` itself): call it once per micro-batch with that micro-batch's loss
         as computed (not divided by the accumulation factor); the next step uses their mean."""
         self._check_loss(loss)
+        self._note_loss_kind(loss)
         self._observed.append(loss.detach().reshape(()) if isinstance(loss, torch.Tensor)
                               else float(loss))
 
@@ -515,6 +522,7 @@ class Guard(CoreView):
 
     def _loss_for_step(self, loss: Any) -> Any:
         self._check_loss(loss)
+        self._note_loss_kind(loss)
         seen, self._observed = self._observed, []
         if loss is not None or not seen:
             return loss
@@ -600,7 +608,14 @@ class Guard(CoreView):
         self._finalizer()
 
     def _infer_chance(self, first_loss: float) -> float | None:
-        return chance_level(self.model, first_loss)
+        return chance_level(self.model, first_loss, kind=self._loss_kind[0])
+
+    def _note_loss_kind(self, loss: Any) -> None:
+        """Until the chance level is decided: what the loss's graph says it is (one walk of
+        the loss function's few top nodes, at most once per step, usually once per run)."""
+        if self.core.chance_option == "auto" and self._loss_kind[0] is None \
+                and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            self._loss_kind[0] = loss_kind(loss)
 
     def _release_capture(self) -> None:
         if self._capture is not None:

@@ -537,14 +537,64 @@ class ActivationSampler:
 _NOTHING_SAMPLED = SampledActivations({})
 
 
-def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15) -> float | None:
+#: autograd nodes of a cross-entropy over V classes (``F.cross_entropy`` is log-softmax + NLL; a
+#: hand-written or soft-target one takes ``log_softmax``)
+_CLASS_NODES = frozenset({"NllLossBackward0", "NllLoss2DBackward0", "LogSoftmaxBackward0"})
+#: autograd nodes of losses whose starting value is not ln V: regression (MSE, smooth L1,
+#: Huber), binary and multi-label cross-entropy (ln 2 per label, whatever V), margin losses
+_OTHER_NODES = frozenset({"MseLossBackward0", "SmoothL1LossBackward0", "HuberLossBackward0",
+                          "BinaryCrossEntropyBackward0", "BinaryCrossEntropyWithLogitsBackward0",
+                          "MultiMarginLossBackward0", "MultilabelMarginLossBackward0",
+                          "SoftMarginLossBackward0"})
+#: how far below the loss the search looks: the loss function's own nodes sit at the top
+#: (label smoothing puts log-softmax 4 nodes down); deeper nodes belong to the model
+LOSS_SEARCH_DEPTH, LOSS_SEARCH_NODES = 6, 256
+
+
+def loss_kind(loss: Any) -> str | None:
+    """What the loss's autograd graph says it is: ``"cross_entropy"`` (a log-softmax / NLL node
+    near the top and no other loss), ``"other"`` (a regression, binary or margin loss near the
+    top: its first value says nothing about ln V), None when the graph does not say (a float,
+    a detached loss, a compiled or custom-kernel loss). Reads node names only, once."""
+    fn = getattr(loss, "grad_fn", None)
+    if fn is None:
+        return None
+    kinds: set[str] = set()
+    level, seen, n = [fn], {fn}, 0
+    for depth in range(LOSS_SEARCH_DEPTH):
+        nxt = []
+        for node in level:
+            n += 1
+            name = node.name()
+            if name in _OTHER_NODES:
+                kinds.add("other")
+            elif name in _CLASS_NODES:
+                kinds.add("cross_entropy")
+                continue  # below a log-softmax lies the model
+            elif depth == 1 and name == "AbsBackward0" and fn.name() in ("MeanBackward0", "SumBackward0"):
+                kinds.add("other")  # F.l1_loss: the mean of |prediction - target|
+            for child, _ in node.next_functions:
+                if child is not None and child not in seen and n + len(nxt) < LOSS_SEARCH_NODES:
+                    seen.add(child)
+                    nxt.append(child)
+        level = nxt
+    if "other" in kinds:
+        return "other"
+    return "cross_entropy" if kinds else None
+
+
+def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15,
+                 kind: str | None = None) -> float | None:
     """ln V when ``first_loss`` looks like the cross-entropy of an untrained V-way classifier
     or language model: within ``tolerance`` (15%) of ln V for V = the output size of the
     model's last ``nn.Linear`` or the vocabulary of one of its ``nn.Embedding``s (a tied
     head). An untrained net's logits are small, so its cross-entropy starts near ln V
     (measured: digits MLP 2.37 vs ln 10 = 2.30; char GPT 4.17 vs ln 64 = 4.16; word LSTM LM
-    6.27 vs ln 523 = 6.26). None when nothing matches (regression losses, unusual heads)."""
-    if not math.isfinite(first_loss) or first_loss <= 0:
+    6.27 vs ln 523 = 6.26). None when nothing matches (regression losses, unusual heads),
+    and when ``kind`` (:func:`loss_kind` of the first loss) is ``"other"``: a regression whose
+    first MSE happens to lie near ln V is not a classifier (a chance level there made a noisy
+    regression "confidently wrong", a false alarm that halted a healthy run)."""
+    if kind == "other" or not math.isfinite(first_loss) or first_loss <= 0:
         return None
     sizes: list[int] = []
     last_linear = None
