@@ -149,6 +149,8 @@ def main() -> None:
                     help="run only these variants (and the bare loop)")
     ap.add_argument("--memory", action="store_true",
                     help="also measure each variant's peak device memory in a step, alone")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="also print the Python profile (cProfile, by own time) of 20 guarded steps")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler tables (host time per op) of 5 guarded steps")
     a = ap.parse_args()
@@ -270,6 +272,19 @@ def main() -> None:
                 sync()
             print(f"-- profile: {name}, 5 steps, by self CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    if a.cprofile and "guard" in steps:
+        import cProfile
+        import pstats
+        fn, _ = steps["guard"]
+        pr = cProfile.Profile()
+        sync()
+        pr.enable()
+        for i in range(20):
+            fn(xs[i % a.block], ys[i % a.block])
+        sync()
+        pr.disable()
+        print("-- cProfile: guard, 20 steps, by own time")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     if a.memory:
         result["peak_mib"] = peak_memory(a, specs, steps, xs, ys, sync)
     if a.json:

@@ -289,3 +289,71 @@ def test_a_loop_that_shows_no_loss_stays_on_the_short_path():
     assert calls["quick"] == 11  # every step but the first (sampled on the first step)
     assert g.core.finding_counts == {}
     g.close()
+
+
+def _sampled_reference_run(dtype: torch.dtype, opt_name: str):
+    """A Guard sampling every step, and the sampled statistics recomputed from scratch beside
+    it: update-to-weight ratio per module, Adam's epsilon-dominated fraction, 16-bit
+    swamping."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
+    if opt_name == "adam":
+        o: torch.optim.Optimizer = torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-3)
+    else:
+        o = torch.optim.SGD(m.parameters(), lr=1e-4)  # small updates: bf16 swamps some
+    g = tg.Guard(m, o, console=False, sample_every=1)
+    probe = g.probe
+    gen = torch.Generator().manual_seed(1)
+    got, want = [], []
+    for step in range(6):
+        x, y = torch.randn(16, 8, generator=gen).to(dtype), torch.randint(0, 4, (16,), generator=gen)
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x).float(), y)
+        loss.backward()
+        before = [p.detach().clone() for p in probe.params]
+        grads = [p.grad.detach().clone() for p in probe.params]
+        g.step(loss)
+        st = g.history[-1]
+        d2 = np.zeros(len(probe.modules))
+        b2 = np.zeros(len(probe.modules))
+        for i, (p, b) in enumerate(zip(probe.params, before)):
+            d2[probe.group[i]] += float((p.detach().double() - b.double()).square().sum())
+            b2[probe.group[i]] += float(b.double().square().sum())
+        ratios = np.sqrt(d2) / np.sqrt(b2)
+        got.append(("ratios", step, st.update_ratios))
+        want.append(("ratios", step, ratios.tolist()))
+        post: dict = {}
+        if dtype == torch.bfloat16:
+            nz = sum(int((gr != 0).sum()) for gr in grads)
+            same = sum(int(((gr != 0) & (p.detach() == b)).sum())
+                       for gr, p, b in zip(grads, probe.params, before))
+            post["swamped_fraction"] = same / nz
+        if opt_name == "adam":
+            grp = o.param_groups[0]
+            t = float(o.state[probe.params[0]]["step"])
+            thr = grp["eps"] ** 2 * (1 - grp["betas"][1] ** t)
+            v = torch.cat([o.state[p]["exp_avg_sq"].reshape(-1).float() for p in probe.params])
+            seen = int((v != 0).sum())
+            post["eps_dominated_fraction"] = int(((v > 0) & (v < thr)).sum()) / seen
+        got.append(("post", step, g.measure.post))
+        want.append(("post", step, post))
+    g.close()
+    return got, want
+
+
+@pytest.mark.parametrize("dtype,opt_name", [(torch.float32, "adam"), (torch.bfloat16, "sgd"),
+                                            (torch.bfloat16, "adam")])
+def test_sampled_statistics_equal_a_reference_computation(dtype, opt_name):
+    """The sampled step's statistics (update ratios in place of a second copy, int32 counts)
+    against the same quantities computed from scratch in fp64 (to fp32 rounding)."""
+    got, want = _sampled_reference_run(dtype, opt_name)
+    for (kind, step, a), (_k, _s, b) in zip(got, want):
+        if kind == "ratios":
+            assert a == pytest.approx(b, rel=1e-5), (step, a, b)
+        else:
+            a = {k: v for k, v in (a or {}).items() if k in b}
+            assert a == pytest.approx(b, rel=1e-6), (step, a, b)
+    assert any(k == "post" and b.get("swamped_fraction", 0) > 0 for k, _s, b in want) \
+        or dtype != torch.bfloat16
+    assert any(k == "post" and b.get("eps_dominated_fraction", 0) > 0 for k, _s, b in want) \
+        or opt_name != "adam"

@@ -452,9 +452,13 @@ class StepProbe:
         params, before = saved
         probe = self.probe
         with torch.no_grad():
-            diffs = list(torch._foreach_sub(params, before))
             n = len(params)
-            vt = torch.stack(torch._foreach_norm(diffs + before, 2, dtype=probe.norm_dtype))
+            bnorm = torch._foreach_norm(before, 2, dtype=probe.norm_dtype)
+            # the update, in place of the copy (before - after: the same norm and the same
+            # zeros as after - before, without a second parameter-sized allocation)
+            torch._foreach_sub_(before, params)
+            diffs = before
+            vt = torch.stack(list(torch._foreach_norm(diffs, 2, dtype=probe.norm_dtype)) + list(bnorm))
             v = probe._reduce(vt, n_norms=2 * n).cpu().numpy()
             dn, bn = v[:n], v[n:]
         idx = np.arange(len(dn))
@@ -499,7 +503,9 @@ class StepProbe:
             if lp.dtype in (torch.float16, torch.bfloat16) and id(p) not in self.mastered:
                 gs, ds = _sample(_local(g)), _sample(d)
                 nz = gs != 0
-                parts += [nz.sum(), (nz & (ds == 0)).sum()]
+                # int32 counts (at most 2 x SAMPLE_COORDS a tensor): half the time of a bool
+                # tensor's default int64 sum on a CPU, the same integers
+                parts += [nz.sum(dtype=torch.int32), (nz & (ds == 0)).sum(dtype=torch.int32)]
                 slots += [0, 1]
             st = self.optimizer.state.get(p, {})
             grp = self._group_of.get(id(p))
@@ -522,7 +528,7 @@ class StepProbe:
             # one concatenation per threshold (one per parameter group): two reductions in
             # all instead of two per tensor
             flat = torch.cat(vs) if len(vs) > 1 else vs[0]
-            parts += [(flat == 0).sum(), (flat < thr).sum()]
+            parts += [(flat == 0).sum(dtype=torch.int32), (flat < thr).sum(dtype=torch.int32)]
             slots += [2, 3]
         if not parts:
             return None
