@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true",
                     help="also measure each variant's peak device memory in a step, alone")
     ap.add_argument("--cprofile", action="store_true",
-                    help="also print the Python profile (cProfile, by own time) of 20 guarded steps")
+                    help="also print the Python profiles (cProfile, by own time) of 20 plain and 5 "
+                         "sampled guarded steps")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler tables (host time per op) of 5 guarded steps")
     a = ap.parse_args()
@@ -275,16 +276,19 @@ def main() -> None:
     if a.cprofile and "guard" in steps:
         import cProfile
         import pstats
-        fn, _ = steps["guard"]
-        pr = cProfile.Profile()
-        sync()
-        pr.enable()
-        for i in range(20):
-            fn(xs[i % a.block], ys[i % a.block])
-        sync()
-        pr.disable()
-        print("-- cProfile: guard, 20 steps, by own time")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        fn, g = steps["guard"]
+        for label, n, sampled in (("20 plain steps", 20, False), ("5 sampled steps", 5, True)):
+            pr = cProfile.Profile()
+            sync()
+            for i in range(n):
+                if sampled:
+                    g.sampler.arm()
+                pr.enable()
+                fn(xs[i % a.block], ys[i % a.block])
+                sync()
+                pr.disable()
+            print(f"-- cProfile: guard, {label}, by own time")
+            pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     if a.memory:
         result["peak_mib"] = peak_memory(a, specs, steps, xs, ys, sync)
     if a.json:
