@@ -188,6 +188,25 @@ def test_plateau_of_a_stuck_run_keeps_the_usual_advice():
     assert "raise the learning rate" in f[0].remedies[0]
 
 
+@pytest.mark.parametrize("ratio,first", [(0.02, "lower the learning rate"),
+                                         (5e-5, "raise the learning rate"),
+                                         (2e-3, "raise the learning rate or switch optimizer")])
+def test_plateau_advice_follows_the_update_to_weight_ratio(ratio, first):
+    """A stalled loss is not advised to raise the learning rate when the updates are 10x the
+    ~1e-3 rule of thumb (nanoGPT at 100x its LR stalled at 3.2 with ratios of 0.013-0.025 and
+    was told to raise it); still an info finding, no repair (no cause)."""
+    d = PlateauDetector()
+    f = []
+    for i, v in enumerate([2.3] + [2.2] * 200):
+        s = st(i, loss=v, opt_state={"update_ratio": ratio} if i % 50 == 1 else None)
+        f += d.update(s)
+    assert len(f) == 1 and f[0].severity == "info" and "cause" not in f[0].evidence
+    assert f[0].remedies[0].startswith(first), f[0].remedies
+    if ratio in (0.02, 5e-5):
+        assert f[0].evidence["update_ratio"] == ratio and "usual: ~1e-3" in f[0].message
+        assert not any("raise" in r for r in f[0].remedies) or ratio < 1e-4
+
+
 def test_plateau_above_the_start_never_advises_raising_the_lr():
     losses = [6.27, 100.0, 200.0] + [45.0] * 200
     f = feed(PlateauDetector(), losses)

@@ -354,7 +354,14 @@ class PlateauDetector(Detector):
       edge of stability) and mostly stayed below 0.036; Adam at 100x its LR on an LSTM
       measures ~1-10.
     A plateau with that cause takes the ladder ``plateau:learning_rate`` (rollback + LR
-    backoff); other plateaus are only reported.
+    backoff); other plateaus are only reported, with advice that follows the last sampled
+    update-to-weight ratio when there is one: at ``ur_large`` = 0.01 or more (10x the ~1e-3
+    rule of thumb, cs231n "Neural Networks 3": "if this is too high ... the learning rate is
+    probably too high") it says to lower the learning rate, at ``ur_small`` = 1e-4 or less
+    (a tenth of it) to raise it; in between, or with no ratio yet, the usual advice. (nanoGPT
+    at 100x its learning rate, AdamW, clip 1.0: its loss stalled at 3.2 where the healthy run
+    reaches 2.2, with update ratios of 0.013-0.025, and the advice was to raise the learning
+    rate; the healthy run's ratios fell from 0.011 to 0.001.)
     """
 
     kind = "plateau"
@@ -363,7 +370,8 @@ class PlateauDetector(Detector):
 
     def __init__(self, patience: int = 100, min_improvement: float = 0.01, warmup: int = 20,
                  smoothing: float = 0.9, progress: float = 0.5, jump: float = 2.0,
-                 ur_high: float = 0.3, ur_patience: int = 2) -> None:
+                 ur_high: float = 0.3, ur_patience: int = 2, ur_large: float = 0.01,
+                 ur_small: float = 1e-4) -> None:
         check_positive("patience", patience, integer=True)
         check_positive("min_improvement", min_improvement)
         self.patience, self.min_improvement, self.warmup = patience, min_improvement, warmup
@@ -378,6 +386,9 @@ class PlateauDetector(Detector):
         check_positive("ur_high", ur_high)
         check_positive("ur_patience", ur_patience, integer=True)
         self.jump, self.ur_high, self.ur_patience = jump, ur_high, ur_patience
+        check_positive("ur_large", ur_large)
+        check_positive("ur_small", ur_small)
+        self.ur_large, self.ur_small = ur_large, ur_small
         self.lr_seen: float | None = None
         self.lr_rise_at = -10**9
         self.jump_at = -10**9
@@ -431,8 +442,23 @@ class PlateauDetector(Detector):
                 return [Finding(kind="plateau", step=s.step, severity="warning",
                                 message=f"{msg}; {why}: the learning rate is too high",
                                 evidence=ev, remedies=LR_REMEDIES)]
-            return [Finding(kind="plateau", step=s.step, severity="info", message=msg,
-                            evidence=ev)]
+            ur = self.ur_last
+            if ur is None or self.ur_small < ur < self.ur_large:
+                return [Finding(kind="plateau", step=s.step, severity="info", message=msg,
+                                evidence=ev)]
+            ev["update_ratio"] = ur
+            size = f"updates are {ur:.2g} of the weights' norm per step (usual: ~1e-3)"
+            if ur >= self.ur_large:
+                advice = (f"lower the learning rate: {size}; a plateau-driven schedule "
+                          "(ReduceLROnPlateau) lowers it when the loss stalls",
+                          "check it with the LR range test (trainguard doctor)",
+                          "check init and activations (see vanishing_gradient / dead_units)")
+            else:
+                advice = (f"raise the learning rate: {size}",
+                          "check it with the LR range test (trainguard doctor)",
+                          "check init and activations (see vanishing_gradient / dead_units)")
+            return [Finding(kind="plateau", step=s.step, severity="info",
+                            message=f"{msg}; {size}", evidence=ev, remedies=advice)]
         return []
 
     def _lr_evidence(self) -> str:
