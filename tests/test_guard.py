@@ -370,3 +370,34 @@ def test_sync_false_on_cpu_takes_the_default_path(digits):
     with pytest.raises(ValueError, match="sync must be"):
         tg.Guard(m, o, console=False, sync="yes")
     g.close()
+
+
+def test_accumulation_with_observe_loss_records_the_mean_micro_batch_loss():
+    """The README's accumulation loop: ``observe_loss`` on each micro-batch's own loss, one
+    ``guard.step()``: the record holds their mean on the loss's own scale, the chance level is
+    recognised, and a NaN micro-batch makes the whole step a skip."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 10))
+    o = torch.optim.SGD(m.parameters(), lr=0.05)
+    g = tg.Guard(m, o, console=False)
+    gen = torch.Generator().manual_seed(0)
+    accum = 4
+    means = []
+    for step in range(12):
+        o.zero_grad()
+        losses = []
+        for micro in range(accum):
+            x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+            if step == 7 and micro == 2:
+                x[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(m(x), y)
+            (loss / accum).backward()
+            g.observe_loss(loss)
+            losses.append(float(loss.detach()))
+        means.append(sum(losses) / accum)
+        g.step()
+    g.close()
+    recorded = [s.loss for s in g.history]
+    assert recorded[:7] == pytest.approx(means[:7], rel=1e-6)
+    assert g.chance_loss == pytest.approx(math.log(10))
+    assert [a.step for a in g.actions if a.kind == "skip"] == [7]
