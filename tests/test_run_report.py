@@ -141,3 +141,58 @@ def test_report_renders_in_headless_chromium(tmp_path, chromium):
     assert count(255, 127, 14) > 300      # the gradient norm (orange)
     assert count(214, 39, 40, 0.08) > 20  # the red non-finite ticks
     assert count(255, 0, 255, 0.08) > 20  # magenta non-finite cells in the heat map
+
+
+def _short_run(log, steps, nan_at=(), state=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = tg.Guard(model, opt, console=False, log=str(log), log_every=1)
+    if state is not None:
+        guard.load_state_dict(state)
+    X, y = torch.randn(32, 8), torch.randn(32, 1)
+    for t in range(steps):
+        opt.zero_grad()
+        x = X.clone()
+        if guard.step_count in nan_at:
+            x[0, 0] = math.nan
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+    state = guard.state_dict()
+    guard.close()
+    return state
+
+
+def test_a_log_several_runs_appended_to_is_reported_run_by_run(tmp_path, capsys):
+    """Bug: a training script run twice with the same log path (nanoGPT's out_dir) appended the
+    second run to the first, and the report drew both on one axis (step 0 twice, the first
+    run's findings among the second's). Each sink opening the log writes ``run_start``; the
+    report shows the last run, ``--run K`` another; a Guard resumed from its saved state
+    (``run_resumed``) continues its run."""
+    log = tmp_path / "events.jsonl"
+    _short_run(log, 20, nan_at=(5,))            # run 1: one NaN step, skipped
+    state = _short_run(log, 15)                 # run 2: healthy
+    _short_run(log, 10, state=state)            # run 2 resumed at step 15
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [d["type"] for d in lines].count("run_start") == 3
+    assert [d["step"] for d in lines if d["type"] == "run_resumed"] == [15]
+    last = RunData.from_jsonl(log)
+    assert (last.runs_in_log, last.run_index) == (2, 2)
+    assert (last.first_step, last.last_step) == (0, 24) and last.stats_records == 25
+    assert not last.findings and not last.actions
+    first = RunData.from_jsonl(log, run=1)
+    assert first.run_index == 1 and first.last_step == 19
+    assert [f["kind"] for f in first.findings] == ["nonfinite"]
+    with pytest.raises(ValueError, match="holds 2 run"):
+        RunData.from_jsonl(log, run=3)
+    from trainguard.cli import main
+    assert main(["report", str(log), "--run", "1", "-o", str(tmp_path / "r1.html")]) == 0
+    text = (tmp_path / "r1.html").read_text(encoding="utf-8")
+    assert "run 1 of the 2 in this log" in text
+    # a log written before the markers existed is one run, as before
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(x + "\n" for x in log.read_text().splitlines()
+                           if '"run_start"' not in x and '"run_resumed"' not in x))
+    one = RunData.from_jsonl(old)
+    assert one.runs_in_log == 1 and one.stats_records == 20 + 15 + 10

@@ -307,7 +307,12 @@ class DecisionCore:
         if kinds:
             lines.append("  what to change:")
             for k in kinds:
-                for r in REMEDIES.get(k, ())[:2]:
+                # the first finding's own advice (a plateau with large updates says to lower
+                # the learning rate, not the kind's default "raise it")
+                first_f = self.first.get(f"finding:{k}")
+                advice = first_f.remedies if isinstance(first_f, Finding) and first_f.remedies \
+                    else REMEDIES.get(k, ())
+                for r in advice[:2]:
                     lines.append(f"    - ({k}) {r}")
         if self.report_path:
             lines.append(f"  report: {self.report_path}")

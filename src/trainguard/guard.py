@@ -17,6 +17,7 @@ step's statistics one step late.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 import weakref
@@ -48,6 +49,11 @@ def _dist_info() -> tuple[int, int]:
 
 #: model -> the Guard guarding it (weakly on both sides)
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _chance_from_box(model: nn.Module, box: list, first_loss: float) -> float | None:
+    """The deferred stepper's chance inference (it holds no reference to the Guard)."""
+    return chance_level(model, first_loss, kind=box[0])
 
 
 def _release_hooks(sampler: Any, capture: Any, loopcheck: Any) -> None:
@@ -324,8 +330,7 @@ class Guard(CoreView):
         capture = self._capture  # the pieces hold no reference to the Guard itself
         self._deferred = DeferredStepper(
             self.core, self.measure, self.executor,
-            infer_chance=lambda first_loss, box=self._loss_kind: chance_level(
-                model, first_loss, kind=box[0]),
+            infer_chance=functools.partial(_chance_from_box, model, self._loss_kind),
             release=capture.release if capture is not None else (lambda: None),
         ) if sync == "deferred" or (sync is False and self.probe.device.type != "cpu") else None
         #: True when the step path never waits for the device (the deferred mode is running)
@@ -499,6 +504,7 @@ class Guard(CoreView):
             self._apply_state(backup)
             raise ValueError(f"malformed Guard state ({type(e).__name__}: {e}); the Guard is "
                              "unchanged") from e
+        self.core.event("run_resumed", step=self.core.step_count)  # the log's run continues
 
     def _apply_state(self, state: dict[str, Any]) -> None:
         self.core.load_state_dict(state)

@@ -122,6 +122,7 @@ class Monitor(CoreView):
         self.lr.load_state_dict(state["lr"])
         if self.clipper is not None and state.get("clip") is not None:
             self.clipper.load_state_dict(state["clip"])
+        self.core.event("run_resumed", step=self.core.step_count)  # the log's run continues
 
     # -- validation -------------------------------------------------------------------------------
     @staticmethod

@@ -562,7 +562,7 @@ def loss_kind(loss: Any) -> str | None:
     kinds: set[str] = set()
     level, seen, n = [fn], {fn}, 0
     for depth in range(LOSS_SEARCH_DEPTH):
-        nxt = []
+        nxt: list[Any] = []
         for node in level:
             n += 1
             name = node.name()

@@ -152,6 +152,10 @@ class RunData:
     events: list[dict[str, Any]] = field(default_factory=list)
     summary: str = ""
     story: str = ""
+    #: how many runs the log holds (one per Guard that appended to it) and which this is
+    runs_in_log: int = 1
+    run_index: int = 1
+    skip: bool = False  # from_jsonl: a run counted but not kept
 
     def add_stats(self, d: dict[str, Any]) -> None:
         step = int(d.get("step", 0))
@@ -189,12 +193,45 @@ class RunData:
             self.last_step = max(self.last_step, step)
 
     @classmethod
-    def from_jsonl(cls, path: str | os.PathLike) -> "RunData":
+    def from_jsonl(cls, path: str | os.PathLike, run: int | None = None) -> "RunData":
+        """The run at ``path``; a log that several Guards appended to (each opened it with a
+        ``run_start`` line) holds several runs: the last is read, or the ``run``-th (1-based).
+        A ``run_start`` followed by ``run_resumed`` (a Guard restored from a saved state)
+        continues the run before it. One pass, one run kept in memory."""
         from ..sinks.jsonl import raw_events
-        run = cls(source=os.fspath(path))
+        src = os.fspath(path)
+        if run is not None and (isinstance(run, bool) or not isinstance(run, int) or run < 1):
+            raise ValueError(f"run must be a positive run number (1 = the first), got {run!r}")
+        runs = 0
+        cur: RunData | None = None
+        chosen: RunData | None = None
+        pending = False  # a run_start seen: the next event tells a new run from a resumed one
         for d in raw_events(path):  # not decoded: the few numbers drawn are read with _f
-            run.add(d)
-        return run
+            kind = d.get("type")
+            if kind == "run_start":
+                pending = True
+                continue
+            if pending:
+                pending = False
+                if not (kind == "run_resumed" and cur is not None):
+                    if cur is not None and run == runs:
+                        chosen = cur
+                    runs += 1
+                    cur = cls(source=src)
+                    cur.skip = run is not None and run != runs  # counted, not kept
+            if cur is None:  # a log written before run markers: one run
+                runs, cur = 1, cls(source=src)
+            if not cur.skip:
+                cur.add(d)
+        if cur is None:
+            runs, cur = max(runs, 1), cls(source=src)
+        if run is not None and run == runs:
+            chosen = cur
+        out = chosen if run is not None else cur
+        if out is None:
+            raise ValueError(f"{src} holds {runs} run(s); there is no run {run}")
+        out.runs_in_log, out.run_index = runs, (run if run is not None else runs)
+        return out
 
     @classmethod
     def from_guard(cls, guard: Any) -> "RunData":
@@ -482,7 +519,10 @@ def render(run: RunData, title: str = "trainguard run report") -> str:
              f"<p class='muted'>source: {_e(run.source)} &middot; steps "
              f"{_e(run.first_step if run.first_step is not None else 0)}&ndash;{_e(run.last_step)} "
              f"&middot; {run.stats_records} statistics records &middot; "
-             f"{len(run.findings)} findings &middot; {len(run.actions)} actions</p>"]
+             f"{len(run.findings)} findings &middot; {len(run.actions)} actions"
+             + (f" &middot; run {run.run_index} of the {run.runs_in_log} in this log (each Guard "
+                f"appends its own; <code>trainguard report LOG --run K</code> shows run K)"
+                if run.runs_in_log > 1 else "") + "</p>"]
     verdict = ("<span class='bad'>halted</span>" if halted else
                "<span class='bad'>non-finite values seen</span>" if nonfinite and not run.actions else
                "<span class='ok'>repaired and completed</span>" if run.actions else
@@ -544,20 +584,22 @@ def render(run: RunData, title: str = "trainguard run report") -> str:
     return "".join(parts)
 
 
-def save_report(source: Any, path: str | os.PathLike, title: str | None = None) -> str:
+def save_report(source: Any, path: str | os.PathLike, title: str | None = None,
+                run: int | None = None) -> str:
     """Write the report of ``source`` (a JSONL log path, a :class:`RunData`, or a Guard / Monitor /
-    Keras Guard) to ``path`` atomically; returns the path."""
+    Keras Guard) to ``path`` atomically; returns the path. ``run``: which run of a log that
+    holds several (1-based; default the last)."""
     from .._fsio import atomic_write
     if isinstance(source, RunData):
-        run = source
+        data = source
     elif isinstance(source, (str, os.PathLike)):
-        run = RunData.from_jsonl(source)
+        data = RunData.from_jsonl(source, run)
     elif hasattr(source, "core"):
-        run = RunData.from_guard(source)
+        data = RunData.from_guard(source)
     else:
         raise TypeError(f"save_report expects a JSONL log path, RunData or a Guard, got "
                         f"{type(source).__name__}")
-    text = render(run, title or f"trainguard run report: {os.path.basename(run.source) or 'run'}")
+    text = render(data, title or f"trainguard run report: {os.path.basename(data.source) or 'run'}")
     atomic_write(path, lambda fh: fh.write(text))
     return os.fspath(path)
 
@@ -568,6 +610,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("-o", "--output", default=None,
                    help="the HTML file to write (default: the log's name with .html)")
     p.add_argument("--title", default=None, help="the report's title")
+    p.add_argument("--run", type=int, default=None, metavar="K",
+                   help="which run of a log several Guards appended to (1 = the first; "
+                        "default: the last)")
 
 
 def run(args: Any) -> int:
@@ -577,7 +622,7 @@ def run(args: Any) -> int:
         return 2
     out = args.output or os.path.splitext(args.log)[0] + ".html"
     try:
-        save_report(args.log, out, args.title)
+        save_report(args.log, out, args.title, run=args.run)
     except ValueError as e:
         print(f"trainguard report: {e}", file=sys.stderr)
         return 2

@@ -3,12 +3,18 @@
 Non-finite numbers are never dropped or hidden: they are written as the strings "NaN",
 "Infinity" and "-Infinity" (valid JSON that any reader can parse), and :func:`read_events`
 turns them back into floats. Each line is written with one ``write`` call and flushed.
+
+The file is appended to: each sink opened on it starts with a ``run_start`` line (the time it
+was opened), and a Guard resumed from a saved state adds ``run_resumed`` (the step it resumed
+at). ``trainguard report`` shows the last run of a log that holds several, and ``--run K`` any
+one of them.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from dataclasses import asdict
 from typing import Any, Iterator
 
@@ -82,6 +88,9 @@ class JsonlSink(Sink):
         if d:
             os.makedirs(d, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
+        # where this run begins in a log that may hold earlier ones (report: the last run)
+        self._write({"type": "run_start", "step": 0,
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime())})
 
     def _write(self, obj: dict[str, Any]) -> None:
         if self._fh.closed:
