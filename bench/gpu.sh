@@ -2,7 +2,7 @@
 # Every GPU check in one short run (issue #15): the suite's CUDA tests (zero host syncs for
 # Guard(sync=False) included), the zoo's precision scenarios with real fp16/bf16 kernels, and
 # the overhead benchmark on a ~100M-parameter GPT under bf16 autocast against bare,
-# clip_grad_norm_, ZClip and detect_anomaly.
+# clip_grad_norm_, ZClip and detect_anomaly, and each variant's peak device memory.
 #
 #   bash bench/gpu.sh            # writes its logs and JSON under $OUT (default out/gpu)
 #
@@ -26,7 +26,7 @@ timeout 150 $PY -m trainguard.cli zoo --only precision_ data_nan_input healthy_m
   --json "$OUT/zoo_cuda.json" 2>&1 | tee "$OUT/zoo.txt"
 
 echo "== 3. overhead on a ~100M-parameter GPT, bf16 autocast"
-timeout 200 $PY bench/overhead_gpu.py --json "$OUT/overhead_gpu.json" 2>&1 | tee "$OUT/overhead.txt"
+timeout 200 $PY bench/overhead_gpu.py --memory --json "$OUT/overhead_gpu.json" 2>&1 | tee "$OUT/overhead.txt"
 
 echo "== 4. the rest of the suite (torch on the GPU machine), as time allows"
 timeout 90 $PY -m pytest -q -x -p no:cacheprovider -n 8 tests/test_guard.py tests/test_nothing_lost.py \
