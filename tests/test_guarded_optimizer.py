@@ -207,3 +207,51 @@ def test_accelerate_healthy_run_is_the_bare_run_and_an_lr_burst_is_repaired():
         assert "trainguard halted" in str(e)
     assert {a.kind for a in g.actions} & {"rollback", "lr_backoff", "halt", "skip", "clip"}
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("how", ["compiled given", "raw given", "compiled in place"])
+def test_sampled_steps_do_not_recompile_a_compiled_model(how):
+    """Bug (found in nanoGPT, ``compile=True``): each sampled step armed activation hooks that
+    dynamo guards on, so every sampled step recompiled the model, and after 8 dynamo ran it
+    eagerly for the rest of training. A compiled model's sampled steps now arm no hook and
+    keep the hook-free statistics (update ratios, optimizer state)."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def graphs(sample_every: int) -> tuple[int, list]:
+        dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        net = Net()
+        if how == "compiled in place":
+            net.compile(backend="eager")
+            call, given = net, net
+        else:
+            call = torch.compile(net, backend="eager")
+            given = call if how == "compiled given" else net
+        o = torch.optim.Adam(net.parameters(), lr=1e-3)
+        g = tg.Guard(given, o, console=False, sample_every=sample_every)
+        gen = torch.Generator().manual_seed(1)
+        for t in range(24):
+            o.zero_grad()
+            loss = nn.functional.cross_entropy(call(torch.randn(16, 8, generator=gen)),
+                                               torch.randint(0, 4, (16,), generator=gen))
+            loss.backward()
+            g.step(loss)
+        ratios = [s.update_ratios for s in g.history if s.update_ratios is not None]
+        g.close()
+        return int(counters["stats"]["unique_graphs"]), ratios
+
+    plain, _ = graphs(10**9)
+    sampled, ratios = graphs(2)  # 12 sampled steps: 12+ recompiles before, the limit is 8
+    # a raw model compiled outside is recognised at its first sampled pass: one more graph
+    assert sampled <= plain + (2 if how == "raw given" else 0), (sampled, plain)
+    assert len(ratios) >= 10  # the sampled steps still measure the update-to-weight ratio

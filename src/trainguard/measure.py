@@ -148,7 +148,8 @@ class StepProbe:
         default mode, so a batch that poisons them is caught, and skipped, at its own step)."""
         sampler = self.sampler
         if not (buffers or scaled or denominators is not None or sampler._handles
-                or sampler.results):  # a plain step: at most the running statistics
+                or sampler.results or sampler.hookless_armed):
+            # a plain step: at most the running statistics
             if running and self.running.floats:
                 return ([self.running.norms()], ["__buffers__"],
                         {"__buffers__": len(self.running.floats)})
@@ -309,6 +310,9 @@ class StepProbe:
         known = loss is not None
         if loss is None:
             loss = math.nan
+        # a compiled model's sampled step has no activation probes: still a sampled step
+        # (update ratios, optimizer state), told by an empty activations record
+        hookless = self.sampler.hookless_armed
         with_params = force_params or self.force_params or self.with_params(step)
         cadence = with_params
         self.force_params = False
@@ -330,6 +334,8 @@ class StepProbe:
                                     loss_known=known)
                 if quick is not None:
                     self.post = None
+                    if hookless:
+                        quick.activations = {}
                     return quick, probe.last_grads
             gn, idx, pn, ev, lv = probe.split(np.asarray(host, dtype=np.float64), idx, False)
         else:
@@ -358,6 +364,8 @@ class StepProbe:
                             activations=acts, optimizer=self.opt_kind, optimizer_state=self.post)
         stats.output_log_z = logits["log_z"] if logits else None
         stats.loss_known = known
+        if hookless and stats.activations is None:
+            stats.activations = {}
         self.post = None
         if found is not None:
             # the scaler's own verdict: it skips exactly when it found inf/NaN (issue #12: a

@@ -269,12 +269,33 @@ _FUNCTIONAL_KINDS: dict[Any, str] = {
 LOOK_EVERY = 10
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """The model, or one of its modules, runs under ``torch.compile``: an ``OptimizedModule``
+    (``torch.compile(model)``) or a module compiled in place (``Module.compile()``)."""
+    return any(type(m).__name__ == "OptimizedModule"
+               or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 class ActivationSampler:
     """Forward hooks on activation modules (and a softmax spy for attention), armed only for
-    the next forward pass."""
+    the next forward pass.
+
+    Under ``torch.compile`` no hook is armed: dynamo guards on a module's hooks (and on the
+    process-wide ones), so each armed pass recompiled the model, and after 8 recompiles
+    (``torch._dynamo.config.recompile_limit``) dynamo ran that code eagerly for the rest of
+    training (nanoGPT's default ``compile=True``: after 8 sampled steps, 400 at the default
+    ``sample_every``). A compiled model is recognised when the Guard is built
+    (:func:`is_compiled`) or at its first armed pass that dynamo traces; its sampled steps then
+    measure no activation (dead units, saturation, attention and output logits) but keep the
+    rest (update-to-weight ratios, optimizer state): a hook-less arm (:attr:`hookless_armed`)
+    that the step probe reads as a sampled step."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        #: torch.compile in the way: arm no hook (see the class docstring)
+        self.compiled = is_compiled(model)
+        #: armed without hooks (a compiled model): the next step is a sampled one all the same
+        self.hookless_armed = False
         self.targets = [(clean_name(name, ""), m, k) for name, m in model.named_modules()
                         if (k := activation_kind(m)) is not None]
         self.recurrent = [(clean_name(name, ""), m) for name, m in model.named_modules()
@@ -323,7 +344,10 @@ class ActivationSampler:
         carry. Under ``torch.compile`` the process-wide hooks stand aside (dynamo cannot trace
         them): functional calls are then attributed to the root. The spy and the process-wide
         hooks are armed only on the passes that look for functional calls (:data:`LOOK_EVERY`)."""
-        if self._handles:
+        if self._handles or self.hookless_armed:
+            return
+        if self.compiled:
+            self.hookless_armed = True
             return
         self.results = {}
         self._pending, self._held = [], 0
@@ -446,6 +470,11 @@ class ActivationSampler:
         self._seen = True
 
     def _enter_spy(self, _mod: nn.Module, _inp: Any) -> None:
+        if torch.compiler.is_compiling():
+            # dynamo is tracing this hook: the model was compiled outside the Guard's sight;
+            # from the next arm on, no hooks (this pass's are removed at collect())
+            self.compiled = True
+            return
         if not self._ran and torch.is_grad_enabled():
             self._ran = True
             if self._look and self._spy is None:
@@ -522,6 +551,7 @@ class ActivationSampler:
 
     def collect(self) -> SampledActivations:
         """Take the statistics gathered since the last arm() and stop listening."""
+        self.hookless_armed = False
         if not self._handles and not self.results:
             return _NOTHING_SAMPLED  # a plain step
         self.disarm()
