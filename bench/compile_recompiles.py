@@ -18,10 +18,10 @@ import os
 import sys
 import warnings
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-if "--src" in sys.argv[:-1]:  # another tree's trainguard (before the import below)
-    _SRC = sys.argv[sys.argv.index("--src") + 1]
-sys.path.insert(0, _SRC)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tree import use_tree  # noqa: E402
+
+_SRC = use_tree()  # this checkout's src/, or --src DIR (before the import below)
 import torch  # noqa: E402
 import torch._dynamo as dynamo  # noqa: E402
 from torch import nn  # noqa: E402

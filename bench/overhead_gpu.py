@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-if "--src" in sys.argv[:-1]:  # another tree's trainguard (before the import below)
-    _SRC = sys.argv[sys.argv.index("--src") + 1]
-sys.path.insert(0, _SRC)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tree import use_tree  # noqa: E402
+
+_SRC = use_tree()  # this checkout's src/, or --src DIR (before the import below)
 import trainguard as tg  # noqa: E402
 
 

@@ -40,3 +40,10 @@ def test_gpu_overhead_script_smoke_runs_on_cpu_with_its_breakdown_variants():
               "--only", "guard", "guard detectors=[], locate=False", "--memory",
               "--src", os.path.join(ROOT, "src"))
     assert "guard detectors=[], locate=False" in out and "sampled probe step" in out
+
+
+def test_compile_recompiles_and_sampled_step_scripts_run():
+    out = run("bench/compile_recompiles.py", "--steps", "12", "--src", os.path.join(ROOT, "src"))
+    assert out.count("graphs compiled:") == 4
+    out = run("bench/sampled_step.py", "--model", "gpt", "--rounds", "1")
+    assert "its pieces (median ms)" in out
