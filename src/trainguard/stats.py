@@ -341,8 +341,9 @@ class ActivationSampler:
         produced which tensor, for softmax and functional activations, through a dict lookup
         (they used to be two hooks on *every* module: 0.2 s to arm on a 1,500-module model).
         Nothing is stored on the user's modules that ``torch.save`` or ``copy.deepcopy`` would
-        carry. Under ``torch.compile`` the process-wide hooks stand aside (dynamo cannot trace
-        them): functional calls are then attributed to the root. The spy and the process-wide
+        carry. A compiled model gets no hooks at all (a hook-less arm, see the class
+        docstring); on the one pass that finds it compiled (traced by dynamo), the process-wide
+        hooks and the spy stand aside. The spy and the process-wide
         hooks are armed only on the passes that look for functional calls (:data:`LOOK_EVERY`)."""
         if self._handles or self.hookless_armed:
             return

@@ -155,7 +155,6 @@ class RunData:
     #: how many runs the log holds (one per Guard that appended to it) and which this is
     runs_in_log: int = 1
     run_index: int = 1
-    skip: bool = False  # from_jsonl: a run counted but not kept
 
     def add_stats(self, d: dict[str, Any]) -> None:
         step = int(d.get("step", 0))
@@ -206,6 +205,7 @@ class RunData:
         cur: RunData | None = None
         chosen: RunData | None = None
         pending = False  # a run_start seen: the next event tells a new run from a resumed one
+        keep = True  # the run being read is the one asked for (the others are only counted)
         for d in raw_events(path):  # not decoded: the few numbers drawn are read with _f
             kind = d.get("type")
             if kind == "run_start":
@@ -218,10 +218,11 @@ class RunData:
                         chosen = cur
                     runs += 1
                     cur = cls(source=src)
-                    cur.skip = run is not None and run != runs  # counted, not kept
+                    keep = run is None or run == runs
             if cur is None:  # a log written before run markers: one run
                 runs, cur = 1, cls(source=src)
-            if not cur.skip:
+                keep = run is None or run == 1
+            if keep:
                 cur.add(d)
         if cur is None:
             runs, cur = max(runs, 1), cls(source=src)
