@@ -16,8 +16,9 @@ block of the same round and the median ratio over rounds is reported.
 
 Variants: the Guard at default settings (one host transfer per step), the Guard with
 ``sync=False``, ``torch.autograd.detect_anomaly``, ``clip_grad_norm_(max_norm=1.0)``,
-per-parameter ``.item()`` norm logging (what wandb.watch-style loggers do), and ZClip when the
-``zclip`` package is installed.
+per-parameter ``.item()`` norm logging (what wandb.watch-style loggers do), ``grad read`` (one
+fused read of the gradients and one host transfer: the floor of a guard that decides on the
+host), and ZClip when the ``zclip`` package is installed.
 """
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ def _loop(model: str, width: int, *, guard: dict | None = None,
     return build
 
 
+def _grad_read(m: nn.Module, log: list) -> None:
+    """The floor of a guard's default mode: one fused read of the gradients and one host
+    transfer of the per-tensor norms (no decision, no record)."""
+    grads = [p.grad for p in m.parameters() if p.grad is not None]
+    log.append(torch.stack(torch._foreach_norm(grads)).tolist())
+    del log[:-1000]
+
+
 def _item_logging(m: nn.Module, log: list) -> None:
     for p in m.parameters():
         log.append(p.grad.norm().item())
@@ -114,6 +123,8 @@ def variants(model: str, width: int, zclip: bool = True
         "detect_anomaly": _loop(model, width, anomaly=True),
         "clip_grad_norm_": _loop(model, width, after_backward=lambda m, log: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
         "per-param .item()": _loop(model, width, after_backward=_item_logging),
+        # the floor: one fused read of the gradients and one host transfer, nothing decided
+        "grad read": _loop(model, width, after_backward=_grad_read),
     }
     if not zclip:  # not asked for: its import alone (it pulls in Lightning) takes seconds
         return out

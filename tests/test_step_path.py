@@ -59,6 +59,54 @@ def test_quick_record_equals_the_general_one(norm, deep):
     assert quick.grad_norm == pytest.approx(exact, rel=1e-6)
 
 
+@pytest.mark.parametrize("norm,deep", [(False, 0), (True, 0), (False, 40)])
+def test_cadence_record_equals_the_general_one(norm, deep):
+    """On the parameter cadence the short path also groups the weights' norms: the same
+    per-module norms and total as build_stats, to the last bit."""
+    m = _net(norm=norm, deep=deep)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    loss = _backward(m)
+    probe = Probe(m, opt)
+    vec, idx, _ = probe.measure_device(loss, with_params=True)
+    host = vec.tolist()
+    ng = len(idx)
+    quick = quick_stats(3, probe, host[:ng], idx, host[-1], pn=host[ng:-1], lr=0.1)
+    full = build_stats(3, probe, np.asarray(host[:ng]), idx, np.asarray(host[ng:-1]), host[-1],
+                       lr=0.1)
+    assert quick is not None and quick.param_norms is not None
+    assert quick.param_norms == full.param_norms and quick.param_norm == full.param_norm
+    assert quick.grad_norms == full.grad_norms and quick.grad_norm == full.grad_norm
+    exact = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in m.parameters()))
+    assert quick.param_norm == pytest.approx(exact, rel=1e-6)
+    # a weight norm that is not finite is the general path's (it tells overflow from NaN)
+    bad = host[ng:-1]
+    bad[0] = math.inf
+    assert quick_stats(3, probe, host[:ng], idx, host[-1], pn=bad) is None
+
+
+@pytest.mark.parametrize("what", ["weight", "state"])
+def test_cadence_step_hands_huge_values_to_the_general_path(what):
+    """Finite but huge weights (> 1e15) or optimizer state on a parameter-cadence step are not
+    taken by the short path: the general one names them at that step."""
+    m = _net()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False)
+    for t in range(12):
+        opt.zero_grad()
+        loss = _backward(m, seed=t)
+        if t == 10:  # a cadence step (param_norm_every=10)
+            with torch.no_grad():
+                if what == "weight":
+                    m[2].weight[0, 0] = 1e17
+                else:
+                    opt.state[m[2].weight]["exp_avg_sq"][0, 0] = 1e30
+        g.step(loss)
+    f = [f for f in g.core.findings if f.kind == "nonfinite"]
+    assert f and f[0].step == 10, g.core.findings
+    assert f[0].origin == ("parameters" if what == "weight" else "optimizer"), f[0]
+    g.close()
+
+
 def test_quick_record_leaves_the_unusual_steps_to_the_general_path():
     m = _net()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -357,3 +405,53 @@ def test_sampled_statistics_equal_a_reference_computation(dtype, opt_name):
         or dtype != torch.bfloat16
     assert any(k == "post" and b.get("eps_dominated_fraction", 0) > 0 for k, _s, b in want) \
         or opt_name != "adam"
+
+
+@pytest.mark.parametrize("how", ["swap", "load", "new entry"])
+def test_cadence_read_follows_the_optimizer_states_tensors(how):
+    """The parameter cadence reads the optimizer state through a cached layout: a state tensor
+    swapped in place of another, a whole state loaded, or an entry added later is still the
+    one read, and its corruption is found at the next cadence step."""
+    m = _net()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False)
+    w = m[2].weight
+    for t in range(22):
+        opt.zero_grad()
+        loss = _backward(m, seed=t)
+        if t == 12:
+            if how == "swap":
+                opt.state[w]["exp_avg_sq"] = opt.state[w]["exp_avg_sq"].clone()
+            elif how == "load":
+                opt.load_state_dict(opt.state_dict())
+            else:  # an entry the optimizer did not have at the last read
+                opt.state[w]["extra_buffer"] = torch.zeros_like(w)
+        if t == 15:
+            key = "extra_buffer" if how == "new entry" else "exp_avg_sq"
+            opt.state[w][key][0, 0] = float("inf")
+        g.step(loss)
+    f = [f for f in g.core.findings if f.kind == "nonfinite"]
+    assert f and f[0].step == 20 and f[0].origin == "optimizer" and f[0].where == "2", f
+    g.close()
+
+
+def test_the_update_ratio_handed_to_the_detectors_is_the_nan_median():
+    """The sampled step's median update ratio (read by the plateau rule) is np.nanmedian's
+    value, with a module that has no update (a frozen layer: NaN ratio) in the list."""
+    m = _net()
+    m[0].weight.requires_grad_(False)  # no update there; its module keeps a bias
+    m[2].bias.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    g = tg.Guard(m, opt, console=False, sample_every=2)
+    seen = 0
+    for t in range(8):
+        opt.zero_grad()
+        loss = _backward(m, seed=t)
+        g.step(loss)
+        s = g.core.history[-1]
+        if s.update_ratios is not None:
+            assert g.measure.post is not None
+            assert g.measure.post["update_ratio"] == float(np.nanmedian(s.update_ratios))
+            seen += 1
+    assert seen >= 3
+    g.close()

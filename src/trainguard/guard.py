@@ -518,11 +518,12 @@ class Guard(CoreView):
     def _check_loss(self, loss: Any) -> None:
         if self._closed:
             raise RuntimeError("this Guard was closed; create a new one to keep training")
-        if loss is None:
-            return
-        if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, float, int)):
-            raise TypeError(f"guard.step expects the loss (a scalar tensor or float), got "
-                            f"{type(loss).__name__}")
+        if type(loss) is not torch.Tensor:  # else the common step: a plain tensor
+            if loss is None:
+                return
+            if isinstance(loss, bool) or not isinstance(loss, (torch.Tensor, float, int)):
+                raise TypeError(f"guard.step expects the loss (a scalar tensor or float), got "
+                                f"{type(loss).__name__}")
         if isinstance(loss, torch.Tensor) and loss.numel() != 1:
             raise ValueError(f"guard.step expects a scalar loss, got a tensor of shape {tuple(loss.shape)}")
 
@@ -629,7 +630,7 @@ class Guard(CoreView):
 
     def _locate(self, findings: list[Finding], stats: StepStats) -> list[Finding]:
         """The core's locate hook: name the first module of a non-finite value."""
-        if self._capture is None or not any(f.kind == "nonfinite" for f in findings):
+        if self._capture is None or not findings or not any(f.kind == "nonfinite" for f in findings):
             self._release_capture()
             return findings
         try:

@@ -60,12 +60,18 @@ class LoopCheck:
         warnings.warn(f"trainguard: {MESSAGES[kind]}", RuntimeWarning, stacklevel=4)
         self.report(kind, MESSAGES[kind])
 
+    def _first_grad(self) -> torch.Tensor | None:
+        """The first parameter's gradient that exists (the first one's, in the common step)."""
+        params = self.params
+        g = params[0].grad if params else None
+        return g if g is not None else next((p.grad for p in params if p.grad is not None), None)
+
     def before(self, step: int) -> None:
         """At the start of ``guard.step``."""
         if self.external:
             self.external = 0
             self._say("double_update")
-        g = next((p.grad for p in self.params if p.grad is not None), None)
+        g = self._first_grad()
         if g is None:
             self._say("no_backward")
             return
@@ -75,7 +81,7 @@ class LoopCheck:
 
     def after(self, step: int) -> None:
         """At the end of ``guard.step`` (after the Guard's own in-place clip/unscale)."""
-        g = next((p.grad for p in self.params if p.grad is not None), None)
+        g = self._first_grad()
         if g is not None:
             try:
                 setattr(g, _MARK, (step, g._version))

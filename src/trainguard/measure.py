@@ -9,6 +9,7 @@ ratios, Adam's epsilon dominance, 16-bit swamping).
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import numpy as np
@@ -104,6 +105,8 @@ class StepProbe:
         self._denoms: list[list[torch.Tensor]] = []  # DENOMINATOR_EVERY rolling shares
         self._denom_owner: list[list[int]] = []
         self._denom_key: tuple[int, int] | None = None
+        self._layout_key: tuple | None = None  # optimizer_state_tensors' cached layout
+        self._layout: list[tuple[int, str]] = []
         self.sampler.arm()  # the first forward is probed
 
     def rebind(self) -> None:
@@ -111,6 +114,7 @@ class StepProbe:
         module): forget what was keyed on the old ones."""
         self._group_of = {id(p): grp for grp in self.optimizer.param_groups for p in grp["params"]}
         self._denom_key = None
+        self._layout_key = None
         self._state_owner = []
         self.post = None
 
@@ -165,16 +169,21 @@ class StepProbe:
             self._denom_key = None  # the rolling split is rebuilt after each full read
             state, self._state_owner = self.optimizer_state_tensors()
             if state:
+                # state already in the norms' dtype: no dtype argument (it takes a slower
+                # path on CPU); 16-bit state is accumulated in fp32 (its norm overflows fp16)
+                nd = self.probe.norm_dtype
+                kw = {} if all(t.dtype is nd for t in state) else {"dtype": nd}
                 with torch.no_grad():
-                    extra.append(torch.stack(torch._foreach_norm(state, 2,
-                                                                 dtype=self.probe.norm_dtype)))
+                    extra.append(torch.stack(torch._foreach_norm(state, 2, **kw)))
                 names.append("__optstate__")
                 n_buf["__optstate__"] = len(state)
         elif denominators is not None:
             share = self.denominator_share(denominators)
             if share:
-                # fp32 state: no dtype argument (it takes a slower path on CPU)
-                kw = {} if self.probe._fp32 else {"dtype": self.probe.norm_dtype}
+                # state already in the norms' dtype: no dtype argument (it takes a slower
+                # path on CPU); 16-bit state is accumulated in fp32 (its norm overflows fp16)
+                nd = self.probe.norm_dtype
+                kw = {} if all(t.dtype is nd for t in share) else {"dtype": nd}
                 with torch.no_grad():
                     extra.append(torch.stack(torch._foreach_norm(share, 2, **kw)))
                 names.append("__optstate__")
@@ -199,20 +208,27 @@ class StepProbe:
         """Floating-point optimizer state shaped like its parameter (moments, square averages,
         momentum buffers), with the index of the parameter each belongs to. Read on the
         parameter-norm cadence: Inf in Adam's exp_avg_sq freezes a weight silently (issue #12,
-        item 3)."""
-        out: list[torch.Tensor] = []
-        owner: list[int] = []
+        item 3). Which entries those are is worked out again only when the state dict is
+        replaced or an entry appears or goes (its layout key); the tensors themselves are looked
+        up every time, so one swapped in place of another is read."""
         state = self.optimizer.state
-        for i, p in enumerate(self.probe.params):
-            st = state.get(p)
-            if not st:
-                continue
-            for v in st.values():
-                if (isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0
-                        and v.numel() == p.numel()):
-                    out.append(_local(v.detach()))
-                    owner.append(i)
-        return out, owner
+        params = self.probe.params
+        key = (id(state), len(state), [len(st) if (st := state.get(p)) else 0 for p in params])
+        if key != self._layout_key:
+            self._layout_key = key
+            self._layout = [(i, name) for i, p in enumerate(params) if (st := state.get(p))
+                            for name, v in st.items()
+                            if (isinstance(v, torch.Tensor) and v.is_floating_point()
+                                and v.dim() > 0 and v.numel() == p.numel())]
+        out: list[torch.Tensor] = []
+        for i, name in self._layout:
+            st = state.get(params[i])
+            v = st.get(name) if st else None
+            if not isinstance(v, torch.Tensor):  # gone or replaced by something else: look again
+                self._layout_key = None
+                return self.optimizer_state_tensors()
+            out.append(_local(v))
+        return out, [i for i, _ in self._layout]
 
     def denominator_share(self, step: int) -> list[torch.Tensor]:
         """The denominator state tensors read at ``step`` (:data:`DENOMINATOR_STATE`, one
@@ -299,6 +315,10 @@ class StepProbe:
                 "saturated_fraction": None if math.isnan(sat) else sat,
                 "second_moment": q, "units": int(units)}
 
+    #: the extra values the short path of :meth:`measure` reads (only finiteness and size are
+    #: judged of them on a healthy step: anything else goes through the general path)
+    QUICK_EXTRA = frozenset({"__buffers__", "__optstate__"})
+
     # -- the default mode: one transfer -------------------------------------------------------
     def measure(self, loss: torch.Tensor | float | None, step: int, *, scaled: bool,
                 lr: float | None, divide: float | None = None,
@@ -321,23 +341,32 @@ class StepProbe:
             denominators=step if self.check_weights else None)
         probe = self.probe
         read = with_params or self.check_weights
-        if not read and not divide and probe._world_size == 1 and (
-                not names or names == ["__buffers__"]):
-            # the common step (no sampled probe, no cadence read, no scaler state): one
-            # transfer, then plain Python; anything not finite goes on to the general path
-            vec, idx, _ = probe.measure_device(loss, with_params=False, extra=extra)
+        if read == with_params and not divide and probe._world_size == 1 and all(
+                n in self.QUICK_EXTRA for n in names):
+            # the common step (no sampled probe, no scaler state; on the parameter cadence,
+            # the weights' and optimizer state's norms too): one transfer, then plain Python;
+            # anything not finite or huge goes on to the general path
+            vec, idx, _ = probe.measure_device(loss, with_params=with_params, extra=extra)
             host = vec.tolist()
             ng = len(idx)
-            if all(math.isfinite(v) for v in host[ng:-1]):  # running statistics, if any
-                quick = quick_stats(step, probe, host[:ng], idx, host[-1], lr=lr,
+            off = ng + (len(probe.params) if with_params else 0)
+            rest = host[off:-1]  # running statistics, then optimizer-state norms, if any
+            if all(math.isfinite(v) for v in rest) and not any(
+                    v > HUGE_STATE for v in rest[kinds.get("__buffers__", 0):]):
+                quick = quick_stats(step, probe, host[:ng], idx, host[-1],
+                                    pn=host[ng:off] if with_params else None, lr=lr,
                                     optimizer=self.opt_kind, optimizer_state=self.post,
                                     loss_known=known)
-                if quick is not None:
+                if quick is not None and not (quick.param_norm is not None
+                                              and quick.param_norm > HUGE_WEIGHT):
                     self.post = None
                     if hookless:
                         quick.activations = {}
+                    if cadence and "__buffers__" in kinds:
+                        self.running.keep()  # verified: the copy a skip restores
                     return quick, probe.last_grads
-            gn, idx, pn, ev, lv = probe.split(np.asarray(host, dtype=np.float64), idx, False)
+            gn, idx, pn, ev, lv = probe.split(np.asarray(host, dtype=np.float64), idx,
+                                              with_params)
         else:
             gn, idx, pn, ev, lv = probe.measure(loss, with_params=read, extra=extra)
         if read and not with_params and pn is not None:
@@ -475,8 +504,11 @@ class StepProbe:
             ratios = np.where(gb > 0, gd / gb, np.nan)
             stats.update_ratios = ratios.tolist()
         self.post = self._optimizer_state(params, diffs)
-        if np.isfinite(ratios).any():  # read by the next step's detectors (plateau)
-            self.post = dict(self.post or {}, update_ratio=float(np.nanmedian(ratios)))
+        known = [r for r in stats.update_ratios if r == r]  # not NaN
+        if any(math.isfinite(r) for r in known):  # read by the next step's detectors (plateau)
+            # np.nanmedian's value (the middle one, or the mean of the two middle ones) at a
+            # thirtieth of its cost on a short list
+            self.post = dict(self.post or {}, update_ratio=statistics.median(known))
 
     #: the sampled optimizer-state statistics read at most this many parameter tensors (the
     #: largest): fractions of coordinates, so the largest tensors carry them, and a model of

@@ -862,7 +862,7 @@ def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
         else:
             groups = probe.group_norms(gn, idx)
         pgroups = probe.group_norms(pn, probe._all_idx) if pn is not None else None
-        ptotal = float(np.sqrt(np.sum(np.square(pn)))) if pn is not None else None
+        ptotal = grad_total(pn) if pn is not None else None
     return StepStats(step=step, loss=float(loss), grad_norm=total, modules=probe.modules,
                      grad_norms=groups.tolist(),
                      param_norms=pgroups.tolist() if pgroups is not None else None,
@@ -878,22 +878,36 @@ QUICK_GROUPING = 64
 
 
 def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss: float,
-                **kw: Any) -> StepStats | None:
+                pn: list[float] | None = None, **kw: Any) -> StepStats | None:
     """:func:`build_stats` for the common step, in plain Python on the host list (on a small
     model numpy's per-call cost is most of the Guard's time; the arithmetic is the same:
-    squares summed in order per module, as ``np.bincount`` does). None when a norm or a known
-    loss is not finite or some parameter has no gradient: the general path takes those (an
-    unknown loss, ``loss_known=False``, is NaN by convention and stays on this path)."""
+    squares summed in order per module, as ``np.bincount`` does). ``pn``: every parameter's
+    norm, on the ``param_norm_every`` cadence. None when a norm or a known loss is not finite
+    or some parameter has no gradient: the general path takes those (an unknown loss,
+    ``loss_known=False``, is NaN by convention and stays on this path)."""
     a = np.asarray(gn, dtype=np.float64) if len(gn) > QUICK_GROUPING else None
     total = grad_total(gn if a is None else a)
     loss_ok = math.isfinite(loss) or not kw.get("loss_known", True)
     if idx is not probe._all_idx or not (math.isfinite(total) and loss_ok):
         return None
-    if a is not None:
-        groups = probe.group_norms(a, idx).tolist()  # many tensors: numpy's loop
-    elif probe._one_per_module:
-        groups = [math.sqrt(x * x) for x in gn]  # one parameter tensor per module
-    else:
-        groups = [math.sqrt(sum([gn[i] * gn[i] for i in m])) for m in probe._members]
+    pgroups = ptotal = None
+    if pn is not None:
+        pa = np.asarray(pn, dtype=np.float64) if a is not None else None
+        ptotal = grad_total(pn if pa is None else pa)
+        if not math.isfinite(ptotal):
+            return None
+        pgroups = _groups(probe, pn, pa, by_module=True)
+    groups = _groups(probe, gn, a, by_module=False)
     return StepStats(step=step, loss=loss, grad_norm=total, modules=probe.modules,
-                     grad_norms=groups, **kw)
+                     grad_norms=groups, param_norms=pgroups, param_norm=ptotal, **kw)
+
+
+def _groups(probe: Probe, norms: list[float], a: np.ndarray | None, by_module: bool) -> list[float]:
+    """Per-module norms from every parameter's norm, as :func:`build_stats` computes them
+    (``by_module``: through the grouping even with one tensor per module, as it does for the
+    parameter norms; the same numbers either way)."""
+    if a is not None:
+        return probe.group_norms(a, probe._all_idx).tolist()  # many tensors: numpy's loop
+    if probe._one_per_module:
+        return [math.sqrt(x * x) for x in norms]  # one parameter tensor per module
+    return [math.sqrt(sum([norms[i] * norms[i] for i in m])) for m in probe._members]

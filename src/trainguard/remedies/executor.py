@@ -180,7 +180,8 @@ class Executor:
             if n:
                 self.core.act("clip", f"agc: {n} units clipped to {clipper.clip_factor} of "
                                       "their weight norm", step=step, units=n)
-        coef = self.core.clip_scale(clipper, dict(plan.actions).get("clip"), stats.grad_norm, step)
+        asked = dict(plan.actions).get("clip") if plan.actions else None
+        coef = self.core.clip_scale(clipper, asked, stats.grad_norm, step)
         if coef < 1.0:
             scale_grads(grads, coef)
 
