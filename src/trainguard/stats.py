@@ -896,16 +896,15 @@ def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss:
         ptotal = grad_total(pn if pa is None else pa)
         if not math.isfinite(ptotal):
             return None
-        pgroups = _groups(probe, pn, pa, by_module=True)
-    groups = _groups(probe, gn, a, by_module=False)
+        pgroups = _groups(probe, pn, pa)
+    groups = _groups(probe, gn, a)
     return StepStats(step=step, loss=loss, grad_norm=total, modules=probe.modules,
                      grad_norms=groups, param_norms=pgroups, param_norm=ptotal, **kw)
 
 
-def _groups(probe: Probe, norms: list[float], a: np.ndarray | None, by_module: bool) -> list[float]:
+def _groups(probe: Probe, norms: list[float], a: np.ndarray | None) -> list[float]:
     """Per-module norms from every parameter's norm, as :func:`build_stats` computes them
-    (``by_module``: through the grouping even with one tensor per module, as it does for the
-    parameter norms; the same numbers either way)."""
+    (``a``: the same norms as an array when there are more than :data:`QUICK_GROUPING`)."""
     if a is not None:
         return probe.group_norms(a, probe._all_idx).tolist()  # many tensors: numpy's loop
     if probe._one_per_module:
