@@ -609,3 +609,59 @@ def test_ddp_names_the_rank_whose_batch_went_bad(tmp_path):
         assert (r["origin"], r["where"], r["culprit_rank"]) == ("input", "args[0]", 1)
         assert r["message"].startswith("rank 1:") and "rank(s) 0 is finite" in r["message"]
     assert (r0["rank"], r1["rank"]) == (0, 1)
+
+
+class _Two(nn.Module):
+    """Two outputs of one autograd node (chunk), and a leaf returned as an output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.bias = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        a, b = self.lin(x).chunk(2, dim=-1)
+        return a, b, self.bias
+
+
+@pytest.mark.parametrize("use", ["a", "ab", "a+bias"])
+def test_captured_output_gradients_are_the_losss_gradients(use):
+    """The capture keeps, for each output, the gradient the backward pass gave it (a pre-hook
+    on the output's node; a tensor hook for a leaf output): equal to autograd's own, None for
+    an output the loss did not use."""
+    torch.manual_seed(0)
+    m = _Two()
+    cap = StepCapture(m)
+    x = torch.randn(5, 4)
+    a, b, bias = m(x)
+    loss = (a ** 2).sum()
+    if "b" in use:
+        loss = loss + (b * 3).sum()
+    if "bias" in use:
+        loss = loss + (a * bias).sum()
+    want = torch.autograd.grad(loss, [a, b, bias], retain_graph=True, allow_unused=True)
+    loss.backward()
+    for got, ref in zip(cap.grads, want):
+        if ref is None:
+            assert got is None
+        else:
+            assert got is not None and torch.equal(got, ref)
+    cap.release()
+    cap.remove()
+
+
+def test_a_parameter_returned_as_an_output_gathers_no_hooks():
+    """A model that returns one of its parameters (a learned temperature, say): the capture's
+    gradient hook on that leaf is removed at the end of each step (it stayed, one more per
+    step, for the whole run)."""
+    torch.manual_seed(0)
+    m = _Two()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = tg.Guard(m, opt, console=False)
+    for _ in range(12):
+        opt.zero_grad()
+        a, b, bias = m(torch.randn(5, 4))
+        ((a * bias).sum() + b.pow(2).sum()).backward()
+        g.step(torch.tensor(1.0))
+    assert not m.bias._backward_hooks
+    g.close()

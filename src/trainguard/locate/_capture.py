@@ -139,6 +139,7 @@ class StepCapture:
         #: storage signatures of this step's and the previous step's outputs
         self._outputs_now: set[tuple] = set()
         self._prev_outputs: set[tuple] = set()
+        self._leaf_hooks: list[Any] = []  # hooks on leaf outputs, removed at release()
         self._clear()
         self._prev_healthy = False  # the previous step had a captured forward and no finding
         self._updated = False       # an optimizer step ran since the last release()
@@ -217,13 +218,28 @@ class StepCapture:
         self.grads = [None] * len(leaves)
         if self.keep_output_grad:
             for i, (_, t) in enumerate(leaves):
-                if t.requires_grad:
-                    t.register_hook(functools.partial(self._store_grad, i))
+                if not t.requires_grad:
+                    continue
+                node = t.grad_fn
+                if node is not None:
+                    # a pre-hook on the output's autograd node: the gradient the node consumes
+                    # (grad_outputs[output_nr], after any tensor hook), at a fraction of a
+                    # tensor hook's cost per step (bench/host_time.py: capture hooks)
+                    node.register_prehook(functools.partial(self._store_node_grad, i,
+                                                            t.output_nr))
+                else:  # a leaf returned as an output: its hook outlives the step, so it
+                    # is removed at release() (they piled up on the parameter, one per step)
+                    self._leaf_hooks.append(
+                        t.register_hook(functools.partial(self._store_grad, i)))
         return None
 
     def _store_grad(self, i: int, g: torch.Tensor) -> None:
         if i < len(self.grads):
             self.grads[i] = g
+
+    def _store_node_grad(self, i: int, nr: int, grad_outputs: tuple) -> None:
+        if i < len(self.grads) and nr < len(grad_outputs):
+            self.grads[i] = grad_outputs[nr]
 
     def _on_update(self, *_: Any) -> None:
         self._updated = True
@@ -233,15 +249,18 @@ class StepCapture:
         """End of a step: drop the references to this step's inputs and gradients."""
         self._prev_outputs = self._outputs_now
         self._outputs_now = set()
+        for h in self._leaf_hooks:
+            h.remove()
+        self._leaf_hooks = []
         self._prev_healthy = self.taken and not self._refined
         self._updated = False
         self._clear()
 
     def remove(self) -> None:
         """Remove the hooks (Guard.close)."""
-        for h in self._handles:
+        for h in self._handles + self._leaf_hooks:
             h.remove()
-        self._handles = []
+        self._handles, self._leaf_hooks = [], []
         self._clear()
 
     def refine(self, finding: Finding, model: nn.Module | None = None, stats: Any = None) -> Finding:
