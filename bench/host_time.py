@@ -92,10 +92,9 @@ def kind_of(step: int, snapshot_every: int) -> str:
 def measure(a: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
-    m0, _, inp, batch = make(a.model)
-    n_out = 10
+    _, _, inp, batch = make(a.model)
     xs = torch.randn(a.block, batch, inp, generator=gen)
-    ys = torch.randint(0, n_out, (a.block, batch), generator=gen)
+    ys = torch.randint(0, 10, (a.block, batch), generator=gen)
     ns = time.perf_counter_ns
     update = [0]
     original = _executor.Executor._update
@@ -109,8 +108,10 @@ def measure(a: argparse.Namespace) -> dict:
     # the backward): timed where they run, counted to the step they belong to
     hooks = [0]
     patched = {}
-    for hname in ("_on_forward", "_on_pre", "_store_grad"):
-        fn = getattr(_capture.StepCapture, hname)
+    for hname in ("_on_forward", "_on_pre", "_store_grad", "_store_node_grad"):
+        fn = getattr(_capture.StepCapture, hname, None)
+        if fn is None:  # an older tree without that hook
+            continue
         patched[hname] = fn
 
         def timed(self, *args, __fn=fn, **kw):  # type: ignore[no-untyped-def]
@@ -210,7 +211,7 @@ def measure(a: argparse.Namespace) -> dict:
 def show(r: dict) -> None:
     med = r["guard_median_us"]
     print(f"{r['model']}; trainguard from {r['src']}; {r['steps']} guarded steps")
-    print(f"  guard, host time per step minus the optimizer's update (median, us):")
+    print("  guard, host time per step minus the optimizer's update (median, us):")
     for k in KINDS:
         if k in med:
             extra = f"  (+{med[k] - med['plain']:.0f} over plain)" if k != "plain" else ""

@@ -842,8 +842,8 @@ class Probe:
 
 
 def grad_total(gn: "Sequence[float] | np.ndarray") -> float:
-    """The global gradient norm from per-parameter norms: the square root of their squares'
-    sum (inf when one is inf, NaN when one is NaN). Up to :data:`QUICK_GROUPING` norms added in
+    """The global norm from per-parameter norms (of the gradients, or of the weights on the
+    parameter cadence): the square root of their squares' sum (inf when one is inf, NaN when one is NaN). Up to :data:`QUICK_GROUPING` norms added in
     order in plain Python, more with numpy's sum; both paths of a step call this one function."""
     if len(gn) > QUICK_GROUPING:
         with np.errstate(over="ignore", invalid="ignore"):
