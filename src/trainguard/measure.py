@@ -221,13 +221,14 @@ class StepProbe:
                             if (isinstance(v, torch.Tensor) and v.is_floating_point()
                                 and v.dim() > 0 and v.numel() == p.numel())]
         out: list[torch.Tensor] = []
+        local = _local if self.probe.sharded else None
         for i, name in self._layout:
             st = state.get(params[i])
             v = st.get(name) if st else None
             if not isinstance(v, torch.Tensor):  # gone or replaced by something else: look again
                 self._layout_key = None
                 return self.optimizer_state_tensors()
-            out.append(_local(v))
+            out.append(local(v) if local else v)
         return out, [i for i, _ in self._layout]
 
     def denominator_share(self, step: int) -> list[torch.Tensor]:
@@ -477,8 +478,9 @@ class StepProbe:
         """On a sampled step: the parameters and a copy of them, to diff after the update."""
         if stats.activations is None:
             return None
-        params = [_local(p.detach()) for p in self.probe.params]
-        return params, [p.clone() for p in params]
+        with torch.no_grad():  # the parameters themselves, no detached views; no graph
+            params = [_local(p) for p in self.probe.params]
+            return params, [p.clone() for p in params]
 
     def after_update(self, saved: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
                      stats: StepStats) -> None:

@@ -755,7 +755,10 @@ class Probe:
                 lt = torch.tensor(float(loss), device=self.device, dtype=self.norm_dtype)
             norms = list(torch._foreach_norm(gs, 2, **kw)) if gs else []
             if with_params:
-                norms.extend(torch._foreach_norm([_local(p.detach()) for p in self.params], 2, **kw))
+                # the parameters themselves: with autograd off no detached views are needed
+                # (a view per tensor cost ~1 ms per cadence step on 1,000 tensors)
+                ps = [_local(p) for p in self.params] if self.sharded else self.params
+                norms.extend(torch._foreach_norm(ps, 2, **kw))
             if not extra and self._one_device:
                 vec = torch.stack(norms + [lt])  # the common step: one stack, nothing else
             else:
@@ -782,7 +785,7 @@ class Probe:
     def exact_param_norms(self) -> np.ndarray:
         """Every parameter's norm accumulated in fp64 (rare path: an fp32 norm overflowed)."""
         with torch.no_grad():
-            v = torch.stack(torch._foreach_norm([_local(p.detach()) for p in self.params], 2,
+            v = torch.stack(torch._foreach_norm([_local(p) for p in self.params], 2,
                                                 dtype=torch.float64))
         v = self._reduce(v, n_norms=len(self.params)) if self._world() != 1 else v
         return v.cpu().numpy()

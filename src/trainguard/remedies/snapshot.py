@@ -74,6 +74,29 @@ def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, device: str | torch.
     return src.to(device, copy=True)
 
 
+def _copy_all(dsts: list[torch.Tensor | None], srcs: list[torch.Tensor],
+              device: str | torch.device) -> list[torch.Tensor]:
+    """Copies of ``srcs``: into the tensor of ``dsts`` at the same place when it has the same
+    shape and dtype and is on the same side of the host/CUDA line (the steady state: all of
+    those in one fused ``torch._foreach_copy_``, which copies across devices as ``copy_``
+    does, instead of a Python call per tensor), else as :func:`_copy_into` makes them: a
+    pinned host copy of a CUDA tensor, asynchronous."""
+    out: list[torch.Tensor] = []
+    into: list[torch.Tensor] = []
+    fused: list[torch.Tensor] = []
+    for d, s in zip(dsts, srcs):
+        s = _local(s)
+        if d is not None and d.is_cuda is s.is_cuda and d.shape == s.shape and d.dtype == s.dtype:
+            into.append(d)
+            fused.append(s)
+            out.append(d)
+        else:
+            out.append(_copy_into(d, s, device))
+    if into:
+        torch._foreach_copy_(into, fused)
+    return out
+
+
 class SnapshotStore:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
                  scaler: Any = None, *, every: int = 100, keep: int = 2, device: str = "cpu") -> None:
@@ -95,17 +118,28 @@ class SnapshotStore:
         reuse = self._spare if len(self.snaps) >= self.keep else None
         if len(self.snaps) >= self.keep:
             reuse = self.snaps.pop(0)
-        bufs = [b for b in self.model.buffers()]
-        params = [_copy_into(reuse.params[i] if reuse and i < len(reuse.params) else None, p, self.device)
-                  for i, p in enumerate(self.params)]
-        buffers = [_copy_into(reuse.buffers[i] if reuse and i < len(reuse.buffers) else None, b, self.device)
-                   for i, b in enumerate(bufs)]
-        optim = []
-        for i, p in enumerate(self.params):
-            st = self.optimizer.state.get(p, {})
+        bufs = list(self.model.buffers())
+        # every tensor of the state in one list (parameters, buffers, then each parameter's
+        # optimizer-state tensors), with the reused snapshot's tensor of the same place
+        srcs: list[torch.Tensor] = [*self.params, *bufs]
+        dsts: list[torch.Tensor | None] = [
+            *(reuse.params[i] if reuse and i < len(reuse.params) else None
+              for i in range(len(self.params))),
+            *(reuse.buffers[i] if reuse and i < len(reuse.buffers) else None
+              for i in range(len(bufs)))]
+        states = [self.optimizer.state.get(p, {}) for p in self.params]
+        for i, st in enumerate(states):
             old = reuse.optim[i] if reuse and i < len(reuse.optim) else {}
-            optim.append({k: (_copy_into(old.get(k) if isinstance(old.get(k), torch.Tensor) else None, v, self.device)
-                              if isinstance(v, torch.Tensor) else v) for k, v in st.items()})
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    srcs.append(v)
+                    o = old.get(k)
+                    dsts.append(o if isinstance(o, torch.Tensor) else None)
+        copies = _copy_all(dsts, srcs, self.device)
+        n = len(self.params) + len(bufs)
+        params, buffers, rest = copies[:len(self.params)], copies[len(self.params):n], iter(copies[n:])
+        optim = [{k: (next(rest) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+                 for st in states]
         event = None
         if any(t.is_pinned() for t in params[:1] + buffers[:1]):
             event = torch.cuda.Event()
@@ -122,7 +156,7 @@ class SnapshotStore:
         finite and below ``huge_state``, every float buffer finite: a snapshot of anything else
         would be restored by a rollback as if it were good (one read of the state, at snapshot
         cadence only)."""
-        params = [_local(p.detach()) for p in self.params]
+        params = [_local(p) for p in self.params]
         bufs = [_local(b) for b in self.model.buffers() if b.is_floating_point()]
         state = [_local(v) for p in self.params for v in self.optimizer.state.get(p, {}).values()
                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
@@ -132,8 +166,9 @@ class SnapshotStore:
                 continue
             # the L2 norm first: 8x faster than the max-norm on CPU (1.0 s -> 0.15 s for a
             # 100M-parameter model's weights and Adam state), finite iff every value is, and
-            # max|x| <= L2; only a norm at or over the limit (or overflowed) needs the exact check
-            l2 = torch.stack([t.float() for t in torch._foreach_norm(group, 2)])
+            # max|x| <= L2; only a norm at or over the limit (or overflowed) needs the exact check.
+            # The norms of mixed dtypes are stacked in the widest (stack promotes), then fp32.
+            l2 = torch.stack(torch._foreach_norm(group, 2)).float()
             if bool(torch.isfinite(l2).all()) and float(l2.max()) < limit:
                 continue
             m = torch.stack([t.float() for t in torch._foreach_norm(group, math.inf)])
