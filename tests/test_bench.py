@@ -59,3 +59,44 @@ def test_host_time_runs_alone_with_rules_and_compares_a_tree_with_itself():
     out = run("bench/overhead.py", "--model", "mlp", "--width", "16", "--batch", "4",
               "--only", "grad read", "--rounds", "1", "--block", "3")
     assert "grad read" in out
+
+
+_MINI_TRAIN = '''import argparse
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--steps', type=int, default=15)
+    opt = parser.parse_args()
+    torch.manual_seed(0)
+    data = torch.load('traindata.pt')
+    input = torch.from_numpy(data[:, :-1])
+    target = torch.from_numpy(data[:, 1:])
+    seq = nn.Linear(9, 9).double()
+    criterion = nn.MSELoss()
+    optimizer = optim.LBFGS(seq.parameters(), lr=0.8)
+    for i in range(opt.steps):
+        def closure():
+            optimizer.zero_grad()
+            loss = criterion(seq(input), target)
+            print('loss:', loss.item())
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        with torch.no_grad():
+            print('test loss:', criterion(seq(input), target).item())
+'''
+
+
+def test_lbfgs_trial_runs_on_a_miniature_of_the_example(tmp_path):
+    """bench/lbfgs_trial.py on a stand-in with the example's lines (the real one needs a
+    pytorch/examples checkout and minutes)."""
+    (tmp_path / "train.py").write_text(_MINI_TRAIN)
+    (tmp_path / "generate_sine_wave.py").write_text(
+        "import numpy as np\nimport torch\nnp.random.seed(2)\n"
+        "torch.save(np.sin(np.arange(40.0)).reshape(4, 10), open('traindata.pt', 'wb'))\n")
+    out = run("bench/lbfgs_trial.py", str(tmp_path), "--steps", "2")
+    assert "printed losses identical: True" in out and "trainguard summary: 2 steps" in out

@@ -198,3 +198,22 @@ def test_model_checkpoint_waits_while_unhealthy(tmp_path):
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert cb.guard.counts["checkpoint_deferred"] >= 1
     assert "_save_topk_checkpoint" not in mc.__dict__  # the wrapper is gone after fit
+
+
+class LBFGSNet(Net):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=3)
+
+
+def test_lbfgs_under_lightning_takes_the_bare_steps():
+    """Lightning hands LBFGS its closure (training_step + backward); guarded, the first
+    evaluation is the one the Guard measured, and the run equals the bare one (it died with
+    "LBFGS.step() missing 1 required positional argument: 'closure'" before)."""
+    bare = LBFGSNet()
+    _fit(bare, steps=4)
+    guarded = LBFGSNet()
+    cb = GuardCallback(console=False)
+    _fit(guarded, [cb], steps=4)
+    assert guarded.calls == bare.calls and guarded.losses == bare.losses
+    assert all(torch.equal(a, b) for a, b in zip(_params(bare), _params(guarded)))
+    assert cb.guard is not None and cb.guard.core.step_count == 4 and not cb.guard.findings

@@ -29,10 +29,10 @@ from torch import nn
 from .core import CoreView, DecisionCore, check_int as _check_int
 from .deferred import DeferredStepper
 from .detect import Detector
-from .measure import StepProbe
+from .measure import StepProbe, scaler_enabled
 from .policy import Plan, Policy
 from .remedies.clip import make_clipper
-from .remedies.executor import Executor
+from .remedies.executor import CLOSURE_NEEDED, Executor, ReuseFirst, needs_closure
 from .remedies.lr import LRController
 from .remedies.snapshot import SnapshotStore
 from .sinks.base import Sink
@@ -77,6 +77,18 @@ def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             break
         optimizer = inner
     return optimizer
+
+
+def closure_loss(value: Any) -> Any:
+    """The loss a closure (or a framework's training step) returned, as the Guard takes it:
+    a scalar tensor (detached) or number; Lightning's ``{"loss": ...}``; else None."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.detach()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict) and isinstance(value.get("loss"), torch.Tensor):
+        return value["loss"].detach()
+    return None
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -212,6 +224,17 @@ class Guard(CoreView):
                             "without the Guard")
         if scaler is not None and not all(hasattr(scaler, a) for a in ("unscale_", "step", "update")):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if needs_closure(optimizer):  # LBFGS: its closure evaluates the loss again and again
+            name = type(optimizer).__name__
+            if scaler_enabled(scaler):
+                raise ValueError(f"{name} evaluates the loss several times per step, and torch's "
+                                 "GradScaler does not support closures: train it without a "
+                                 "scaler (fp32, or bf16 autocast)")
+            first = next(iter(model.parameters()), None)
+            if sync == "deferred" or (sync is False and first is not None
+                                      and first.device.type != "cpu"):
+                raise ValueError(f"{name} keeps its history in Python lists, which a skip decided "
+                                 "on the device cannot restore: use Guard(sync=True)")
         if scheduler is not None:
             if not callable(getattr(scheduler, "step", None)):
                 raise TypeError("scheduler must be a torch LR scheduler (an object with "
@@ -358,13 +381,46 @@ class Guard(CoreView):
             self.on_reset(a)
 
     # ------------------------------------------------------------------ public API
-    def step(self, loss: torch.Tensor | float | None = None) -> bool:
+    def step(self, loss: torch.Tensor | float | None = None, *,
+             closure: Callable[[], Any] | None = None) -> bool:
         """Measure, decide and apply (or skip) the optimizer update. Returns True when the
         update was applied. Raises :class:`TrainingUnstable` when repairs are exhausted.
 
         ``loss`` is the step's loss (a scalar tensor, no sync needed); ``None`` when the loop
         cannot show it (then the losses given to :meth:`observe_loss` since the last step are
-        used, and without those the loss-based detectors sit the step out)."""
+        used, and without those the loss-based detectors sit the step out).
+
+        ``closure``: for an optimizer that evaluates the loss several times per step
+        (``torch.optim.LBFGS``, whose ``step`` requires one), the closure it calls (it zeroes
+        the gradients, computes the loss, calls backward and returns the loss). The Guard
+        measures and decides on the first evaluation's gradients: yours when ``loss`` is
+        given (you called the closure already), else the Guard calls it once; the optimizer's
+        first call then returns that loss instead of evaluating it again. Other optimizers
+        are stepped without it."""
+        if closure is None:
+            return self._step(loss)
+        if not callable(closure):
+            raise TypeError(f"closure must be callable (it returns the loss), got "
+                            f"{type(closure).__name__}")
+        if loss is not None:
+            return self._closure_step(loss, loss, closure)
+        with torch.enable_grad():
+            first = closure()
+        return self._closure_step(closure_loss(first), first, closure)
+
+    def _closure_step(self, loss: Any, first: Any, closure: Callable[[], Any]) -> bool:
+        """A step whose first evaluation (``first``, what the closure returned; ``loss``, the
+        Guard's reading of it) is already in the gradients."""
+        self.executor.closure = ReuseFirst(first, closure)
+        try:
+            return self._step(loss)
+        finally:
+            self.executor.closure = None
+
+    def _step(self, loss: Any) -> bool:
+        ex = self.executor
+        if ex.needs_closure and ex.closure is None and not ex.outside:
+            raise TypeError(CLOSURE_NEEDED.format(type(self.optimizer).__name__))
         loss = self._loss_for_step(loss)
         step = self.core.step_count
         self.loopcheck.before(step)

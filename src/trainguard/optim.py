@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .guard import Guard
+from .guard import Guard, closure_loss
 
 
 def _mark(optimizer: torch.optim.Optimizer) -> None:
@@ -119,10 +119,14 @@ class GuardedOptimizer(torch.optim.Optimizer):
         as the loss; else the losses shown by ``opt.guard.observe_loss``. Then measure,
         decide, apply or skip the update, and return the loss."""
         loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.guard.step(_scalar_or_none(loss))
+        if closure is None:
+            self.guard.step(None)
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        # the closure goes on to an optimizer that needs one (LBFGS), whose first call gets
+        # this evaluation back; the others are stepped without it
+        self.guard._closure_step(closure_loss(loss), loss, closure)
         return loss
 
     def __repr__(self) -> str:
@@ -131,14 +135,3 @@ class GuardedOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a GuardedOptimizer is not pickled: save opt.state_dict() (the wrapped "
                         "optimizer's) and opt.guard.state_dict()")
-
-
-def _scalar_or_none(loss: Any) -> Any:
-    """The loss a closure returned, as the Guard takes it (None: not a loss)."""
-    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-        return loss.detach()
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    if isinstance(loss, dict) and isinstance(loss.get("loss"), torch.Tensor):
-        return loss["loss"].detach()  # Lightning's training_step may return {"loss": ...}
-    return None

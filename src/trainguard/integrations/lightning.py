@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - the standalone package
                           "pip install 'trainguard[lightning]'") from e
 
 from ..guard import Guard
+from ..remedies.executor import ReuseFirst
 from . import check_adapter_options
 from ..sinks.base import Sink
 from ..types import Action, Finding
@@ -104,6 +105,7 @@ class GuardCallback(Callback):
         self._opt: torch.optim.Optimizer | None = None
         self._orig_step: Any = None
         self._losses: list[torch.Tensor] = []
+        self._in_step = False  # inside the optimizer's own step (LBFGS's further evaluations)
         self._go: bool | None = None
         self._own_attr: Any = None
         self._pending_state: dict[str, Any] | None = None
@@ -175,6 +177,8 @@ class GuardCallback(Callback):
 
     # -- the step ---------------------------------------------------------------------------
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if self._in_step:
+            return  # LBFGS evaluating its closure again inside the step: not a new batch
         self._losses.append(loss.detach().reshape(()).float())
 
     def _window_loss(self) -> torch.Tensor | None:
@@ -184,7 +188,7 @@ class GuardCallback(Callback):
         return torch.stack(losses).sum()
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.guard is None:
+        if self.guard is None or self._in_step:
             return
         loss = self._window_loss()
         if self.observe:
@@ -204,7 +208,17 @@ class GuardCallback(Callback):
         if go:
             assert self.guard is not None
             with self.guard.applying():
-                self._orig_step(**kwargs)
+                if closure is not None and self.guard.executor.needs_closure:
+                    # LBFGS: its first evaluation is the one just measured; the others rerun
+                    # Lightning's closure (training_step, backward and this callback's hooks,
+                    # which sit them out: they are the step's line search, not new steps)
+                    self._in_step = True
+                    try:
+                        self._orig_step(ReuseFirst(out, closure), **kwargs)
+                    finally:
+                        self._in_step = False
+                else:
+                    self._orig_step(**kwargs)
         return out
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ code.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Callable, Iterator, NoReturn
 
 import torch
@@ -18,6 +19,38 @@ from ..types import Finding, StepStats, TrainingUnstable
 from .clip import AGC, scale_grads
 from .lr import LRController
 from .snapshot import SnapshotStore
+
+
+CLOSURE_NEEDED = ("{0}.step needs a closure (it evaluates the loss several times per step): "
+                  "call guard.step(closure=closure), or opt.step(closure) on a "
+                  "GuardedOptimizer, where closure() zeroes the gradients, computes the loss, "
+                  "calls backward and returns the loss")
+
+
+def needs_closure(optimizer: Any) -> bool:
+    """True when ``optimizer.step`` has a required ``closure`` argument (``torch.optim.LBFGS``);
+    the others take an optional one."""
+    try:
+        p = inspect.signature(type(optimizer).step).parameters.get("closure")
+    except (TypeError, ValueError):  # pragma: no cover - a step without a signature
+        return False
+    return p is not None and p.default is inspect.Parameter.empty
+
+
+class ReuseFirst:
+    """The closure handed to an optimizer that needs one: its first call returns the loss the
+    Guard already measured (the gradients, clipped if the Guard clipped them, are in
+    ``.grad``); every later call runs the user's closure with autograd on."""
+
+    def __init__(self, first: Any, closure: Callable[[], Any]) -> None:
+        self.first, self.closure, self.used = first, closure, False
+
+    def __call__(self) -> Any:
+        if not self.used:
+            self.used = True
+            return self.first
+        with torch.enable_grad():
+            return self.closure()
 
 
 class Executor:
@@ -45,6 +78,10 @@ class Executor:
         #: called before a halt for exhausted rollbacks (Policy(structural="repair")): True
         #: when a structural change was made instead
         self.rescue: Callable[[Finding, int], bool] | None = None
+        #: the optimizer's ``step`` requires a closure (LBFGS: it evaluates the loss several
+        #: times per step); the Guard puts this step's closure in :attr:`closure`
+        self.needs_closure = needs_closure(optimizer)
+        self.closure: Callable[[], Any] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -216,6 +253,10 @@ class Executor:
         if scaled:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif self.needs_closure:
+            if self.closure is None:
+                raise TypeError(CLOSURE_NEEDED.format(type(self.optimizer).__name__))
+            self.optimizer.step(self.closure)
         else:
             self.optimizer.step()
 

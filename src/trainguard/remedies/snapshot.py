@@ -58,7 +58,7 @@ class Snapshot:
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.params + self.buffers)
         for st in self.optim:
-            n += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+            n += sum(t.numel() * t.element_size() for v in st.values() for t in _tensors(v))
         return n
 
 
@@ -72,6 +72,31 @@ def _copy_into(dst: torch.Tensor | None, src: torch.Tensor, device: str | torch.
         out.copy_(src, non_blocking=True)
         return out
     return src.to(device, copy=True)
+
+
+def _copy_nested(v: Any, device: str | torch.device) -> Any:
+    """An optimizer-state value that is not a tensor, copied so that it is never shared
+    between the snapshot and the live state: lists and tuples (and dicts) of tensors, such as
+    LBFGS's histories, which the optimizer appends to and pops from in place, are rebuilt
+    around copies of their tensors; numbers and other values are kept as they are."""
+    if isinstance(v, torch.Tensor):
+        return _copy_into(None, v, device)
+    if type(v) in (list, tuple):
+        return type(v)(_copy_nested(x, device) for x in v)
+    if type(v) is dict:
+        return {k: _copy_nested(x, device) for k, x in v.items()}
+    return v
+
+
+def _tensors(v: Any) -> list[torch.Tensor]:
+    """The tensors in an optimizer-state value (itself, or inside lists, tuples and dicts)."""
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if type(v) in (list, tuple):
+        return [t for x in v for t in _tensors(x)]
+    if type(v) is dict:
+        return [t for x in v.values() for t in _tensors(x)]
+    return []
 
 
 def _copy_all(dsts: list[torch.Tensor | None], srcs: list[torch.Tensor],
@@ -138,8 +163,8 @@ class SnapshotStore:
         copies = _copy_all(dsts, srcs, self.device)
         n = len(self.params) + len(bufs)
         params, buffers, rest = copies[:len(self.params)], copies[len(self.params):n], iter(copies[n:])
-        optim = [{k: (next(rest) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-                 for st in states]
+        optim = [{k: (next(rest) if isinstance(v, torch.Tensor) else _copy_nested(v, self.device))
+                  for k, v in st.items()} for st in states]
         event = None
         if any(t.is_pinned() for t in params[:1] + buffers[:1]):
             event = torch.cuda.Event()
@@ -221,7 +246,7 @@ class SnapshotStore:
                         dev = v.device if k == "step" and v.device.type == "cpu" else _local(p).device
                         new[k] = v.to(dev, copy=True)
                 else:
-                    new[k] = v
+                    new[k] = _copy_nested(v, _local(p).device)  # the snapshot's own stays intact
             if new:
                 self.optimizer.state[p] = new
             elif p in self.optimizer.state:
