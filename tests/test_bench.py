@@ -100,3 +100,11 @@ def test_lbfgs_trial_runs_on_a_miniature_of_the_example(tmp_path):
         "torch.save(np.sin(np.arange(40.0)).reshape(4, 10), open('traindata.pt', 'wb'))\n")
     out = run("bench/lbfgs_trial.py", str(tmp_path), "--steps", "2")
     assert "printed losses identical: True" in out and "trainguard summary: 2 steps" in out
+
+
+def test_periodic_cost_runs_alone_and_compares_a_tree_with_itself():
+    out = run("bench/periodic_cost.py", "--repeat", "1")
+    assert "cadence measurement" in out and "snapshot take" in out
+    out = run("bench/periodic_cost.py", "--repeat", "1", "--runs", "1",
+              "--compare", os.path.join(ROOT, "src"))
+    assert "1,000 tensors (499 x Linear(16,16)+Tanh), snapshot verify" in out
