@@ -118,7 +118,6 @@ class GuardedOptimizer(torch.optim.Optimizer):
         """Run ``closure`` (under ``torch.enable_grad()``) when given and take its return value
         as the loss; else the losses shown by ``opt.guard.observe_loss``. Then measure,
         decide, apply or skip the update, and return the loss."""
-        loss = None
         if closure is None:
             self.guard.step(None)
             return None
