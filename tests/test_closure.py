@@ -45,7 +45,7 @@ def _run(kind: str, steps: int = 4, poison: set[int] = frozenset(), **opts):  # 
     elif kind == "guarded_optimizer":
         opt = tg.GuardedOptimizer(inner, m, console=False, **opts)
         g = opt.guard
-    else:  # guard.step(closure=...) in a plain loop
+    else:  # guard.step(closure=...) or guard.step(loss, closure=...) in a plain loop
         opt = inner
         g = tg.Guard(m, inner, console=False, **opts)
     applied = []
@@ -54,12 +54,15 @@ def _run(kind: str, steps: int = 4, poison: set[int] = frozenset(), **opts):  # 
         if kind == "guard":
             assert g is not None
             applied.append(g.step(closure=c))
+        elif kind == "guard_loss":  # the user evaluates once, then hands loss and closure over
+            assert g is not None
+            applied.append(g.step(c(), closure=c))
         else:
             opt.step(c)
     return m, inner, evals, g, applied
 
 
-@pytest.mark.parametrize("kind", ["guarded_optimizer", "guard"])
+@pytest.mark.parametrize("kind", ["guarded_optimizer", "guard", "guard_loss"])
 def test_guarded_lbfgs_takes_exactly_the_bare_steps(kind):
     """Same weights to the bit and the same number of closure evaluations as the bare
     optimizer: the Guard's own measurement is the optimizer's first evaluation, not an
