@@ -108,6 +108,8 @@ def variants(model: str, width: int, zclip: bool = True
         "bare": _loop(model, width),
         "guard": _loop(model, width, guard={}),
         "guard sync=False": _loop(model, width, guard={"sync": False}),
+        # the accelerator's sync=False (backup, device-side select, late decisions), on CPU
+        "guard sync='deferred'": _loop(model, width, guard={"sync": "deferred"}),
         "guard param_norm_every=1": _loop(model, width, guard={"param_norm_every": 1}),
         "guard integrity='step'": _loop(model, width, guard={"integrity": "step"}),
         "guard locate=False": _loop(model, width, guard={"locate": False}),  # the replay capture's share

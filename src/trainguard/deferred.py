@@ -48,7 +48,10 @@ class _Backup:
     """Preallocated copies of parameters and optimizer state for the device-side select."""
 
     def __init__(self) -> None:
-        self.bufs: dict[int, torch.Tensor] = {}
+        #: one buffer per place in :meth:`targets`' order (parameters, then each parameter's
+        #: state tensors). Keyed by ``id(p.data)`` before, a new object every step: the
+        #: buffers piled up, a parameter-sized one at most steps (a leak over a long run)
+        self.bufs: list[torch.Tensor] = []
 
     def targets(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         ts: list[torch.Tensor] = []
@@ -62,14 +65,25 @@ class _Backup:
     @torch.no_grad()
     def save(self, params: list[torch.Tensor], optimizer: torch.optim.Optimizer
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        targets = self.targets(params, optimizer)
+        bufs = self.bufs
+        del bufs[len(targets):]  # state that went away
         pairs = []
-        for t in self.targets(params, optimizer):
-            b = self.bufs.get(id(t))
+        by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for i, t in enumerate(targets):
+            b = bufs[i] if i < len(bufs) else None
             if b is None or b.shape != t.shape or b.dtype != t.dtype or b.device != t.device:
                 b = torch.empty_like(t)
-                self.bufs[id(t)] = b
-            b.copy_(t)
+                if i < len(bufs):
+                    bufs[i] = b
+                else:
+                    bufs.append(b)
+            dst, src = by_device.setdefault(t.device, ([], []))
+            dst.append(b)
+            src.append(t)
             pairs.append((t, b))
+        for dst, src in by_device.values():  # one fused copy per device
+            torch._foreach_copy_(dst, src)
         self.had_state = {id(p) for p in params if optimizer.state.get(p)}
         return pairs
 
