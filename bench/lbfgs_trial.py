@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _patch import replace_once  # noqa: E402
+
 
 def _sub(old: str, new: str, text: str) -> str:
-    if old not in text:
-        raise SystemExit(f"lbfgs_trial: train.py changed; cannot find {old.strip()[:60]!r}")
-    return text.replace(old, new, 1)
+    return replace_once(old, new, text, "lbfgs_trial: train.py")
 
 
 def patch(train: str, guarded: bool) -> str:

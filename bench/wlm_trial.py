@@ -34,11 +34,12 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _patch import replace_once  # noqa: E402
+
 
 def _sub(old: str, new: str, text: str) -> str:
-    if old not in text:
-        raise SystemExit(f"wlm_trial: main.py changed; cannot find {old.strip()[:60]!r}")
-    return text.replace(old, new, 1)
+    return replace_once(old, new, text, "wlm_trial: main.py")
 
 
 def patch(main: str, guarded: bool) -> str:
