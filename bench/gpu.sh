@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 
 echo "== 1. CUDA tests"
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_deferred.py \
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_deferred.py tests/test_snapshot.py \
   tests/test_lightning.py tests/test_guarded_optimizer.py tests/test_transformers.py -rs 2>&1 | tail -40 | tee "$OUT/tests.txt"
 
 echo "== 2. zoo precision scenarios on CUDA (real fp16/bf16 kernels)"

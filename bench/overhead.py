@@ -142,6 +142,7 @@ def variants(model: str, width: int, zclip: bool = True
 # --sweep: (name, layers, width, batch, input) -> MLPs from a 0.3 ms step to a ~50 ms one, and
 # models of 1 and 1,000 parameter tensors (the per-tensor cost)
 SWEEP = [
+    ("Linear 16-10 (1 tensor), batch 16, plain SGD", 0, 10, 16, 16),
     ("MLP 16-32x3-10, batch 16, plain SGD", 3, 32, 16, 16),
     ("MLP 16-32x3-10, batch 16", 3, 32, 16, 16),
     ("1 tensor, linear 256x256", 0, 256, 256, 256),

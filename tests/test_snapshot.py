@@ -1,5 +1,6 @@
 """SnapshotStore on its own: what a rollback restores is exactly what was there when the
-snapshot was taken, whatever happened in between (real small models and optimizers, CPU)."""
+snapshot was taken, whatever happened in between (real small models and optimizers; on CUDA
+too when it is present: the host copies are then pinned and asynchronous, bench/gpu.sh)."""
 from __future__ import annotations
 
 import math
@@ -10,17 +11,20 @@ from torch import nn
 
 from trainguard.remedies.snapshot import SnapshotStore
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def _model() -> nn.Module:
+
+def _model(device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).to(device)
 
 
 def _train(m: nn.Module, o: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
     gen = torch.Generator().manual_seed(seed)
+    dev = next(m.parameters()).device
     for _ in range(steps):
-        x = torch.randn(32, 8, generator=gen)
-        y = torch.randint(0, 3, (32,), generator=gen)
+        x = torch.randn(32, 8, generator=gen).to(dev)
+        y = torch.randint(0, 3, (32,), generator=gen).to(dev)
         o.zero_grad()
         nn.functional.cross_entropy(m(x), y).backward()
         o.step()
@@ -56,9 +60,10 @@ def _same(a: tuple[list, list, list], b: tuple[list, list, list]) -> bool:
     return True
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opt", ["adam", "sgd_momentum", "rmsprop"])
-def test_restore_brings_back_exactly_the_state_of_the_snapshot(opt):
-    m = _model()
+def test_restore_brings_back_exactly_the_state_of_the_snapshot(opt, device):
+    m = _model(device)
     o = {"adam": lambda: torch.optim.Adam(m.parameters(), lr=1e-2),
          "sgd_momentum": lambda: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
          "rmsprop": lambda: torch.optim.RMSprop(m.parameters(), lr=1e-2)}[opt]()
@@ -66,7 +71,10 @@ def test_restore_brings_back_exactly_the_state_of_the_snapshot(opt):
     _train(m, o, 3)
     want = _state(m, o)
     rng = torch.get_rng_state()
-    store.take(3)
+    snap = store.take(3)
+    if device == "cuda":  # host copies in pinned memory, made asynchronously
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in snap.params + snap.buffers)
+        assert snap.event is not None
     _train(m, o, 4, seed=2)  # moves weights, running statistics, moments, step counts
     torch.randn(5)
     assert not _same(_state(m, o), want)
@@ -75,10 +83,11 @@ def test_restore_brings_back_exactly_the_state_of_the_snapshot(opt):
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_snapshot_buffers_are_reused_and_still_copies_not_aliases():
+@pytest.mark.parametrize("device", DEVICES)
+def test_snapshot_buffers_are_reused_and_still_copies_not_aliases(device):
     """Steady state: the oldest snapshot's tensors are refilled (no new allocation), and what
     they hold is the state at the new step, unaffected by the training that follows."""
-    m = _model()
+    m = _model(device)
     o = torch.optim.Adam(m.parameters(), lr=1e-2)
     store = SnapshotStore(m, o, list(m.parameters()), keep=2)
     _train(m, o, 2)
@@ -100,10 +109,11 @@ def test_snapshot_buffers_are_reused_and_still_copies_not_aliases():
     assert _same(_state(m, o), want)
 
 
-def test_state_that_appears_after_a_snapshot_is_copied_in_the_next_one():
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_that_appears_after_a_snapshot_is_copied_in_the_next_one(device):
     """The first snapshot comes before any optimizer state exists (the Guard takes one before
     the first update); a later one reuses its tensors and must copy the new moments too."""
-    m = _model()
+    m = _model(device)
     o = torch.optim.Adam(m.parameters(), lr=1e-2)
     store = SnapshotStore(m, o, list(m.parameters()), keep=1)
     store.take(0)
@@ -115,18 +125,19 @@ def test_state_that_appears_after_a_snapshot_is_copied_in_the_next_one():
     store.restore(store.snaps[-1], at_step=5)
     assert _same(_state(m, o), want)
     # and back to before any state: restoring the empty state removes the moments
-    m2 = _model()
+    m2 = _model(device)
     o2 = torch.optim.Adam(m2.parameters(), lr=1e-2)
     s2 = SnapshotStore(m2, o2, list(m2.parameters()), keep=1)
     s2.take(0)
     _train(m2, o2, 2)
     s2.restore(s2.snaps[-1])
     assert len(o2.state) == 0
-    assert all(torch.equal(a, b) for a, b in zip(m2.parameters(), _model().parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m2.parameters(), _model(device).parameters()))
 
 
-def test_a_state_dict_loaded_between_snapshots_is_copied_and_restored():
-    m = _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_state_dict_loaded_between_snapshots_is_copied_and_restored(device):
+    m = _model(device)
     o = torch.optim.Adam(m.parameters(), lr=1e-2)
     store = SnapshotStore(m, o, list(m.parameters()), keep=2)
     _train(m, o, 2)
@@ -174,8 +185,9 @@ def test_mixed_dtypes_are_kept_in_their_own_dtype():
 @pytest.mark.parametrize("where, value", [("param", math.nan), ("param", math.inf),
                                           ("param", 3e16), ("state", math.inf),
                                           ("state", 3e31), ("buffer", math.nan)])
-def test_verify_refuses_state_a_rollback_must_not_restore(where, value):
-    m = _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_verify_refuses_state_a_rollback_must_not_restore(where, value, device):
+    m = _model(device)
     o = torch.optim.Adam(m.parameters(), lr=1e-2)
     _train(m, o, 2)
     store = SnapshotStore(m, o, list(m.parameters()))
