@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn

@@ -108,3 +108,12 @@ def test_periodic_cost_runs_alone_and_compares_a_tree_with_itself():
     out = run("bench/periodic_cost.py", "--repeat", "1", "--runs", "1",
               "--compare", os.path.join(ROOT, "src"))
     assert "1,000 tensors (499 x Linear(16,16)+Tanh), snapshot verify" in out
+
+
+def test_step_pieces_times_each_piece_in_the_loop_and_the_alternatives():
+    out = run("bench/step_pieces.py", "--steps", "20", "--warmup", "3")
+    for piece in ("the read", "DivergenceDetector", "locate hook", "the optimizer's update",
+                  "capture: forward hook", "unguarded forward", "an empty wrapped call"):
+        assert piece in out, piece
+    out = run("bench/step_pieces.py", "--alternatives")
+    assert "retain_grad()" in out and "torch.dot per tensor" in out
