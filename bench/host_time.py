@@ -1,7 +1,7 @@
 """The Guard's host time per step, by what the step did (issue #15: "fixed host cost per healthy
 step"), beside what ``clip_grad_norm_`` and a bare read of the gradients take in the same run.
 
-    python bench/host_time.py [--model small|mlp|many] [--rounds 40] [--block 50]
+    python bench/host_time.py [--model small|mlp|many|frozen] [--rounds 40] [--block 50]
     python bench/host_time.py --src OTHER/src          # another tree's trainguard
     python bench/host_time.py --rules                  # and each detector's share
     python bench/host_time.py --compare OTHER/src --runs 3   # both trees, runs alternated
@@ -31,7 +31,8 @@ between runs; ``--compare`` alternates the two trees' runs so that drifts hit bo
 
 Models: ``small`` (the default) MLP 64-32x3-10, batch 16, Adam (8 tensors, ~1.3 ms steps: where a
 fixed cost shows); ``mlp`` MLP 64-512x3-10, batch 256, Adam; ``many`` 499 x (Linear(16,16),
-Tanh) + Linear(16,10), batch 32, Adam (1,000 tensors).
+Tanh) + Linear(16,10), batch 32, Adam (1,000 tensors); ``frozen`` the small MLP with its first
+layer frozen but left in the optimizer (parameters without gradients on every step).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ MODELS = {
     "small": "MLP 64-32x3-10, batch 16, Adam",
     "mlp": "MLP 64-512x3-10, batch 256, Adam",
     "many": "1,000 tensors: 499 x (Linear(16,16), Tanh), batch 32, Adam",
+    "frozen": "MLP 64-32x3-10, first layer frozen and left in the optimizer, batch 16, Adam",
 }
 KINDS = ("plain", "params", "sampled", "snapshot")
 
@@ -70,10 +72,12 @@ def make(model: str) -> tuple[nn.Module, torch.optim.Optimizer, int, int]:
                                      nn.Linear(16, 10))
         inp, batch = 16, 32
     else:
-        w, batch = (32, 16) if model == "small" else (512, 256)
+        w, batch = (512, 256) if model == "mlp" else (32, 16)
         m = nn.Sequential(nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
                           nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
         inp = 64
+        if model == "frozen":  # fine-tuning's habit: frozen, yet handed to the optimizer
+            m[0].requires_grad_(False)
     return m, torch.optim.Adam(m.parameters(), lr=1e-3), inp, batch
 
 

@@ -2,8 +2,6 @@
 exercised on both sides."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -225,6 +223,22 @@ def test_zero_gradient_detector():
     f = feed(ZeroGradientDetector(), [st(i, grads=[0.0, 0.5]) for i in range(20)])
     assert len(f) == 1 and f[0].kind == "vanishing_gradient"
     assert feed(ZeroGradientDetector(), [st(i, grads=[1e-12, 0.5]) for i in range(30)]) == []
+
+
+def test_zero_gradient_detector_leaves_out_modules_without_any_gradient():
+    """A module with no gradient at all (frozen, or unused by the loss: its 0.0 is a convention)
+    is not a gradient that never arrives; a measured zero behind it still is."""
+    def missing(i, grads, gone):
+        s = st(i, grads=grads)
+        s.missing_grad_modules = gone
+        return s
+    assert feed(ZeroGradientDetector(), [missing(i, [0.0, 0.5, 0.3], ("m0",))
+                                         for i in range(40)]) == []
+    f = feed(ZeroGradientDetector(), [missing(i, [0.0, 0.0, 0.3], ("m0",)) for i in range(20)])
+    assert len(f) == 1 and f[0].where == "m1" and f[0].evidence["zero_modules"] == ["m1"]
+    assert f[0].evidence["first_live_module"] == "m2"
+    # one module left with a gradient: nothing to compare it with
+    assert feed(ZeroGradientDetector(), [missing(i, [0.0, 0.0], ("m0",)) for i in range(40)]) == []
 
 
 # ----------------------------------------------------------------------------- units

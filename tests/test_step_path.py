@@ -107,6 +107,141 @@ def test_cadence_step_hands_huge_values_to_the_general_path(what):
     g.close()
 
 
+def _freeze(m: nn.Module) -> int:
+    """The first layer frozen whole and the last layer's bias alone (a module with one of its
+    two tensors frozen); all of them left in the optimizer. Returns how many."""
+    frozen = [*m[0].parameters(), m[-1].bias]
+    for p in frozen:
+        p.requires_grad_(False)
+    return len(frozen)
+
+
+@pytest.mark.parametrize("deep", [0, 40])
+def test_quick_record_with_frozen_parameters_equals_the_general_one(deep):
+    """Parameters without gradients (frozen ones left in the optimizer, as fine-tuning often
+    leaves them): the short path takes the step (it took the general path on every step, +30%
+    host time, bench/step_pieces.py), and its record is build_stats' to the last bit, a frozen
+    module's norm 0; on the parameter cadence too."""
+    m = _net(deep=deep)
+    n_frozen = _freeze(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    loss = _backward(m)
+    probe = Probe(m, opt)
+    for with_params in (False, True):
+        vec, idx, _ = probe.measure_device(loss, with_params=with_params)
+        assert idx is probe._sub_idx and len(idx) == len(probe.params) - n_frozen
+        host = vec.tolist()
+        ng = len(idx)
+        pn = host[ng:-1] if with_params else None
+        quick = quick_stats(3, probe, host[:ng], idx, host[-1], pn=pn, lr=0.1)
+        full = build_stats(3, probe, np.asarray(host[:ng]), idx,
+                           np.asarray(pn) if with_params else None, host[-1], lr=0.1)
+        assert quick is not None
+        assert quick.grad_norms == full.grad_norms and quick.grad_norm == full.grad_norm
+        assert quick.param_norms == full.param_norms and quick.param_norm == full.param_norm
+        assert quick.grad_norms[0] == 0.0
+    # the same set again: the same index object (the short path's key); another set: a new one
+    _, idx2, _ = probe.measure_device(loss, with_params=False)
+    assert idx2 is idx
+    m[-1].bias.requires_grad_(True)
+    _backward(m)
+    _, idx3, _ = probe.measure_device(loss, with_params=False)
+    assert idx3 is probe._sub_idx and idx3 is not idx and len(idx3) == len(idx) + 1
+
+
+def test_a_guard_with_frozen_parameters_stays_on_the_short_path():
+    """A Guard over a model whose first layer is frozen but left in the optimizer: its plain
+    steps take the short path; the records match the gradients themselves, also after the
+    set of frozen parameters changes."""
+    import trainguard.measure as measure_mod
+    m = _net()
+    _freeze(m)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False, sample_every=1000, param_norm_every=1000)
+    calls = {"quick": 0}
+    real = measure_mod.quick_stats
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls["quick"] += out is not None
+        return out
+
+    def expected() -> list[float]:
+        return [math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in mod.parameters()
+                              if p.grad is not None)) for mod in (m[0], m[2])]
+
+    measure_mod.quick_stats = counted
+    try:
+        for t in range(12):
+            opt.zero_grad(set_to_none=True)
+            _backward(m, seed=t)
+            want = expected()
+            assert g.step(_backward_loss_value(m, t)) is True
+            assert g.core.history[-1].grad_norms == pytest.approx(want, rel=1e-6)
+        for p in m[0].parameters():  # unfrozen; the last bias stays frozen
+            p.requires_grad_(True)
+        for t in range(12, 15):
+            opt.zero_grad(set_to_none=True)
+            _backward(m, seed=t)
+            want = expected()
+            assert g.step(_backward_loss_value(m, t)) is True
+            assert g.core.history[-1].grad_norms == pytest.approx(want, rel=1e-6)
+    finally:
+        measure_mod.quick_stats = real
+    assert g.core.history[-1].grad_norms[0] > 0
+    assert calls["quick"] == 14  # every step but the first (sampled on the first step)
+    assert g.core.finding_counts == {}
+    # the frozen parameters were named by their own module throughout, not as parameters the
+    # model does not own; the module with none of its own gradients is said to have none
+    assert g.core.history[-1].modules == ["0", "2"] and g.probe.param_names[:2] == ["0.weight", "0.bias"]
+    assert g.core.history[-1].missing_grad_modules == ()
+    assert g.core.history[-4].missing_grad_modules == ("0",)
+    g.close()
+
+
+@pytest.mark.parametrize("case", ["unused head", "frozen first layer"])
+def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
+    """An auxiliary head registered first and used only at evaluation, or a frozen first layer
+    left in the optimizer: its gradient is None, recorded as 0.0; it was reported as a
+    vanishing gradient ("exactly zero for 20 steps") at step 19."""
+    torch.manual_seed(0)
+    X, Y = digits
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = nn.Linear(64, 10)
+            self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x) if case == "unused head" else self.body(self.aux(x).repeat(1, 7)[:, :64])
+
+    m = Net()
+    if case == "frozen first layer":
+        m.aux.requires_grad_(False)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        i = torch.randint(0, len(X), (32,), generator=gen)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(X[i]), Y[i])
+        loss.backward()
+        g.step(loss)
+    s = g.core.history[-1]
+    assert s.modules[0] == "aux" and s.grad_norms[0] == 0.0 and s.missing_grad_modules == ("aux",)
+    assert g.core.finding_counts == {}, g.core.findings
+    g.close()
+
+
+def _backward_loss_value(m: nn.Module, seed: int) -> float:
+    """The loss of the batch _backward(m, seed) used, as a float (no second backward)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(m(x), y))
+
+
 def test_quick_record_leaves_the_unusual_steps_to_the_general_path():
     m = _net()
     opt = torch.optim.SGD(m.parameters(), lr=0.1)

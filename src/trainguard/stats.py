@@ -668,11 +668,13 @@ class Probe:
         self.params: list[torch.Tensor] = []
         seen: set[int] = set()
         for name, p in model.named_parameters():
-            if id(p) in in_opt and id(p) not in seen and p.requires_grad:
+            # frozen ones too (left in the optimizer: named by their module, not taken for
+            # parameters the model does not own; unfrozen later, their gradient is theirs)
+            if id(p) in in_opt and id(p) not in seen:
                 seen.add(id(p))
                 self.params.append(p)
                 names.append(name)
-        if not self.params:
+        if not any(p.requires_grad for p in self.params):
             raise ValueError("the optimizer holds no trainable parameter of the model: "
                              "expected Guard(model, optimizer) with the optimizer built on "
                              "model.parameters()")
@@ -722,6 +724,11 @@ class Probe:
         self._world()
         self._one_device = all(p.device == self.device for p in self.params)
         self.last_grads: list[torch.Tensor] = []
+        #: the last set of parameters with gradients when some had none (see :meth:`_subset`)
+        self._sub_list: list[int] | None = None
+        self._sub_idx = self._all_idx
+        self._sub_members: list[list[int]] = self._members
+        self._sub_missing: tuple[str, ...] = ()
 
     # -- measurement ----------------------------------------------------------------
     def grads(self) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -731,7 +738,30 @@ class Probe:
             full = cast("list[torch.Tensor]", gs)
             return ([_local(g) for g in full] if self.sharded else full), self._all_idx
         idx = [i for i, g in enumerate(gs) if g is not None]
-        return [_local(cast(torch.Tensor, gs[i])) for i in idx], np.asarray(idx, dtype=np.int64)
+        if idx != self._sub_list:
+            self._subset(idx)
+        return [_local(cast(torch.Tensor, gs[i])) for i in idx], self._sub_idx
+
+    def _subset(self, idx: list[int]) -> None:
+        """The parameters that have gradients when some do not (frozen ones left in the
+        optimizer, a branch unused this step): their index, one array while the set stays
+        the same (the short path's record takes it), and each module's positions in it."""
+        self._sub_list = idx
+        self._sub_idx = np.asarray(idx, dtype=np.int64)
+        members: list[list[int]] = [[] for _ in self.modules]
+        for j, i in enumerate(idx):
+            members[int(self.group[i])].append(j)
+        self._sub_members = members
+        self._sub_missing = tuple(m for m, k in zip(self.modules, members) if not k)
+
+    def missing_modules(self, idx: np.ndarray) -> tuple[str, ...]:
+        """The modules none of whose parameters is in ``idx`` (no gradient at this step)."""
+        if idx is self._all_idx:
+            return ()
+        if idx is self._sub_idx:
+            return self._sub_missing
+        present = {int(k) for k in self.group[idx]}
+        return tuple(m for k, m in enumerate(self.modules) if k not in present)
 
     def measure_device(self, loss: torch.Tensor | float, *, with_params: bool,
                        extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, np.ndarray, int]:
@@ -869,7 +899,7 @@ def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
     return StepStats(step=step, loss=float(loss), grad_norm=total, modules=probe.modules,
                      grad_norms=groups.tolist(),
                      param_norms=pgroups.tolist() if pgroups is not None else None,
-                     param_norm=ptotal, **kw)
+                     param_norm=ptotal, missing_grad_modules=probe.missing_modules(idx), **kw)
 
 
 #: above this many parameter tensors the short path groups per-module norms, and
@@ -885,13 +915,24 @@ def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss:
     """:func:`build_stats` for the common step, in plain Python on the host list (on a small
     model numpy's per-call cost is most of the Guard's time; the arithmetic is the same:
     squares summed in order per module, as ``np.bincount`` does). ``pn``: every parameter's
-    norm, on the ``param_norm_every`` cadence. None when a norm or a known loss is not finite
-    or some parameter has no gradient: the general path takes those (an unknown loss,
+    norm, on the ``param_norm_every`` cadence. ``idx``: the probe's index of the parameters
+    that have gradients (all of them, or the set :meth:`Probe.grads` last saw when some have
+    none: frozen parameters left in the optimizer). None when a norm or a known loss is not
+    finite or ``idx`` is another index: the general path takes those (an unknown loss,
     ``loss_known=False``, is NaN by convention and stays on this path)."""
+    members: list[list[int]] | None = None
+    missing: tuple[str, ...] = ()
+    if idx is probe._all_idx:
+        pass
+    elif idx is probe._sub_idx:
+        # some parameters have no gradient: a module with none of its own has 0.0
+        members, missing = probe._sub_members, probe._sub_missing
+    else:
+        return None
     a = np.asarray(gn, dtype=np.float64) if len(gn) > QUICK_GROUPING else None
     total = grad_total(gn if a is None else a)
     loss_ok = math.isfinite(loss) or not kw.get("loss_known", True)
-    if idx is not probe._all_idx or not (math.isfinite(total) and loss_ok):
+    if not (math.isfinite(total) and loss_ok):
         return None
     pgroups = ptotal = None
     if pn is not None:
@@ -900,16 +941,22 @@ def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss:
         if not math.isfinite(ptotal):
             return None
         pgroups = _groups(probe, pn, pa)
-    groups = _groups(probe, gn, a)
+    groups = _groups(probe, gn, a, idx, members)
     return StepStats(step=step, loss=loss, grad_norm=total, modules=probe.modules,
-                     grad_norms=groups, param_norms=pgroups, param_norm=ptotal, **kw)
+                     grad_norms=groups, param_norms=pgroups, param_norm=ptotal,
+                     missing_grad_modules=missing, **kw)
 
 
-def _groups(probe: Probe, norms: list[float], a: np.ndarray | None) -> list[float]:
-    """Per-module norms from every parameter's norm, as :func:`build_stats` computes them
-    (``a``: the same norms as an array when there are more than :data:`QUICK_GROUPING`)."""
-    if a is not None:
-        return probe.group_norms(a, probe._all_idx).tolist()  # many tensors: numpy's loop
-    if probe._one_per_module:
-        return [math.sqrt(x * x) for x in norms]  # one parameter tensor per module
-    return [math.sqrt(sum([norms[i] * norms[i] for i in m])) for m in probe._members]
+def _groups(probe: Probe, norms: list[float], a: np.ndarray | None,
+            idx: np.ndarray | None = None, members: list[list[int]] | None = None) -> list[float]:
+    """Per-module norms from the parameters' norms, as :func:`build_stats` computes them
+    (``a``: the same norms as an array when there are more than :data:`QUICK_GROUPING`;
+    ``idx`` and ``members``: when only some parameters have norms, their index and each
+    module's positions among them; every parameter otherwise)."""
+    if a is not None:  # many tensors: numpy's loop
+        return probe.group_norms(a, probe._all_idx if idx is None else idx).tolist()
+    if members is None:
+        if probe._one_per_module:
+            return [math.sqrt(x * x) for x in norms]  # one parameter tensor per module
+        members = probe._members
+    return [math.sqrt(sum([norms[i] * norms[i] for i in m])) for m in members]

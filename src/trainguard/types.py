@@ -125,6 +125,10 @@ class StepStats:
     #: ``GuardedOptimizer.step()`` without a closure or ``observe_loss``): ``loss`` is NaN and
     #: the loss-based detectors (spike, divergence, plateau) sit the step out
     loss_known: bool = True
+    #: modules none of whose parameters had a gradient at this step (frozen parameters left in
+    #: the optimizer, a branch this step's loss did not use): their ``grad_norms`` entry is 0.0
+    #: by convention, not a measured zero
+    missing_grad_modules: Sequence[str] = ()
 
     @property
     def loss_finite(self) -> bool:

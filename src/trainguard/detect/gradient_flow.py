@@ -12,8 +12,10 @@ flushes |g| < 2^-24 = 5.96e-8 to zero without loss scaling; Micikevicius et al. 
 research/mechanisms.md section 6.1: 67% zero activation gradients in SSD), when a whole layer
 of ReLUs is dead (Lu et al. 2019), or when the graph is cut (a stray ``.detach()``).
 :class:`.gradients.VanishingGradientDetector` measures ratios between *non-zero* norms and
-so cannot see this case. Modules whose gradient is ``None`` (frozen, unused) are not in the
-stream at all.
+so cannot see this case. Modules without any gradient at a step (frozen parameters left in
+the optimizer, a branch the loss did not use: ``StepStats.missing_grad_modules``) are left
+out: their 0.0 is a convention, not a measured zero (an auxiliary head registered first and
+used only at evaluation was reported as a vanishing gradient at step 19 before).
 """
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ class ZeroGradientDetector(Detector):
             self.streak = 0
             return []
         gn = s.grad_norms
+        names = s.modules
+        if s.missing_grad_modules:  # no gradient at all is not a gradient of zero
+            missing = set(s.missing_grad_modules)
+            kept = [(m, v) for m, v in zip(names, gn) if m not in missing]
+            names, gn = [m for m, _ in kept], [v for _, v in kept]
         if len(gn) < 2 or not s.grads_finite or not s.loss_finite or self.reported:
             return []
         if gn[0] != 0.0:  # the common step: the first module gets a gradient
@@ -59,8 +66,8 @@ class ZeroGradientDetector(Detector):
         if self.streak < self.patience:
             return []
         self.reported = True
-        zero = list(s.modules[:first_live])
-        live = s.modules[first_live]
+        zero = list(names[:first_live])
+        live = names[first_live]
         return [Finding(
             kind="vanishing_gradient", step=s.step, where=zero[0], locations=tuple(zero),
             message=(f"the gradient of {', '.join(zero[:3])}{' ...' if len(zero) > 3 else ''} "
