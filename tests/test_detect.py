@@ -225,20 +225,53 @@ def test_zero_gradient_detector():
     assert feed(ZeroGradientDetector(), [st(i, grads=[1e-12, 0.5]) for i in range(30)]) == []
 
 
+def _gradless(i, grads, missing=(), frozen=()):
+    s = st(i, grads=grads)
+    s.missing_grad_modules, s.frozen_modules = missing, frozen
+    return s
+
+
 def test_zero_gradient_detector_leaves_out_modules_without_any_gradient():
-    """A module with no gradient at all (frozen, or unused by the loss: its 0.0 is a convention)
-    is not a gradient that never arrives; a measured zero behind it still is."""
-    def missing(i, grads, gone):
-        s = st(i, grads=grads)
-        s.missing_grad_modules = gone
-        return s
-    assert feed(ZeroGradientDetector(), [missing(i, [0.0, 0.5, 0.3], ("m0",))
-                                         for i in range(40)]) == []
-    f = feed(ZeroGradientDetector(), [missing(i, [0.0, 0.0, 0.3], ("m0",)) for i in range(20)])
+    """A module with no gradient at all (frozen, or not reached by the loss: its 0.0 is a
+    convention) is not a measured zero; a measured zero behind it still is."""
+    assert feed(ZeroGradientDetector(), [_gradless(i, [0.0, 0.5, 0.3], frozen=("m0",))
+                                         for i in range(60)]) == []
+    f = feed(ZeroGradientDetector(), [_gradless(i, [0.0, 0.0, 0.3], frozen=("m0",))
+                                      for i in range(20)])
     assert len(f) == 1 and f[0].where == "m1" and f[0].evidence["zero_modules"] == ["m1"]
-    assert f[0].evidence["first_live_module"] == "m2"
+    assert f[0].evidence["first_live_module"] == "m2" and f[0].severity == "warning"
     # one module left with a gradient: nothing to compare it with
-    assert feed(ZeroGradientDetector(), [missing(i, [0.0, 0.0], ("m0",)) for i in range(40)]) == []
+    assert feed(ZeroGradientDetector(), [_gradless(i, [0.0, 0.0], frozen=("m0",))
+                                         for i in range(40)]) == []
+
+
+def test_no_gradient_note_after_twenty_steps_for_modules_that_want_one():
+    """Parameters that require a gradient and never get one (a graph cut, a module the loss
+    does not use): one information note at the 20th step in a row, naming the modules missing
+    on every one of those steps; never for frozen modules, a gap resets the count, and nothing
+    when no module gets a gradient at all (no backward: the loop check's)."""
+    d = ZeroGradientDetector()
+    out = feed(d, [_gradless(i, [0.0, 0.0, 0.4], missing=("m0", "m1")) for i in range(19)])
+    assert out == []
+    f = feed(d, [_gradless(19, [0.0, 0.0, 0.4], missing=("m0", "m1"))])
+    assert len(f) == 1 and f[0].severity == "info" and f[0].evidence["cause"] == "no_gradient"
+    assert f[0].where == "m0" and f[0].locations == ("m0", "m1") and f[0].evidence["steps"] == 20
+    assert "exactly zero" not in f[0].message and "their parameters" in f[0].message
+    assert feed(d, [_gradless(i, [0.0, 0.0, 0.4], missing=("m0", "m1")) for i in range(20, 60)]) == []
+    # only what is missing on every step of the run is named; a gap starts over
+    d = ZeroGradientDetector()
+    stream = [_gradless(i, [0.0, 0.0, 0.4], missing=("m0", "m1") if i % 2 else ("m0",))
+              for i in range(20)]
+    f = feed(d, stream)
+    assert len(f) == 1 and f[0].locations == ("m0",)
+    d = ZeroGradientDetector()
+    gap = [_gradless(i, [0.0, 0.5, 0.4], missing=() if i == 10 else ("m0",)) for i in range(30)]
+    assert feed(d, gap) == []  # steps 11-29: 19 in a row
+    assert len(feed(d, [_gradless(30, [0.0, 0.5, 0.4], missing=("m0",))])) == 1
+    assert feed(ZeroGradientDetector(), [_gradless(i, [0.0, 0.5], frozen=("m0",))
+                                         for i in range(60)]) == []
+    assert feed(ZeroGradientDetector(), [_gradless(i, [0.0, 0.0], missing=("m0", "m1"))
+                                         for i in range(60)]) == []
 
 
 # ----------------------------------------------------------------------------- units

@@ -194,16 +194,18 @@ def test_a_guard_with_frozen_parameters_stays_on_the_short_path():
     # the frozen parameters were named by their own module throughout, not as parameters the
     # model does not own; the module with none of its own gradients is said to have none
     assert g.core.history[-1].modules == ["0", "2"] and g.probe.param_names[:2] == ["0.weight", "0.bias"]
-    assert g.core.history[-1].missing_grad_modules == ()
-    assert g.core.history[-4].missing_grad_modules == ("0",)
+    assert g.core.history[-1].missing_grad_modules == () == g.core.history[-1].frozen_modules
+    assert g.core.history[-4].frozen_modules == ("0",) and not g.core.history[-4].missing_grad_modules
     g.close()
 
 
 @pytest.mark.parametrize("case", ["unused head", "frozen first layer"])
 def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
     """An auxiliary head registered first and used only at evaluation, or a frozen first layer
-    left in the optimizer: its gradient is None, recorded as 0.0; it was reported as a
-    vanishing gradient ("exactly zero for 20 steps") at step 19."""
+    left in the optimizer: its gradient is None, recorded as 0.0; the unused head was
+    reported as a vanishing gradient ("exactly zero for 20 steps") at step 19. Now the frozen
+    layer is not reported, and the head that requires a gradient and never gets one is an
+    information note that says so."""
     torch.manual_seed(0)
     X, Y = digits
 
@@ -229,8 +231,16 @@ def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
         loss.backward()
         g.step(loss)
     s = g.core.history[-1]
-    assert s.modules[0] == "aux" and s.grad_norms[0] == 0.0 and s.missing_grad_modules == ("aux",)
-    assert g.core.finding_counts == {}, g.core.findings
+    assert s.modules[0] == "aux" and s.grad_norms[0] == 0.0
+    if case == "frozen first layer":
+        assert s.frozen_modules == ("aux",) and s.missing_grad_modules == ()
+        assert g.core.finding_counts == {}, g.core.findings
+    else:
+        assert s.missing_grad_modules == ("aux",) and s.frozen_modules == ()
+        (f,) = g.core.findings
+        assert f.kind == "vanishing_gradient" and f.severity == "info" and f.where == "aux"
+        assert f.evidence["cause"] == "no_gradient" and "exactly zero" not in f.message
+        assert not g.core.actions
     g.close()
 
 

@@ -429,3 +429,23 @@ def test_cell_swap_keeps_layers_direction_and_trains():
     assert [id(p) for p in o.param_groups[0]["params"]] == [id(p) for p in m.parameters()]
     assert step()
     g.close()
+
+
+def test_a_module_the_loss_does_not_reach_is_not_restructured():
+    """The no-gradient note (a module that wants a gradient and gets none: a graph cut, or a
+    module used only outside training steps) is left to the report: no re-initialisation or
+    activation swap changes what the loss reaches; a measured vanishing gradient is still
+    taken."""
+    from trainguard.remedies.structure import Restructurer
+    from trainguard.types import Finding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rs = Restructurer(model, opt)
+    note = Finding(kind="vanishing_gradient", step=20, severity="info", where="0",
+                   message="no gradient", evidence={"cause": "no_gradient", "modules": ["0"]})
+    assert rs.pick([note]) is None
+    measured = Finding(kind="vanishing_gradient", step=20, where="0", message="ratio 1e-6",
+                       evidence={"ratio": 1e-6})
+    assert rs.pick([note, measured]) is measured

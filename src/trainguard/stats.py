@@ -728,7 +728,7 @@ class Probe:
         self._sub_list: list[int] | None = None
         self._sub_idx = self._all_idx
         self._sub_members: list[list[int]] = self._members
-        self._sub_missing: tuple[str, ...] = ()
+        self._sub_gradless: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
 
     # -- measurement ----------------------------------------------------------------
     def grads(self) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -752,16 +752,22 @@ class Probe:
         for j, i in enumerate(idx):
             members[int(self.group[i])].append(j)
         self._sub_members = members
-        self._sub_missing = tuple(m for m, k in zip(self.modules, members) if not k)
+        self._sub_gradless = self._gradless([k for k, mine in enumerate(members) if not mine])
 
-    def missing_modules(self, idx: np.ndarray) -> tuple[str, ...]:
-        """The modules none of whose parameters is in ``idx`` (no gradient at this step)."""
+    def gradless(self, idx: np.ndarray) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The modules none of whose parameters is in ``idx`` (no gradient at this step):
+        (those with a parameter that requires a gradient, those entirely frozen)."""
         if idx is self._all_idx:
-            return ()
+            return (), ()
         if idx is self._sub_idx:
-            return self._sub_missing
+            return self._sub_gradless
         present = {int(k) for k in self.group[idx]}
-        return tuple(m for k, m in enumerate(self.modules) if k not in present)
+        return self._gradless([k for k in range(len(self.modules)) if k not in present])
+
+    def _gradless(self, absent: list[int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        wants = [any(self.params[i].requires_grad for i in self._members[k]) for k in absent]
+        return (tuple(self.modules[k] for k, w in zip(absent, wants) if w),
+                tuple(self.modules[k] for k, w in zip(absent, wants) if not w))
 
     def measure_device(self, loss: torch.Tensor | float, *, with_params: bool,
                        extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, np.ndarray, int]:
@@ -896,10 +902,11 @@ def build_stats(step: int, probe: Probe, gn: np.ndarray, idx: np.ndarray,
             groups = probe.group_norms(gn, idx)
         pgroups = probe.group_norms(pn, probe._all_idx) if pn is not None else None
         ptotal = grad_total(pn) if pn is not None else None
+    missing, frozen = probe.gradless(idx)
     return StepStats(step=step, loss=float(loss), grad_norm=total, modules=probe.modules,
                      grad_norms=groups.tolist(),
                      param_norms=pgroups.tolist() if pgroups is not None else None,
-                     param_norm=ptotal, missing_grad_modules=probe.missing_modules(idx), **kw)
+                     param_norm=ptotal, missing_grad_modules=missing, frozen_modules=frozen, **kw)
 
 
 #: above this many parameter tensors the short path groups per-module norms, and
@@ -921,12 +928,12 @@ def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss:
     finite or ``idx`` is another index: the general path takes those (an unknown loss,
     ``loss_known=False``, is NaN by convention and stays on this path)."""
     members: list[list[int]] | None = None
-    missing: tuple[str, ...] = ()
+    gradless: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
     if idx is probe._all_idx:
         pass
     elif idx is probe._sub_idx:
         # some parameters have no gradient: a module with none of its own has 0.0
-        members, missing = probe._sub_members, probe._sub_missing
+        members, gradless = probe._sub_members, probe._sub_gradless
     else:
         return None
     a = np.asarray(gn, dtype=np.float64) if len(gn) > QUICK_GROUPING else None
@@ -944,7 +951,7 @@ def quick_stats(step: int, probe: Probe, gn: list[float], idx: np.ndarray, loss:
     groups = _groups(probe, gn, a, idx, members)
     return StepStats(step=step, loss=loss, grad_norm=total, modules=probe.modules,
                      grad_norms=groups, param_norms=pgroups, param_norm=ptotal,
-                     missing_grad_modules=missing, **kw)
+                     missing_grad_modules=gradless[0], frozen_modules=gradless[1], **kw)
 
 
 def _groups(probe: Probe, norms: list[float], a: np.ndarray | None,

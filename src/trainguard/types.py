@@ -125,10 +125,14 @@ class StepStats:
     #: ``GuardedOptimizer.step()`` without a closure or ``observe_loss``): ``loss`` is NaN and
     #: the loss-based detectors (spike, divergence, plateau) sit the step out
     loss_known: bool = True
-    #: modules none of whose parameters had a gradient at this step (frozen parameters left in
-    #: the optimizer, a branch this step's loss did not use): their ``grad_norms`` entry is 0.0
-    #: by convention, not a measured zero
+    #: modules that had no gradient at this step although some of their parameters require one
+    #: (the loss did not reach them: a branch unused at this step, a module used only outside
+    #: training steps, a graph cut before them): their ``grad_norms`` entry is 0.0 by
+    #: convention, not a measured zero
     missing_grad_modules: Sequence[str] = ()
+    #: modules all of whose parameters are frozen (``requires_grad`` False) but held by the
+    #: optimizer: no gradient expected; ``grad_norms`` 0.0 by convention
+    frozen_modules: Sequence[str] = ()
 
     @property
     def loss_finite(self) -> bool:

@@ -272,6 +272,8 @@ class Restructurer:
                 return f
             if f.kind not in STRUCTURAL:
                 continue
+            if cause_of(f) == "no_gradient":
+                continue  # the loss does not reach the module: no change to it helps
             if f.kind == "plateau" and cause_of(f) not in PLATEAU_CAUSES:
                 continue  # a plain plateau: nothing structural to change
             if f.kind == "dead_units" and isinstance(f.evidence, dict) \
