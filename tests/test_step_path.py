@@ -2,6 +2,7 @@
 path, in less Python. Each test pins one shortcut to the computation it replaces."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -149,15 +150,10 @@ def test_quick_record_with_frozen_parameters_equals_the_general_one(deep):
     assert idx3 is probe._sub_idx and idx3 is not idx and len(idx3) == len(idx) + 1
 
 
-def test_a_guard_with_frozen_parameters_stays_on_the_short_path():
-    """A Guard over a model whose first layer is frozen but left in the optimizer: its plain
-    steps take the short path; the records match the gradients themselves, also after the
-    set of frozen parameters changes."""
+@contextlib.contextmanager
+def _short_path_count():
+    """Counts the steps whose record the short path built (``quick_stats`` returned one)."""
     import trainguard.measure as measure_mod
-    m = _net()
-    _freeze(m)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    g = tg.Guard(m, opt, console=False, sample_every=1000, param_norm_every=1000)
     calls = {"quick": 0}
     real = measure_mod.quick_stats
 
@@ -166,28 +162,36 @@ def test_a_guard_with_frozen_parameters_stays_on_the_short_path():
         calls["quick"] += out is not None
         return out
 
+    measure_mod.quick_stats = counted
+    try:
+        yield calls
+    finally:
+        measure_mod.quick_stats = real
+
+
+def test_a_guard_with_frozen_parameters_stays_on_the_short_path():
+    """A Guard over a model whose first layer is frozen but left in the optimizer: its plain
+    steps take the short path; the records match the gradients themselves, also after the
+    set of frozen parameters changes."""
+    m = _net()
+    _freeze(m)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, opt, console=False, sample_every=1000, param_norm_every=1000)
+
     def expected() -> list[float]:
         return [math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in mod.parameters()
                               if p.grad is not None)) for mod in (m[0], m[2])]
 
-    measure_mod.quick_stats = counted
-    try:
-        for t in range(12):
+    with _short_path_count() as calls:
+        for t in range(15):
+            if t == 12:
+                for p in m[0].parameters():  # unfrozen; the last bias stays frozen
+                    p.requires_grad_(True)
             opt.zero_grad(set_to_none=True)
-            _backward(m, seed=t)
+            loss = _backward(m, seed=t)
             want = expected()
-            assert g.step(_backward_loss_value(m, t)) is True
+            assert g.step(loss) is True
             assert g.core.history[-1].grad_norms == pytest.approx(want, rel=1e-6)
-        for p in m[0].parameters():  # unfrozen; the last bias stays frozen
-            p.requires_grad_(True)
-        for t in range(12, 15):
-            opt.zero_grad(set_to_none=True)
-            _backward(m, seed=t)
-            want = expected()
-            assert g.step(_backward_loss_value(m, t)) is True
-            assert g.core.history[-1].grad_norms == pytest.approx(want, rel=1e-6)
-    finally:
-        measure_mod.quick_stats = real
     assert g.core.history[-1].grad_norms[0] > 0
     assert calls["quick"] == 14  # every step but the first (sampled on the first step)
     assert g.core.finding_counts == {}
@@ -242,14 +246,6 @@ def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
         assert f.evidence["cause"] == "no_gradient" and "exactly zero" not in f.message
         assert not g.core.actions
     g.close()
-
-
-def _backward_loss_value(m: nn.Module, seed: int) -> float:
-    """The loss of the batch _backward(m, seed) used, as a float (no second backward)."""
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
-    with torch.no_grad():
-        return float(nn.functional.cross_entropy(m(x), y))
 
 
 def test_quick_record_leaves_the_unusual_steps_to_the_general_path():
@@ -457,26 +453,14 @@ def _backward_any(m: nn.Module, seed: int) -> torch.Tensor:
 def test_a_loop_that_shows_no_loss_stays_on_the_short_path():
     """guard.step() without a loss (a framework that keeps it): the record is the short path's,
     the loss unknown, no finding; the general path is not taken on every step."""
-    import trainguard.measure as measure_mod
     m = _net()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     g = tg.Guard(m, opt, console=False, sample_every=1000, param_norm_every=1000)
-    calls = {"quick": 0}
-    real = measure_mod.quick_stats
-
-    def counted(*a, **k):
-        out = real(*a, **k)
-        calls["quick"] += out is not None
-        return out
-
-    measure_mod.quick_stats = counted
-    try:
+    with _short_path_count() as calls:
         for t in range(12):
             opt.zero_grad()
             _backward(m, seed=t)
             assert g.step() is True
-    finally:
-        measure_mod.quick_stats = real
     s = g.core.history[-1]
     assert not s.loss_known and s.grads_finite and s.grad_norm > 0
     assert calls["quick"] == 11  # every step but the first (sampled on the first step)
