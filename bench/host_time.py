@@ -1,7 +1,7 @@
 """The Guard's host time per step, by what the step did (issue #15: "fixed host cost per healthy
 step"), beside what ``clip_grad_norm_`` and a bare read of the gradients take in the same run.
 
-    python bench/host_time.py [--model small|mlp|many|frozen] [--rounds 40] [--block 50]
+    python bench/host_time.py [--model small|mlp|many|frozen|experts] [--rounds 40] [--block 50]
     python bench/host_time.py --src OTHER/src          # another tree's trainguard
     python bench/host_time.py --rules                  # and each detector's share
     python bench/host_time.py --compare OTHER/src --runs 3   # both trees, runs alternated
@@ -32,7 +32,8 @@ between runs; ``--compare`` alternates the two trees' runs so that drifts hit bo
 Models: ``small`` (the default) MLP 64-32x3-10, batch 16, Adam (8 tensors, ~1.3 ms steps: where a
 fixed cost shows); ``mlp`` MLP 64-512x3-10, batch 256, Adam; ``many`` 499 x (Linear(16,16),
 Tanh) + Linear(16,10), batch 32, Adam (1,000 tensors); ``frozen`` the small MLP with its first
-layer frozen but left in the optimizer (parameters without gradients on every step).
+layer frozen but left in the optimizer (parameters without gradients on every step); ``experts``
+a trunk and 8 expert heads taken in turn (another set of parameters with gradients each step).
 """
 from __future__ import annotations
 
@@ -61,15 +62,36 @@ MODELS = {
     "mlp": "MLP 64-512x3-10, batch 256, Adam",
     "many": "1,000 tensors: 499 x (Linear(16,16), Tanh), batch 32, Adam",
     "frozen": "MLP 64-32x3-10, first layer frozen and left in the optimizer, batch 16, Adam",
+    "experts": "Linear(64,32)+ReLU trunk, 8 expert heads Linear(32,10) taken in turn, batch 16, Adam",
 }
+
+
+class _Experts(nn.Module):
+    """A trunk and 8 expert heads, one head per training step in turn (a mixture of experts'
+    routing at its simplest: which parameters have gradients changes every step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+        self.experts = nn.ModuleList(nn.Linear(32, 10) for _ in range(8))
+        self.turn = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.experts[self.turn % len(self.experts)]
+        if torch.is_grad_enabled():
+            self.turn += 1
+        return head(self.trunk(x))
 KINDS = ("plain", "params", "sampled", "snapshot")
 
 
 def make(model: str) -> tuple[nn.Module, torch.optim.Optimizer, int, int]:
     torch.manual_seed(0)
+    if model == "experts":
+        m: nn.Module = _Experts()
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3), 64, 16
     if model == "many":
-        m: nn.Module = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(499)],
-                                     nn.Linear(16, 10))
+        m = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(499)],
+                          nn.Linear(16, 10))
         inp, batch = 16, 32
     else:
         w, batch = (512, 256) if model == "mlp" else (32, 16)

@@ -56,8 +56,9 @@ def test_host_time_runs_alone_with_rules_and_compares_a_tree_with_itself():
     out = run("bench/host_time.py", "--rounds", "1", "--block", "12", "--runs", "1",
               "--compare", os.path.join(ROOT, "src"))
     assert "guard amortised" in out and "gradient read" in out
-    out = run("bench/host_time.py", "--rounds", "1", "--block", "12", "--model", "frozen")
-    assert "first layer frozen" in out and "clip_grad_norm_ call" in out
+    for model, says in (("frozen", "first layer frozen"), ("experts", "expert heads")):
+        out = run("bench/host_time.py", "--rounds", "1", "--block", "12", "--model", model)
+        assert says in out and "clip_grad_norm_ call" in out
     out = run("bench/overhead.py", "--model", "mlp", "--width", "16", "--batch", "4",
               "--only", "grad read", "--rounds", "1", "--block", "3")
     assert "grad read" in out

@@ -729,6 +729,8 @@ class Probe:
         self._sub_idx = self._all_idx
         self._sub_members: list[list[int]] = self._members
         self._sub_gradless: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._subsets: dict[tuple[int, ...], tuple[np.ndarray, list[list[int]],
+                                                    tuple[tuple[str, ...], tuple[str, ...]]]] = {}
 
     # -- measurement ----------------------------------------------------------------
     def grads(self) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -742,17 +744,28 @@ class Probe:
             self._subset(idx)
         return [_local(cast(torch.Tensor, gs[i])) for i in idx], self._sub_idx
 
+    #: how many sets of parameters with gradients :meth:`_subset` remembers (a mixture of
+    #: experts routes each step to another few: the sets recur)
+    SUBSETS = 16
+
     def _subset(self, idx: list[int]) -> None:
         """The parameters that have gradients when some do not (frozen ones left in the
-        optimizer, a branch unused this step): their index, one array while the set stays
-        the same (the short path's record takes it), and each module's positions in it."""
+        optimizer, a branch unused this step): their index, one array per set of parameters
+        (the short path's record takes it by identity), each module's positions in it and the
+        modules without any; the last :attr:`SUBSETS` sets are remembered."""
+        key = tuple(idx)
+        hit = self._subsets.get(key)
+        if hit is None:
+            members: list[list[int]] = [[] for _ in self.modules]
+            for j, i in enumerate(idx):
+                members[int(self.group[i])].append(j)
+            hit = (np.asarray(idx, dtype=np.int64), members,
+                   self._gradless([k for k, mine in enumerate(members) if not mine]))
+            if len(self._subsets) >= self.SUBSETS:
+                del self._subsets[next(iter(self._subsets))]  # the oldest
+            self._subsets[key] = hit
         self._sub_list = idx
-        self._sub_idx = np.asarray(idx, dtype=np.int64)
-        members: list[list[int]] = [[] for _ in self.modules]
-        for j, i in enumerate(idx):
-            members[int(self.group[i])].append(j)
-        self._sub_members = members
-        self._sub_gradless = self._gradless([k for k, mine in enumerate(members) if not mine])
+        self._sub_idx, self._sub_members, self._sub_gradless = hit
 
     def gradless(self, idx: np.ndarray) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The modules none of whose parameters is in ``idx`` (no gradient at this step):
