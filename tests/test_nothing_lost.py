@@ -163,9 +163,11 @@ def test_huge_finite_weights_are_named_as_such_not_nan_nor_another_rank():
     assert all(p.abs().max() < 1e3 for p in m.parameters())
 
 
-def _loop(misuse, steps=12):
+def _loop(misuse, steps=12, frozen=False):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    if frozen:  # a frozen first layer still handed to the optimizer: no gradient there
+        m[0].requires_grad_(False)
     o = torch.optim.SGD(m.parameters(), lr=0.05)
     g = tg.Guard(m, o, console=False)
     for t in range(steps):
@@ -184,11 +186,13 @@ def _loop(misuse, steps=12):
 
 
 
+@pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("misuse", ["double_update", "stale_gradients", "no_backward"])
-def test_loop_misuse_is_said_once_and_clearly(misuse):
-    """Before the fix each of these passed without a word (issue #12, item 6)."""
+def test_loop_misuse_is_said_once_and_clearly(misuse, frozen):
+    """Before the fix each of these passed without a word (issue #12, item 6). With a frozen
+    first layer the checks read the first parameter that has a gradient."""
     with pytest.warns(RuntimeWarning, match="trainguard") as rec:
-        g = _loop(misuse)
+        g = _loop(misuse, frozen=frozen)
     msgs = [str(w.message) for w in rec if "trainguard" in str(w.message)]
     assert len(msgs) == 1, msgs
     assert g.counts["loop_misuse"] == 1
@@ -198,9 +202,10 @@ def test_loop_misuse_is_said_once_and_clearly(misuse):
 
 
 def test_a_correct_loop_raises_no_misuse_warning(recwarn):
-    g = _loop("none", steps=30)
-    assert not [w for w in recwarn if "trainguard" in str(w.message)]
-    assert g.counts.get("loop_misuse", 0) == 0
+    for frozen in (False, True):
+        g = _loop("none", steps=30, frozen=frozen)
+        assert not [w for w in recwarn if "trainguard" in str(w.message)]
+        assert g.counts.get("loop_misuse", 0) == 0
     # gradient accumulation (two backwards per step) is not stale
     torch.manual_seed(0)
     m = nn.Linear(4, 2)

@@ -43,6 +43,7 @@ class LoopCheck:
         self.external = 0
         self.inside = False
         self.warned: set[str] = set()
+        self._first = 0  # the position of the first parameter that had a gradient
         self._handle: Any = None
         try:
             self._handle = optimizer.register_step_post_hook(self._on_step)
@@ -61,10 +62,18 @@ class LoopCheck:
         self.report(kind, MESSAGES[kind])
 
     def _first_grad(self) -> torch.Tensor | None:
-        """The first parameter's gradient that exists (the first one's, in the common step)."""
+        """The first parameter's gradient that exists: the one found last time is looked at
+        first (a frozen backbone ahead of the trained layers would be scanned twice a step)."""
         params = self.params
-        g = params[0].grad if params else None
-        return g if g is not None else next((p.grad for p in params if p.grad is not None), None)
+        i = self._first
+        g = params[i].grad if i < len(params) else None
+        if g is not None:
+            return g
+        for j, p in enumerate(params):
+            if p.grad is not None:
+                self._first = j
+                return p.grad
+        return None
 
     def before(self, step: int) -> None:
         """At the start of ``guard.step``."""
