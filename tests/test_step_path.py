@@ -208,13 +208,17 @@ def test_a_guard_with_frozen_parameters_stays_on_the_short_path():
     g.close()
 
 
-@pytest.mark.parametrize("case", ["unused head", "frozen first layer"])
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("case", ["unused head", "frozen first layer", "reentrant checkpoint"])
 def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
     """An auxiliary head registered first and used only at evaluation, or a frozen first layer
     left in the optimizer: its gradient is None, recorded as 0.0; the unused head was
     reported as a vanishing gradient ("exactly zero for 20 steps") at step 19. Now the frozen
     layer is not reported, and the head that requires a gradient and never gets one is an
-    information note that says so."""
+    information note that says so. A real cut graph shows the same way and gets the same note:
+    ``torch.utils.checkpoint(use_reentrant=True)`` on an input that needs no gradient leaves the
+    checkpointed layer without one (the loss then stays near chance)."""
+    from torch.utils.checkpoint import checkpoint
     torch.manual_seed(0)
     X, Y = digits
 
@@ -225,7 +229,13 @@ def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
             self.body = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x) if case == "unused head" else self.body(self.aux(x).repeat(1, 7)[:, :64])
+            if case == "unused head":
+                return self.body(x)
+            if case == "reentrant checkpoint":
+                h = checkpoint(self.aux, x, use_reentrant=True)
+            else:
+                h = self.aux(x)
+            return self.body(h.repeat(1, 7)[:, :64])
 
     m = Net()
     if case == "frozen first layer":
@@ -244,6 +254,11 @@ def test_a_module_without_gradients_is_not_a_vanishing_gradient(case, digits):
     if case == "frozen first layer":
         assert s.frozen_modules == ("aux",) and s.missing_grad_modules == ()
         assert g.core.finding_counts == {}, g.core.findings
+    elif case == "reentrant checkpoint":
+        assert s.missing_grad_modules == ("aux",)
+        (f,) = [f for f in g.core.findings if f.kind == "vanishing_gradient"]
+        assert f.step == 19 and f.severity == "info" and f.evidence["cause"] == "no_gradient"
+        assert "use_reentrant" in " ".join(f.remedies)
     else:
         assert s.missing_grad_modules == ("aux",) and s.frozen_modules == ()
         (f,) = g.core.findings
