@@ -15,8 +15,9 @@ BACKENDS = ["tensorflow", "torch"]
 
 
 CASES = {"tensorflow": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "deep_sigmoid_fit",
-                        "tape_loop", "bad_input", "zoo_subset"],
-         "torch": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "tape_loop"]}
+                        "tape_loop", "bad_input", "zoo_subset", "unused_layer_fit"],
+         "torch": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "tape_loop",
+                   "unused_layer_fit"]}
 _results: dict[str, dict] = {}
 
 
@@ -88,3 +89,12 @@ def test_keras_zoo_scenarios_fail_bare_and_are_repaired():
     r = run("zoo_subset", "tensorflow")
     for name, rec in r.items():
         assert not rec["bare_ok"] and rec["guarded_ok"] and rec["named"], (name, rec)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_layer_the_loss_never_uses_trains_and_is_named_once(backend):
+    r = run("unused_layer_fit", backend)
+    assert r["finite"] and r["steps"] == 32, r
+    aux = r["modules"][0]
+    assert r["missing"] == [aux], r
+    assert r["findings"] == [["vanishing_gradient", "info", aux, "no_gradient"]], r

@@ -159,6 +159,40 @@ def case_bad_input():
     return out
 
 
+def case_unused_layer_fit():
+    """A model with a layer the loss never uses (built, trainable, handed to the optimizer):
+    Keras leaves it out with a warning; the Guard's optimizer crashed on its None gradient
+    ("None values not supported"). Now it trains, and the layer is named once in the
+    no-gradient note."""
+    keras.utils.set_random_seed(0)
+
+    class WithAux(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = keras.layers.Dense(1)
+            self.hidden = keras.layers.Dense(16, activation="tanh")
+            self.out = keras.layers.Dense(1)
+
+        def build(self, shape) -> None:
+            self.aux.build(shape)
+            self.hidden.build(shape)
+            self.out.build((shape[0], 16))
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    m = WithAux()
+    m.build((None, 8))
+    g = Guard()
+    m.compile(optimizer=g.wrap(keras.optimizers.Adam(1e-2)), loss="mse")
+    x, y = data()
+    m.fit(x, y, batch_size=32, epochs=2, verbose=0, callbacks=[g])
+    s = g.core.history[-1]
+    return {"findings": [[f.kind, f.severity, f.where, f.evidence.get("cause")] for f in g.findings],
+            "missing": list(s.missing_grad_modules), "modules": list(s.modules),
+            "finite": all(np.isfinite(w).all() for w in weights(m)), "steps": g.core.step_count}
+
+
 def case_zoo_subset():
     """Two Keras zoo scenarios through the zoo's runner: GD past the curvature limit (repaired by
     a rollback to the snapshot taken before the optimizer existed: that rollback used to reset

@@ -76,6 +76,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.tg_loss = keras.Variable(np.float32(np.nan), trainable=False, dtype="float32",
                                       name="tg_loss")
         self._lr_scale_value = 1.0
+        #: positions of the variables whose gradient was None when the step was traced
+        self.tg_missing: tuple[int, ...] = ()
         self._schedule = isinstance(inner._learning_rate,
                                     keras.optimizers.schedules.LearningRateSchedule)
 
@@ -119,7 +121,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables or []))
             self.built = True
         grads = list(grads)
-        norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32")))) for g in grads])
+        # a variable the loss does not reach has no gradient (None): Keras's own ``apply``
+        # leaves it out with a warning; here its norm is a 0.0 placeholder (the vector keeps
+        # one entry per variable) and the host is told which (known when the step is traced)
+        self.tg_missing = tuple(i for i, g in enumerate(grads) if g is None)
+        norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32"))))
+                           if g is not None else ops.zeros((), "float32") for g in grads])
         finite = ops.all(ops.isfinite(norms))
         total = ops.sqrt(ops.sum(ops.square(norms)))
         coef = ops.minimum(1.0, ops.divide(self.tg_threshold, total + 1e-6))
@@ -128,7 +135,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         loss = ops.reshape(ops.convert_to_tensor(self.tg_loss), (1,))
 
         def handle_finite() -> None:
-            self.inner_optimizer.apply([ops.multiply(g, ops.cast(coef, g.dtype)) for g in grads],
+            self.inner_optimizer.apply([ops.multiply(g, ops.cast(coef, g.dtype))
+                                        if g is not None else None for g in grads],
                                        trainable_variables=trainable_variables)
             self.tg_stats.assign(ops.concatenate([norms, ops.ones((1,), "float32"), loss]))
 
@@ -247,7 +255,7 @@ class Guard(CoreView, keras.callbacks.Callback):
         t = self.core.step_count
         v = _to_numpy(opt.tg_stats)  # the step's one transfer
         gn, applied, loss = v[:-2], bool(v[-2] > 0.5), float(v[-1])
-        stats = self._stats(t, loss, gn, variables)
+        stats = self._stats(t, loss, gn, variables, missing=opt.tg_missing)
         plan, findings, severe = self._decide(stats)
         if not applied and not stats.grads_finite:
             self.core.act("skip", "nonfinite: update not applied inside the optimizer (weights, "
@@ -318,12 +326,20 @@ class Guard(CoreView, keras.callbacks.Callback):
         return applied
 
     # -- shared ---------------------------------------------------------------------------------
-    def _stats(self, t: int, loss: float, gn: np.ndarray, variables: list) -> StepStats:
+    def _stats(self, t: int, loss: float, gn: np.ndarray, variables: list,
+               missing: Sequence[int] = ()) -> StepStats:
+        """``missing``: positions of the variables that had no gradient (their layer is named
+        in ``missing_grad_modules`` when none of its variables had one)."""
         names, of = _layers(variables)
         with np.errstate(over="ignore", invalid="ignore"):
             total = float(np.sqrt(np.sum(np.square(gn))))
+        gone: tuple[str, ...] = ()
+        if missing:
+            had = set(of[[i for i in range(len(of)) if i not in set(missing)]].tolist())
+            gone = tuple(n for k, n in enumerate(names) if k not in had)
         stats = StepStats(step=t, loss=loss, grad_norm=total, modules=names,
-                          grad_norms=_group(gn, of, len(names)).tolist(), optimizer="keras")
+                          grad_norms=_group(gn, of, len(names)).tolist(), optimizer="keras",
+                          missing_grad_modules=gone)
         if t % self.param_norm_every == 0 or not (math.isfinite(loss) and math.isfinite(total)):
             pn = _to_numpy(ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(v, "float32"))))
                                       for v in variables]))
