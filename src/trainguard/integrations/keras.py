@@ -335,7 +335,8 @@ class Guard(CoreView, keras.callbacks.Callback):
             total = float(np.sqrt(np.sum(np.square(gn))))
         gone: tuple[str, ...] = ()
         if missing:
-            had = set(of[[i for i in range(len(of)) if i not in set(missing)]].tolist())
+            skip = set(missing)
+            had = {int(k) for i, k in enumerate(of) if i not in skip}
             gone = tuple(n for k, n in enumerate(names) if k not in had)
         stats = StepStats(step=t, loss=loss, grad_norm=total, modules=names,
                           grad_norms=_group(gn, of, len(names)).tolist(), optimizer="keras",

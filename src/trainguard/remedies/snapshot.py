@@ -132,7 +132,6 @@ class SnapshotStore:
         self.model, self.optimizer, self.params, self.scaler = model, optimizer, params, scaler
         self.every, self.keep, self.device = every, keep, device
         self.snaps: list[Snapshot] = []
-        self._spare: Snapshot | None = None
         # the step of the snapshot last restored and the step it was restored at (numbers, not
         # the snapshot: holding it would keep a dropped snapshot's tensors alive)
         self.restored_step = -1
@@ -140,9 +139,8 @@ class SnapshotStore:
 
     @torch.no_grad()
     def take(self, step: int, extra: dict[str, Any] | None = None) -> Snapshot:
-        reuse = self._spare if len(self.snaps) >= self.keep else None
-        if len(self.snaps) >= self.keep:
-            reuse = self.snaps.pop(0)
+        # the oldest snapshot's tensors are refilled once ``keep`` are held
+        reuse = self.snaps.pop(0) if len(self.snaps) >= self.keep else None
         bufs = list(self.model.buffers())
         # every tensor of the state in one list (parameters, buffers, then each parameter's
         # optimizer-state tensors), with the reused snapshot's tensor of the same place
