@@ -120,3 +120,8 @@ def test_step_pieces_times_each_piece_in_the_loop_and_the_alternatives():
         assert piece in out, piece
     out = run("bench/step_pieces.py", "--alternatives")
     assert "retain_grad()" in out and "torch.dot per tensor" in out
+
+
+def test_sample_ids_cost_runs():
+    out = run("bench/sample_ids.py", "--steps", "60", "--warmup", "6")
+    assert "+ sample_ids, sample_losses" in out

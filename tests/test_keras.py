@@ -77,6 +77,7 @@ def test_gradient_tape_loop_and_exact_rollback(backend):
     assert r["truthful"], r
     assert r["skips"] == [9] and r["iterations"] == 15, r
     assert r["rolled_back"], r
+    assert r["suspects"] == [[300]], r  # the NaN row, from the per-row losses
 
 
 def test_bad_input_is_refused_clearly():

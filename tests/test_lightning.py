@@ -217,3 +217,29 @@ def test_lbfgs_under_lightning_takes_the_bare_steps():
     assert guarded.calls == bare.calls and guarded.losses == bare.losses
     assert all(torch.equal(a, b) for a, b in zip(_params(bare), _params(guarded)))
     assert cb.guard is not None and cb.guard.core.step_count == 4 and not cb.guard.findings
+
+
+def test_the_rows_of_a_bad_batch_are_named_from_training_step():
+    """``guard.observe_samples`` in ``training_step``: the NaN row of the data is named."""
+    x, y = _data().tensors
+    x = x.clone()
+    x[77, 3] = float("nan")
+    ds = torch.utils.data.TensorDataset(torch.arange(len(x)), x, y)
+    cb = GuardCallback(console=False)
+
+    class Rows(Net):
+        def training_step(self, batch, batch_idx):
+            idx, xb, yb = batch
+            rows = nn.functional.cross_entropy(self.net(xb), yb, reduction="none")
+            cb.guard.observe_samples(idx, rows)
+            return rows.mean()
+
+    model = Rows()
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb])
+    trainer.fit(model, loader)
+    assert [b.suspect_ids for b in cb.guard.bad_batches] == [(77,)]
+    assert cb.guard.bad_batches[0].step == 2 and "skip" in cb.guard.bad_batches[0].actions
+    assert all(math.isfinite(float(p.sum())) for p in model.parameters())

@@ -604,3 +604,22 @@ def test_the_update_ratio_handed_to_the_detectors_is_the_nan_median():
             seen += 1
     assert seen >= 3
     g.close()
+
+
+def test_a_parameter_only_the_optimizer_holds_is_named_apart_from_the_model():
+    """A learnable temperature kept beside the model (in the optimizer, not in the model) was
+    grouped under "(root)", the model's root module: the no-gradient note said "(root)
+    received no gradient" when the loss did not use it."""
+    from trainguard.stats import OUTSIDE_MODEL
+    m = _net()
+    temp = nn.Parameter(torch.tensor(1.0))
+    opt = torch.optim.Adam(list(m.parameters()) + [temp], lr=1e-3)
+    g = tg.Guard(m, opt, console=False)
+    for t in range(25):
+        opt.zero_grad(set_to_none=True)
+        g.step(_backward(m, seed=t))  # the loss does not use the temperature
+    assert g.core.history[-1].modules[-1] == OUTSIDE_MODEL
+    notes = [f for f in g.findings if f.evidence.get("cause") == "no_gradient"]
+    assert len(notes) == 1 and notes[0].where == OUTSIDE_MODEL
+    assert "(root)" not in notes[0].message
+    g.close()

@@ -142,3 +142,29 @@ def test_trainer_saves_wait_while_unhealthy(tmp_path):
     sd = load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in sd.values())
     assert cb.guard.counts["checkpoint_deferred"] >= 1
+
+
+def test_the_rows_of_a_bad_batch_are_named_from_compute_loss(tmp_path):
+    """``guard.observe_samples`` in a ``compute_loss`` override: the NaN row is named (one
+    epoch: 32 steps of 16 rows)."""
+    data = _dataset()
+    data[40]["x"] = data[40]["x"].clone()
+    data[40]["x"][3] = float("nan")
+    for i, d in enumerate(data):
+        d["idx"] = torch.tensor(i)
+
+    class RowTrainer(GuardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kw):
+            idx = inputs.pop("idx")
+            out = model(**inputs)
+            rows = nn.functional.cross_entropy(out["logits"], inputs["labels"], reduction="none")
+            self.guard.observe_samples(idx, rows)
+            return (out["loss"], out) if return_outputs else out["loss"]
+
+    model = Tiny()
+    tr = RowTrainer(model=model, args=_args(tmp_path, max_steps=32, remove_unused_columns=False),
+                    train_dataset=data, guard_options={"console": False})
+    tr.train()
+    assert [b.suspect_ids for b in tr.guard.bad_batches] == [(40,)]
+    assert "skip" in tr.guard.bad_batches[0].actions
+    assert all(torch.isfinite(p).all() for p in model.parameters())

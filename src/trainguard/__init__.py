@@ -17,13 +17,14 @@ from typing import Any
 from .core import DecisionCore
 from .monitor import Decision, Monitor
 from .policy import DEFAULT_LADDER, Policy
+from .samples import BadBatch, SkipSamples, load_bad_samples
 from .types import (ACTION_KINDS, FINDING_KINDS, Action, Finding, StepStats,
                     TrainingUnstable)
 
 __version__ = "0.1.0"
 
 __all__ = ["Guard", "GuardedOptimizer", "DecisionCore", "Monitor", "Decision", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
-           "TrainingUnstable", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate", "load_checkpoint",
+           "TrainingUnstable", "BadBatch", "SkipSamples", "load_bad_samples", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate", "load_checkpoint",
            "__version__"]
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from .detect import Detector, default_detectors
 from .policy import Plan, Policy
+from .samples import BadBatch, SampleLedger, sorted_ids
 from .sinks.base import Sink
 from .types import REMEDIES, SEVERE_KINDS, Action, Finding, StepStats, TrainingUnstable
 
@@ -113,6 +114,9 @@ class DecisionCore:
         self.report_path: str | None = None
         self.chance_option = chance_loss
         self.chance_loss: float | None = None  # the level in use
+        #: the sample ids shown with each step, and the bad batches they named
+        #: (:mod:`trainguard.samples`)
+        self.samples = SampleLedger()
         if isinstance(chance_loss, (int, float)):
             self.set_chance(float(chance_loss))
 
@@ -128,6 +132,7 @@ class DecisionCore:
             self.event("scaler_overflow", step=stats.step, loss_scale=stats.loss_scale)
         if refine is not None:
             findings = refine(findings, stats)
+        bad = self.samples.judge(stats.step, findings) if self.samples.pending else None
         for f in findings:
             self.emit(f)
         severe = any(f.severe for f in findings)
@@ -139,7 +144,23 @@ class DecisionCore:
                 self.last_severe = stats.step
         if severe and not out.kinds() & {"skip", "rollback", "halt"}:
             self.unresolved = stats.step
+        if bad is not None:
+            self.bad_batch(bad, out)
         return findings, out, severe
+
+    def offer_samples(self, step: int, ids: Any, losses: Any = None, loss: Any = None) -> None:
+        """The sample ids (and optionally per-sample losses, and the micro-batch's own loss) of
+        one micro-batch of ``step``: held by reference, read only if the step is judged bad
+        (see :mod:`trainguard.samples`)."""
+        self.samples.offer(step, ids, losses, loss)
+
+    def bad_batch(self, bad: BadBatch, plan: Plan) -> None:
+        """Record a bad batch with the actions planned for it, and tell the sinks."""
+        bad.actions = tuple(sorted(plan.kinds()))
+        self.samples.record(bad)
+        ev = bad.to_dict()
+        ev.pop("step")
+        self.event("bad_batch", step=bad.step, message=bad.describe(), **ev)
 
     def settled(self, step: int | None = None) -> bool:
         """Not halted, and no severe finding left unanswered (the update applied anyway) in the
@@ -301,6 +322,11 @@ class DecisionCore:
         if self.counts.get("scaler_overflow"):
             lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
                          f"{self.counts['scaler_overflow']}")
+        if self.samples.count:
+            sus = sorted_ids(i for b in self.samples.batches for i in b.suspect_ids)
+            file = f"; listed in {self.samples.path}" if self.samples.path else ""
+            lines.append(f"  bad batches: {self.samples.count}, suspect samples "
+                         f"{sus[:10]}{' ...' if len(sus) > 10 else ''}{file}")
         if lr_scale != 1.0:
             lines.append(f"  learning-rate scale now {lr_scale:.3g} of the schedule")
         kinds = [k for k in self.finding_counts if k in SEVERE_KINDS or k == "plateau"]
@@ -370,6 +396,7 @@ class DecisionCore:
             "finding_counts": dict(self.finding_counts),
             "action_counts": dict(self.action_counts),
             "first": {k: v.to_dict() for k, v in self.first.items()},
+            "bad_batches": self.samples.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -390,6 +417,7 @@ class DecisionCore:
                 d.load_state_dict(match["state"])
         self.policy.load_state_dict(state["policy"])
         self.findings = [_finding(f) for f in state.get("findings", [])]
+        self.samples.load_state_dict(state.get("bad_batches", []))
         self.actions = [Action(**a) for a in state.get("actions", [])]
         self.finding_counts = Counter(state.get("finding_counts") or
                                       Counter(f.kind for f in self.findings))
@@ -445,6 +473,10 @@ class CoreView:
     step_count = property(lambda self: self.core.step_count, doc="Steps taken so far.")
     applied_steps = property(lambda self: self.core.applied_steps, doc="Updates applied so far.")
     rollbacks = property(lambda self: self.core.rollbacks, doc="Rollbacks so far.")
+    bad_batches = property(lambda self: list(self.core.samples.batches),
+                           doc="The steps judged bad with the sample ids they trained on "
+                               "(:class:`trainguard.samples.BadBatch`; the most recent 1,000), "
+                               "for loops that pass ``sample_ids``.")
     last_good_step = property(lambda self: self.core.last_good_step,
                               doc="The newest step whose state was checked and found good (no "
                                   "non-finite or huge weights, optimizer state or buffers, no "

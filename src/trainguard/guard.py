@@ -279,6 +279,9 @@ class Guard(CoreView):
                                  on_action=on_action)
         if self.report_path is not None and self.rank == 0:
             self.core.report_path = self.report_path
+        if checkpoint_dir is not None:  # each rank's own ids (each reads its own batches)
+            name = "bad_samples.json" if self.rank == 0 else f"bad_samples.rank{self.rank}.json"
+            self.core.samples.path = os.path.join(os.fspath(checkpoint_dir), name)
         self.model, self.optimizer, self.scaler, self.scheduler = model, optimizer, scaler, scheduler
         if clip == "adaptive" and not self.policy.acts:
             clip = None  # a policy that never acts does not clip by default either
@@ -382,7 +385,8 @@ class Guard(CoreView):
 
     # ------------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float | None = None, *,
-             closure: Callable[[], Any] | None = None) -> bool:
+             closure: Callable[[], Any] | None = None, sample_ids: Any = None,
+             sample_losses: Any = None) -> bool:
         """Measure, decide and apply (or skip) the optimizer update. Returns True when the
         update was applied. Raises :class:`TrainingUnstable` when repairs are exhausted.
 
@@ -396,7 +400,17 @@ class Guard(CoreView):
         measures and decides on the first evaluation's gradients: yours when ``loss`` is
         given (you called the closure already), else the Guard calls it once; the optimizer's
         first call then returns that loss instead of evaluating it again. Other optimizers
-        are stepped without it."""
+        are stepped without it.
+
+        ``sample_ids``: the batch's dataset indices or row keys (a 1-D tensor, array, list or
+        range), ``sample_losses``: optionally its per-row losses (``reduction="none"``), in the
+        same order. Held by reference and read only when the step is judged bad (a non-finite
+        loss or gradient, a loss spike, a gradient explosion): then the findings quote them,
+        :attr:`bad_batches` records them with the rows to blame, and with ``checkpoint_dir``
+        the file ``bad_samples.json`` there lists them for a resumed run to skip
+        (:mod:`trainguard.samples`)."""
+        if sample_ids is not None or sample_losses is not None:
+            self.core.samples.offer(self.core.step_count, sample_ids, sample_losses)
         if closure is None:
             return self._step(loss)
         if not callable(closure):
@@ -471,11 +485,17 @@ class Guard(CoreView):
         self.measure.arm_if_due(self.core.step_count)
         return d.findings
 
-    def observe_loss(self, loss: torch.Tensor | float) -> None:
+    def observe_loss(self, loss: torch.Tensor | float, *, sample_ids: Any = None,
+                     sample_losses: Any = None) -> None:
         """Show the Guard a loss it would not otherwise see (a framework that calls
         ``optimizer.step()`` itself): call it once per micro-batch with that micro-batch's loss
-        as computed (not divided by the accumulation factor); the next step uses their mean."""
+        as computed (not divided by the accumulation factor); the next step uses their mean.
+        ``sample_ids`` / ``sample_losses``: the micro-batch's ids and per-row losses, as for
+        :meth:`step`; without per-row losses a bad step names the micro-batch whose loss is
+        non-finite or 2.5x the next highest."""
         self._check_loss(loss)
+        if sample_ids is not None or sample_losses is not None:
+            self.core.offer_samples(self.core.step_count, sample_ids, sample_losses, loss)
         self._note_loss_kind(loss)
         self._observed.append(loss.detach().reshape(()) if isinstance(loss, torch.Tensor)
                               else float(loss))
@@ -571,6 +591,13 @@ class Guard(CoreView):
             self.clipper.load_state_dict(state["clip"])
 
     # ------------------------------------------------------------------ internals
+    def observe_samples(self, sample_ids: Any, sample_losses: Any = None) -> None:
+        """The ids (and optionally per-row losses) of one (micro-)batch of the coming step, for
+        a framework that shows the Guard the loss itself (Lightning's ``GuardCallback``, the
+        Hugging Face adapters, ``GuardedOptimizer``): call it in ``training_step`` /
+        ``compute_loss``; the same as ``step``'s ``sample_ids`` / ``sample_losses``."""
+        self.core.offer_samples(self.core.step_count, sample_ids, sample_losses)
+
     def _check_loss(self, loss: Any) -> None:
         if self._closed:
             raise RuntimeError("this Guard was closed; create a new one to keep training")
@@ -664,6 +691,12 @@ class Guard(CoreView):
                                              state, extra)
         self.core.event("checkpoint", step=step, path=out)
         return out
+
+    def save_bad_samples(self, path: str | os.PathLike) -> str:
+        """Write the run's bad batches and the sample ids they name to ``path`` (JSON,
+        atomically; read it back with :func:`trainguard.load_bad_samples`). With
+        ``checkpoint_dir`` the Guard keeps ``bad_samples.json`` there up to date by itself."""
+        return self.core.samples.save(path)
 
     def _detach(self) -> None:
         """Remove every hook this Guard put on the model and the optimizer."""

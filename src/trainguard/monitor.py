@@ -180,12 +180,17 @@ class Monitor(CoreView):
 
     # -- the step -------------------------------------------------------------------------------
     def step(self, loss: Any, grads: Mapping[str, Any], lr: float | None = None, *,
-             params: Mapping[str, Any] | None = None) -> Decision:
+             params: Mapping[str, Any] | None = None, sample_ids: Any = None,
+             sample_losses: Any = None) -> Decision:
         """Judge this step's update before the loop applies it. Raises
-        :class:`~trainguard.TrainingUnstable` when repairs are exhausted."""
+        :class:`~trainguard.TrainingUnstable` when repairs are exhausted. ``sample_ids`` /
+        ``sample_losses``: the batch's row ids and per-row losses, read only on a bad step
+        (see :mod:`trainguard.samples`; ``monitor.bad_batches``)."""
         lv = self._check_step(loss, grads, params)
         core = self.core
         t = core.step_count
+        if sample_ids is not None or sample_losses is not None:
+            core.offer_samples(t, sample_ids, sample_losses)
         names = list(self._shapes)
         pn = [_norm(self.params[k]) for k in names]
         self._watch_rebinding(pn)

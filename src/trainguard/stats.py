@@ -658,6 +658,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if hasattr(t, "_local_tensor") else t
 
 
+#: the module name of the parameters the optimizer holds and the model does not own
+OUTSIDE_MODEL = "(outside the model)"
+
+
 class Probe:
     """Measures one step. Construction fixes the parameter order and module grouping."""
 
@@ -678,6 +682,7 @@ class Probe:
             raise ValueError("the optimizer holds no trainable parameter of the model: "
                              "expected Guard(model, optimizer) with the optimizer built on "
                              "model.parameters()")
+        owned = len(names)
         for g in optimizer.param_groups:  # optimizer params that the model does not own
             for p in g["params"]:
                 if id(p) not in seen:
@@ -692,8 +697,11 @@ class Probe:
         self.modules: list[str] = []
         index: dict[str, int] = {}
         group = []
-        for n in names:
-            mod = clean_name(n.rsplit(".", 1)[0] if "." in n else "")
+        for k, n in enumerate(names):
+            # a parameter only the optimizer holds (a learnable temperature kept beside the
+            # model) is not the model's root module's: findings name it apart
+            mod = (clean_name(n.rsplit(".", 1)[0] if "." in n else "") if k < owned
+                   else OUTSIDE_MODEL)
             if mod not in index:
                 index[mod] = len(self.modules)
                 self.modules.append(mod)

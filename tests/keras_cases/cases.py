@@ -110,16 +110,20 @@ def case_tape_loop():
         if backend == "tensorflow":
             import tensorflow as tf
             with tf.GradientTape() as tape:
-                loss = ops.mean(ops.square(m(xb, training=True) - yb))
+                rows = ops.mean(ops.square(m(xb, training=True) - yb), axis=1)
+                loss = ops.mean(rows)
             grads = tape.gradient(loss, m.trainable_variables)
         else:
             import torch
             m.zero_grad()
-            loss = ops.mean(ops.square(m(torch.tensor(xb), training=True) - torch.tensor(yb)))
+            rows = ops.mean(ops.square(m(torch.tensor(xb), training=True) - torch.tensor(yb)),
+                            axis=1)
+            loss = ops.mean(rows)
             loss.backward()
             grads = [v.value.grad for v in m.trainable_variables]
         before = weights(m)
-        ok = g.apply_gradients(opt, zip(grads, m.trainable_variables), loss)
+        ok = g.apply_gradients(opt, zip(grads, m.trainable_variables), loss,
+                               sample_ids=np.arange(32 * i, 32 * (i + 1)), sample_losses=rows)
         changed = any(not np.array_equal(a, b) for a, b in zip(before, weights(m)))
         applied.append((ok, changed))
     iters = int(ops.convert_to_numpy(opt.iterations))
@@ -137,6 +141,7 @@ def case_tape_loop():
     return {"truthful": all(ok == ch for ok, ch in applied), "skips": [a.step for a in g.actions
                                                                       if a.kind == "skip"],
             "iterations": iters, "rolled_back": not ok2 and exact,
+            "suspects": [list(b.suspect_ids) for b in g.bad_batches],
             "actions": [a.kind for a in g.actions]}
 
 

@@ -280,9 +280,11 @@ class Guard(CoreView, keras.callbacks.Callback):
 
     # -- the GradientTape loop --------------------------------------------------------------------
     def apply_gradients(self, optimizer: Any, grads_and_vars: Iterable[tuple[Any, Any]],
-                        loss: Any) -> bool:
+                        loss: Any, *, sample_ids: Any = None, sample_losses: Any = None) -> bool:
         """In place of ``optimizer.apply_gradients(grads_and_vars)``: judge the update first.
-        Returns whether it was applied. Raises ``TrainingUnstable`` when repairs run out."""
+        Returns whether it was applied. Raises ``TrainingUnstable`` when repairs run out.
+        ``sample_ids`` / ``sample_losses``: the batch's row ids and per-row losses, read only
+        on a bad step (``guard.bad_batches``, see :mod:`trainguard.samples`)."""
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"apply_gradients expects a keras.optimizers.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -300,6 +302,8 @@ class Guard(CoreView, keras.callbacks.Callback):
                 raise ValueError(f"the gradient for {getattr(var, 'path', var)} has shape "
                                  f"{tuple(g.shape)}, expected {tuple(var.shape)}")
         t = self.core.step_count
+        if sample_ids is not None or sample_losses is not None:
+            self.core.offer_samples(t, sample_ids, sample_losses)
         opt_vars = list(optimizer.variables)
         if not self._snaps and self.core.rollbacks == 0:
             self._snapshot_now(t, variables, opt_vars)
