@@ -1,6 +1,7 @@
 """Hugging Face Trainer adapter (issue #10, item 4): real, tiny Trainer runs on CPU."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -167,4 +168,10 @@ def test_the_rows_of_a_bad_batch_are_named_from_compute_loss(tmp_path):
     tr.train()
     assert [b.suspect_ids for b in tr.guard.bad_batches] == [(40,)]
     assert "skip" in tr.guard.bad_batches[0].actions
+    # the locate replay's forward is not a training forward: its NaN loss did not join the
+    # next step's window (it did: a second non-finite finding on a healthy batch)
+    assert dict(tr.guard.finding_counts) == {"nonfinite": 1}
+    bad_step = tr.guard.bad_batches[0].step
+    after = [s.loss for s in tr.guard.history if s.step == bad_step + 1]
+    assert after and all(math.isfinite(v) for v in after)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -51,6 +51,7 @@ except ImportError as e:  # pragma: no cover
                       "pip install 'trainguard[transformers]'") from e
 
 from ..guard import Guard, unwrap_optimizer
+from ..locate._replay import replaying
 from . import check_adapter_options
 
 _MAJOR = int(transformers.__version__.split(".")[0])
@@ -103,7 +104,9 @@ class GuardCallback(TrainerCallback):
             self._wrap(optimizer, inner)
 
     def _capture(self, module: Any, args: Any, out: Any) -> None:
-        if module.training and torch.is_grad_enabled():
+        # not the locate replay's forward: its loss joined the next step's window (a NaN
+        # batch's replayed NaN made the next, healthy step a second non-finite finding)
+        if module.training and torch.is_grad_enabled() and not replaying():
             loss = _loss_of(out)
             if loss is not None:
                 self._losses.append(loss)

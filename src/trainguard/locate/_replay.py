@@ -552,6 +552,15 @@ def _arg_path(path: str) -> str:
     return path
 
 
+_REPLAYING = [0]
+
+
+def replaying() -> bool:
+    """True while :func:`replay_step` runs the model again: forward hooks that collect the
+    training loop's losses (the Hugging Face adapter's) must not count the replay's."""
+    return _REPLAYING[0] > 0
+
+
 def replay_step(model: nn.Module, args: tuple, kwargs: dict, *,
                 grad_outputs: Sequence[torch.Tensor | None] | None = None,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -566,6 +575,24 @@ def replay_step(model: nn.Module, args: tuple, kwargs: dict, *,
     ``loss_value`` is the loss the training loop saw (a non-finite loss with a finite
     forward and finite gradients is the loss function's doing).
     """
+    _REPLAYING[0] += 1
+    try:
+        return _replay_step(model, args, kwargs, grad_outputs=grad_outputs, loss_fn=loss_fn,
+                            loss_value=loss_value, rng=rng, cuda_rng=cuda_rng,
+                            autocast=autocast, device_type=device_type,
+                            grad_enabled=grad_enabled, backward=backward)
+    finally:
+        _REPLAYING[0] -= 1
+
+
+def _replay_step(model: nn.Module, args: tuple, kwargs: dict, *,
+                 grad_outputs: Sequence[torch.Tensor | None] | None = None,
+                 loss_fn: Callable[[Any], torch.Tensor] | None = None,
+                 loss_value: float | None = None,
+                 rng: torch.Tensor | None = None, cuda_rng: Sequence[torch.Tensor] | None = None,
+                 autocast: Mapping[str, Any] | None = None, device_type: str | None = None,
+                 grad_enabled: bool = True, backward: bool = True) -> Location:
+    """:func:`replay_step` itself."""
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = any(p.is_cuda for p in model.parameters())
     rec = _Recorder(model, backward=backward and grad_enabled and bool(params))
