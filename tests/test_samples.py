@@ -268,3 +268,16 @@ def test_inputs_are_checked_at_the_first_step_and_a_later_bad_one_never_breaks_a
     led.offer(2, [1, 2, 3], [0.1, 0.2])
     bad = led.judge(2, [_finding()])
     assert bad is not None and bad.sample_ids == (1, 2, 3) and "do not line up" in bad.reason
+
+
+def test_the_report_shows_the_bad_batch_in_words(tmp_path):
+    from trainguard.report.html import save_report
+    x, y = _data(nan_row=300)
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    g = tg.Guard(m, opt, console=False, log=tmp_path / "run.jsonl")
+    _train(g, m, opt, x, y, torch.arange(512))
+    g.close()
+    text = open(save_report(tmp_path / "run.jsonl", tmp_path / "run.html"), encoding="utf-8").read()
+    assert "<td>bad_batch</td><td>bad batch (nonfinite; skip): 32 samples [288, 289" in text
+    assert "suspects [300]" in text and "&quot;sample_ids&quot;" not in text

@@ -572,9 +572,15 @@ def render(run: RunData, title: str = "trainguard run report") -> str:
     if others or overflow:
         parts.append("<h2>Other events</h2><table><tr><th>step</th><th>event</th><th>detail</th></tr>")
         for e in others:
-            detail = {k: v for k, v in e.items() if k not in ("type", "step")}
+            # an event that says itself in words (a bad batch: its ids and suspects) shows
+            # that line; the rest show their fields (all of them stay in the JSONL log)
+            if isinstance(e.get("message"), str):
+                text = e["message"]
+            else:
+                text = json.dumps({k: v for k, v in e.items() if k not in ("type", "step")},
+                                  default=str)
             parts.append(f"<tr><td>{_e(e.get('step'))}</td><td>{_e(e.get('type'))}</td>"
-                         f"<td>{_e(json.dumps(detail, default=str))}</td></tr>")
+                         f"<td>{_e(text)}</td></tr>")
         if overflow:
             parts.append(f"<tr><td></td><td>scaler_overflow</td><td>{overflow} fp16 loss-scaler "
                          "overflow skips (normal, not instability)</td></tr>")
