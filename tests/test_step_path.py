@@ -623,3 +623,36 @@ def test_a_parameter_only_the_optimizer_holds_is_named_apart_from_the_model():
     assert len(notes) == 1 and notes[0].where == OUTSIDE_MODEL
     assert "(root)" not in notes[0].message
     g.close()
+
+
+@pytest.mark.parametrize("sync", [True, "deferred"])
+def test_parameters_added_with_add_param_group_are_measured_and_rolled_back(sync):
+    """Gradual unfreezing by ``optimizer.add_param_group``: the probe was fixed at the Guard's
+    construction, so the added layer was never measured nor snapshotted, and a NaN written
+    into it was rolled back 8 times (to snapshots without it) until the run halted."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x.sum(1, keepdim=True)
+    opt = torch.optim.Adam(list(m[2].parameters()), lr=1e-2)
+    g = tg.Guard(m, opt, console=False, snapshot_every=10)
+    for t in range(60):
+        if t == 20:
+            opt.add_param_group({"params": list(m[0].parameters()), "lr": 1e-3})
+        if t == 45:
+            with torch.no_grad():
+                m[0].weight[0, 0] = float("nan")
+        opt.zero_grad(set_to_none=True)
+        loss = (m(x) - y).pow(2).mean()
+        loss.backward()
+        g.step(loss)
+        if t == 0:
+            first = loss.item()
+        if t == 21:
+            assert g.core.history[-1].modules == ["0", "2"]
+            assert g.core.history[-1].grad_norms[0] > 0
+    assert g.core.counts["param_groups_changed"] == 1
+    assert g.action_counts["rollback"] == 1
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert loss.item() < 0.5 * first
+    g.close()

@@ -321,6 +321,7 @@ class Guard(CoreView):
             from .remedies.structure import Restructurer
             self.restructurer = Restructurer(model, optimizer)
         self.last_step_applied = True
+        self._n_groups = len(optimizer.param_groups)  # add_param_group later: re-probed
         self._closed = False
         self._observed: list[Any] = []  # losses shown by observe_loss since the last step
         #: what the first loss's autograd graph says it is (stats.loss_kind), in a box shared
@@ -432,6 +433,8 @@ class Guard(CoreView):
             self.executor.closure = None
 
     def _step(self, loss: Any) -> bool:
+        if len(self.optimizer.param_groups) != self._n_groups:
+            self._param_groups_changed()
         ex = self.executor
         if ex.needs_closure and ex.closure is None and not ex.outside:
             raise TypeError(CLOSURE_NEEDED.format(type(self.optimizer).__name__))
@@ -475,6 +478,8 @@ class Guard(CoreView):
         custom trainer). A GradScaler's gradients are read scaled and their norms divided by
         the scale. Call it once per optimizer step, after the backward pass and before the
         step."""
+        if len(self.optimizer.param_groups) != self._n_groups:
+            self._param_groups_changed()
         loss = self._loss_for_step(loss)
         d = self._decide(loss, observe=True)
         step = self.core.step_count
@@ -827,6 +832,34 @@ class Guard(CoreView):
                 params[i] = new_of[id(p)]
         self.probe.last_grads = []
         self.measure.rebind()
+
+    def _param_groups_changed(self) -> None:
+        """``optimizer.add_param_group`` since the probe was built (gradual unfreezing, a
+        fine-tuning recipe that adds the backbone later): the new parameters were neither
+        measured nor in the snapshots, so a rollback could not repair them (a NaN written into
+        one was rolled back 8 times and halted the run). The probe is rebuilt over the
+        optimizer's parameters as they are now; the snapshots, laid out for the old list, are
+        replaced by one of the present (verified) state."""
+        from .stats import Probe
+        old = self.probe
+        new = Probe(self.model, self.optimizer, sharded=old.sharded,
+                    process_group=old.process_group)
+        self._n_groups = len(self.optimizer.param_groups)
+        self.measure.probe = self.probe = new
+        self.measure.rebind()
+        self.loopcheck.params = new.params
+        self.loopcheck._first = 0
+        self.snapshots.params = new.params
+        self.snapshots.snaps = []
+        step = self.core.step_count
+        added = [m for m in new.modules if m not in set(old.modules)]
+        self.core.event("param_groups_changed", step=step, groups=self._n_groups,
+                        tensors=len(new.params), added_modules=added,
+                        message=f"the optimizer now has {self._n_groups} parameter groups "
+                                f"({len(new.params)} tensors, {len(new.params) - len(old.params)}"
+                                f" new{': ' + ', '.join(added[:5]) if added else ''}): "
+                                "measured and snapshotted from this step on")
+        self.executor.snapshot(step)
 
     def _rescue(self, f: Finding, step: int) -> bool:
         """Policy(structural="repair"), rollbacks exhausted: before halting, try the

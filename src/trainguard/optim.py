@@ -13,7 +13,6 @@ optimizer's.
 """
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -108,10 +107,9 @@ class GuardedOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """The wrapped optimizer's: the Guard measures and snapshots the added parameters from
+        the next step on."""
         self.optimizer.add_param_group(param_group)
-        warnings.warn("trainguard: parameters added after the GuardedOptimizer was built are "
-                      "stepped but not measured; build the GuardedOptimizer after the last "
-                      "add_param_group", RuntimeWarning, stacklevel=2)
 
     # -- the guarded step ------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
