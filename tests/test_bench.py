@@ -125,3 +125,9 @@ def test_step_pieces_times_each_piece_in_the_loop_and_the_alternatives():
 def test_sample_ids_cost_runs():
     out = run("bench/sample_ids.py", "--steps", "60", "--warmup", "6")
     assert "+ sample_ids, sample_losses" in out
+
+
+def test_muon_trial_runs():
+    out = run("bench/muon_trial.py", "--steps", "3", "--burst-steps", "3", "--width", "32",
+              "--layers", "1")
+    assert "guarded, both LRs x30" in out

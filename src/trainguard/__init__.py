@@ -23,7 +23,7 @@ from .types import (ACTION_KINDS, FINDING_KINDS, Action, Finding, StepStats,
 
 __version__ = "0.1.0"
 
-__all__ = ["Guard", "GuardedOptimizer", "DecisionCore", "Monitor", "Decision", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
+__all__ = ["Guard", "GuardedOptimizer", "OptimizerChain", "DecisionCore", "Monitor", "Decision", "Policy", "DEFAULT_LADDER", "Finding", "Action", "StepStats",
            "TrainingUnstable", "BadBatch", "SkipSamples", "load_bad_samples", "FINDING_KINDS", "ACTION_KINDS", "doctor", "repair", "locate", "load_checkpoint",
            "__version__"]
 
@@ -34,6 +34,9 @@ def __getattr__(name: str) -> Any:
     if name == "Guard":
         from .guard import Guard
         return Guard
+    if name == "OptimizerChain":
+        from .chain import OptimizerChain
+        return OptimizerChain
     if name == "GuardedOptimizer":
         from .optim import GuardedOptimizer
         return GuardedOptimizer

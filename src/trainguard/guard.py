@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .chain import OptimizerChain, SchedulerList
 from .core import CoreView, DecisionCore, check_int as _check_int
 from .deferred import DeferredStepper
 from .detect import Detector
@@ -212,8 +213,12 @@ class Guard(CoreView):
                  report: str | os.PathLike | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(optimizer, (list, tuple)):  # several optimizers of one model, as one
+            optimizer = OptimizerChain([unwrap_optimizer(o) if isinstance(o, torch.optim.Optimizer)
+                                        else o for o in optimizer])
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), got "
+                            f"{type(optimizer).__name__}")
         optimizer = unwrap_optimizer(optimizer)
         sparse = [n or "(root)" for n, m in model.named_modules()
                   if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)]
@@ -235,14 +240,18 @@ class Guard(CoreView):
                                       and first.device.type != "cpu"):
                 raise ValueError(f"{name} keeps its history in Python lists, which a skip decided "
                                  "on the device cannot restore: use Guard(sync=True)")
+        if isinstance(scheduler, (list, tuple)):
+            scheduler = SchedulerList(scheduler)
         if scheduler is not None:
             if not callable(getattr(scheduler, "step", None)):
                 raise TypeError("scheduler must be a torch LR scheduler (an object with "
                                 f"step()), got {type(scheduler).__name__}")
-            sched_opt = getattr(scheduler, "optimizer", None)
-            if sched_opt is not None and sched_opt is not optimizer:
-                raise ValueError("scheduler drives another optimizer than the one given to the "
-                                 "Guard: build it on the same optimizer")
+            mine = optimizer.optimizers if isinstance(optimizer, OptimizerChain) else [optimizer]
+            for sched_opt in (scheduler.optimizers if isinstance(scheduler, SchedulerList)
+                              else [getattr(scheduler, "optimizer", None)]):
+                if sched_opt is not None and not any(sched_opt is o for o in [optimizer, *mine]):
+                    raise ValueError("scheduler drives another optimizer than the one given to "
+                                     "the Guard: build it on the same optimizer")
         if locate_dir is not None and os.path.exists(locate_dir) and not os.path.isdir(locate_dir):
             raise ValueError(f"locate_dir must be a directory (it is created if missing), got "
                              f"the file {locate_dir!r}")

@@ -139,13 +139,19 @@ def _optimizer_parts(optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str,
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd.get("state", {}).items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v
-            else:
-                scalars.setdefault(str(idx), {})[k] = _json_safe(v)
-    meta = {"type": type(optimizer).__name__, "param_groups": _json_safe(sd.get("param_groups", [])),
+    # an OptimizerChain's state_dict holds each optimizer's: "opt<k>." before their keys
+    parts = ([(f"opt{k}.", sub) for k, sub in enumerate(sd["optimizers"])]
+             if isinstance(sd.get("optimizers"), list) else [("", sd)])
+    groups: list[Any] = []
+    for prefix, sub in parts:
+        for idx, st in sub.get("state", {}).items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{prefix}state.{idx}.{k}"] = v
+                else:
+                    scalars.setdefault(f"{prefix}{idx}", {})[k] = _json_safe(v)
+        groups += sub.get("param_groups", [])
+    meta = {"type": type(optimizer).__name__, "param_groups": _json_safe(groups),
             "scalar_state": scalars}
     return tensors, meta
 

@@ -85,6 +85,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: Any = 
         raise ValueError(f"{path}: not a trainguard checkpoint (expected format {FORMAT!r}, version 1)")
     if not _finite_state(d["model"]) or not _finite_state(d.get("optimizer")):
         raise ValueError(f"{path}: the checkpoint holds non-finite values; it is not loaded")
+    if isinstance(optimizer, (list, tuple)):  # the optimizers given to Guard(model, [...])
+        from ..chain import OptimizerChain
+        optimizer = OptimizerChain(optimizer)
     model.load_state_dict(d["model"])
     if optimizer is not None and d.get("optimizer") is not None:
         optimizer.load_state_dict(d["optimizer"])
