@@ -138,6 +138,12 @@ def _model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
 
 
+def _guarded(**kw):
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    return m, opt, tg.Guard(m, opt, console=False, **kw)
+
+
 @pytest.mark.parametrize("sync", [True, "deferred"])
 def test_a_nan_row_is_named_written_down_and_skipped_on_resume(tmp_path, sync):
     x, y = _data(nan_row=300)
@@ -176,9 +182,7 @@ def test_a_nan_row_is_named_written_down_and_skipped_on_resume(tmp_path, sync):
 
 def test_a_mislabelled_row_behind_a_loss_spike_is_named():
     x, y = _data(n=2048, wrong_row=1500)
-    m = _model()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    g = tg.Guard(m, opt, console=False)
+    m, opt, g = _guarded()
     _train(g, m, opt, x, y, torch.arange(2048))
     assert len(g.bad_batches) == 1
     bad = g.bad_batches[0]
@@ -189,9 +193,7 @@ def test_a_mislabelled_row_behind_a_loss_spike_is_named():
 
 def test_ids_without_per_row_losses_name_the_batch_and_accumulation_names_the_micro_batch():
     x, y = _data(n=2048, wrong_row=1500)
-    m = _model()
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    g = tg.Guard(m, opt, console=False)
+    m, opt, g = _guarded()
     for b in range(32):
         opt.zero_grad(set_to_none=True)
         for k in range(4):

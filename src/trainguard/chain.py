@@ -28,6 +28,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 
+def init_hook_registries(opt: torch.optim.Optimizer) -> None:
+    """torch.optim.Optimizer's hook registries, for a view over other optimizers that does not
+    run ``Optimizer.__init__`` (it would make a set of param_groups of its own)."""
+    for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post",
+                 "load_state_dict_pre", "load_state_dict_post"):
+        setattr(opt, f"_optimizer_{name}_hooks", OrderedDict())
+
+
 class _ChainState(MutableMapping):
     """Each parameter's optimizer state, in the optimizer that owns the parameter."""
 
@@ -104,13 +112,7 @@ class OptimizerChain(torch.optim.Optimizer):
                 raise ValueError(f"{type(o).__name__} requires a closure in step() (it evaluates "
                                  "the loss several times per step) and cannot be chained with "
                                  "other optimizers")
-        # torch.optim.Optimizer's hook registries, without a set of param_groups of its own
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        init_hook_registries(self)
         self.optimizers = opts
         self._state = _ChainState(self)
         self._owners: dict[int, torch.optim.Optimizer] = {}

@@ -13,12 +13,12 @@ optimizer's.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .chain import init_hook_registries
 from .guard import Guard, closure_loss
 
 
@@ -56,13 +56,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
             raise ValueError("none of the optimizer's parameters belongs to the model: build the "
                              "optimizer on model.parameters() and pass that model")
         _mark(optimizer)
-        # the torch.optim.Optimizer machinery (hooks) without a second set of param_groups
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        init_hook_registries(self)  # no second set of param_groups
         self.optimizer = optimizer
         try:
             self.guard = Guard(model, optimizer, **guard_options)

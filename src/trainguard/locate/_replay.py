@@ -33,6 +33,7 @@ touched; buffers (BatchNorm running statistics), RNG state and in-place flags ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -561,6 +562,19 @@ def replaying() -> bool:
     return _REPLAYING[0] > 0
 
 
+def _marks_replay(fn: Callable[..., Location]) -> Callable[..., Location]:
+    """While ``fn`` runs, :func:`replaying` is True."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Location:
+        _REPLAYING[0] += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _REPLAYING[0] -= 1
+    return run
+
+
+@_marks_replay
 def replay_step(model: nn.Module, args: tuple, kwargs: dict, *,
                 grad_outputs: Sequence[torch.Tensor | None] | None = None,
                 loss_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -575,24 +589,6 @@ def replay_step(model: nn.Module, args: tuple, kwargs: dict, *,
     ``loss_value`` is the loss the training loop saw (a non-finite loss with a finite
     forward and finite gradients is the loss function's doing).
     """
-    _REPLAYING[0] += 1
-    try:
-        return _replay_step(model, args, kwargs, grad_outputs=grad_outputs, loss_fn=loss_fn,
-                            loss_value=loss_value, rng=rng, cuda_rng=cuda_rng,
-                            autocast=autocast, device_type=device_type,
-                            grad_enabled=grad_enabled, backward=backward)
-    finally:
-        _REPLAYING[0] -= 1
-
-
-def _replay_step(model: nn.Module, args: tuple, kwargs: dict, *,
-                 grad_outputs: Sequence[torch.Tensor | None] | None = None,
-                 loss_fn: Callable[[Any], torch.Tensor] | None = None,
-                 loss_value: float | None = None,
-                 rng: torch.Tensor | None = None, cuda_rng: Sequence[torch.Tensor] | None = None,
-                 autocast: Mapping[str, Any] | None = None, device_type: str | None = None,
-                 grad_enabled: bool = True, backward: bool = True) -> Location:
-    """:func:`replay_step` itself."""
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = any(p.is_cuda for p in model.parameters())
     rec = _Recorder(model, backward=backward and grad_enabled and bool(params))
