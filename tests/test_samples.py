@@ -283,3 +283,23 @@ def test_the_report_shows_the_bad_batch_in_words(tmp_path):
     text = open(save_report(tmp_path / "run.jsonl", tmp_path / "run.html"), encoding="utf-8").read()
     assert "<td>bad_batch</td><td>bad batch (nonfinite; skip): 32 samples [288, 289" in text
     assert "suspects [300]" in text and "&quot;sample_ids&quot;" not in text
+
+
+def test_ids_of_every_kind_are_written_as_plain_json_and_memory_stays_bounded(tmp_path):
+    led = SampleLedger(keep=3)
+    for t in range(10):
+        led.offer(t, [np.int64(t), torch.tensor(100 + t), f"row-{t}", 7.0],
+                  [0.1, 0.1, 0.1, float("nan")])
+        bad = led.judge(t, [_finding("nonfinite")])
+        led.record(bad)
+    assert led.batches[-1].sample_ids == (9, 109, "row-9", 7)
+    assert len(led.batches) == 3 and led.count == 10 and led.suspects == {7}
+    path = led.save(tmp_path / "b.json")
+    doc = json.load(open(path))
+    assert doc["bad_batches"] == 10 and len(doc["batches"]) == 3
+    assert load_bad_samples(path) == {7}
+    assert len(load_bad_samples(path, whole_batches=True)) == 30  # 0-9 (7 twice), 100-109, 10 keys
+    state = json.loads(json.dumps(led.state_dict()))
+    again = SampleLedger(keep=3)
+    again.load_state_dict(state)
+    assert again.count == 10 and again.rows == led.rows and again.suspects == {7}

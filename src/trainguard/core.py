@@ -323,7 +323,7 @@ class DecisionCore:
             lines.append(f"  fp16 loss-scaler overflow skips (normal, not instability): "
                          f"{self.counts['scaler_overflow']}")
         if self.samples.count:
-            sus = sorted_ids(i for b in self.samples.batches for i in b.suspect_ids)
+            sus = sorted_ids(self.samples.suspects)
             file = f"; listed in {self.samples.path}" if self.samples.path else ""
             lines.append(f"  bad batches: {self.samples.count}, suspect samples "
                          f"{sus[:10]}{' ...' if len(sus) > 10 else ''}{file}")
@@ -417,7 +417,7 @@ class DecisionCore:
                 d.load_state_dict(match["state"])
         self.policy.load_state_dict(state["policy"])
         self.findings = [_finding(f) for f in state.get("findings", [])]
-        self.samples.load_state_dict(state.get("bad_batches", []))
+        self.samples.load_state_dict(state.get("bad_batches") or {})
         self.actions = [Action(**a) for a in state.get("actions", [])]
         self.finding_counts = Counter(state.get("finding_counts") or
                                       Counter(f.kind for f in self.findings))

@@ -146,6 +146,11 @@ def _length(x: Any, name: str) -> int:
 
 def _plain(v: Any) -> Any:
     """A JSON-safe id: int or str (a float index that is whole becomes an int)."""
+    if not isinstance(v, (int, float, str, bytes)) and hasattr(v, "item"):
+        try:
+            v = v.item()  # a NumPy or torch scalar in a list
+        except (TypeError, ValueError, RuntimeError):
+            pass
     if isinstance(v, bool):
         return int(v)
     if isinstance(v, (int, str)):
@@ -269,7 +274,9 @@ class SampleLedger:
         # the input types checked in full (object: none yet)
         self._ids_type: type = object
         self._losses_type: type = object
-        self._all: list[BadBatch] = []  # every bad batch of the run, for the file
+        # every id a bad batch of the run named (bounded by the dataset, not by the run)
+        self.suspects: set[Any] = set()
+        self.rows: set[Any] = set()
 
     def offer(self, step: int, ids: Any, losses: Any = None, loss: Any = None) -> None:
         """Hold this micro-batch's references for ``step`` (no element is read). The inputs
@@ -323,28 +330,33 @@ class SampleLedger:
 
     def record(self, bad: BadBatch) -> None:
         self.batches.append(bad)
-        self._all.append(bad)
+        self.suspects.update(bad.suspect_ids)
+        self.rows.update(bad.sample_ids)
         self.count += 1
         if self.path is not None:
             self.save(self.path)
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write every bad batch of the run to ``path`` (JSON, atomically)."""
+        """Write the ids every bad batch of the run named, and the most recent bad batches
+        (``KEEP``), to ``path`` (JSON, atomically)."""
         from ._fsio import atomic_write
-        doc = {"trainguard_bad_samples": FILE_VERSION,
-               "suspect_ids": sorted_ids(i for b in self._all for i in b.suspect_ids),
-               "batches": [b.to_dict() for b in self._all]}
+        doc = {"trainguard_bad_samples": FILE_VERSION, "bad_batches": self.count,
+               "suspect_ids": sorted_ids(self.suspects), "sample_ids": sorted_ids(self.rows),
+               "batches": [b.to_dict() for b in self.batches]}
         atomic_write(path, lambda fh: json.dump(doc, fh, indent=1))
         return os.fspath(path)
 
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [b.to_dict() for b in self._all]
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "suspect_ids": sorted_ids(self.suspects),
+                "sample_ids": sorted_ids(self.rows),
+                "batches": [b.to_dict() for b in self.batches]}
 
-    def load_state_dict(self, state: Iterable[dict[str, Any]]) -> None:
-        self._all = [BadBatch.from_dict(d) for d in state]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batches.clear()
-        self.batches.extend(self._all)
-        self.count = len(self._all)
+        self.batches.extend(BadBatch.from_dict(d) for d in state.get("batches", []))
+        self.suspects = set(state.get("suspect_ids", []))
+        self.rows = set(state.get("sample_ids", []))
+        self.count = int(state.get("count", len(self.batches)))
 
 
 def sorted_ids(ids: Iterable[Any]) -> list[Any]:
@@ -362,9 +374,7 @@ def load_bad_samples(path: str | os.PathLike, *, whole_batches: bool = False) ->
     if not isinstance(doc, dict) or "trainguard_bad_samples" not in doc:
         raise ValueError(f"{os.fspath(path)} is not a trainguard bad-samples file (expected the "
                          "JSON that Guard(checkpoint_dir=...) or guard.save_bad_samples() writes)")
-    if whole_batches:
-        return {i for b in doc.get("batches", []) for i in b.get("sample_ids", [])}
-    return set(doc.get("suspect_ids", []))
+    return set(doc.get("sample_ids" if whole_batches else "suspect_ids", []))
 
 
 @dataclass
