@@ -2,6 +2,7 @@
 run skips them with (trainguard.samples)."""
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 
 import trainguard as tg
 from trainguard.samples import MAX_SUSPECTS, SampleLedger, SkipSamples, load_bad_samples
+from trainguard.sinks.console import ConsoleSink
 from trainguard.types import Finding
 
 
@@ -160,6 +162,9 @@ def test_a_nan_row_is_named_written_down_and_skipped_on_resume(tmp_path, sync):
     f = next(f for f in g.findings if f.kind == "nonfinite")
     assert f.evidence["suspect_ids"] == [300] and f.evidence["sample_count"] == 32
     assert "bad batches: 1, suspect samples [300]" in g.summary()
+    printed = io.StringIO()
+    ConsoleSink(printed).on_event("bad_batch", bad.step, {"message": bad.describe()})
+    assert f"trainguard step {bad.step}: bad batch (nonfinite; skip): 32 samples" in printed.getvalue()
     g.close()
     events = [json.loads(line) for line in open(tmp_path / "run.jsonl")]
     ev = [e for e in events if e["type"] == "bad_batch"]

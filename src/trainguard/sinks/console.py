@@ -59,6 +59,10 @@ class ConsoleSink(Sink):
         self._print(f"{self.prefix} step {a.step}: {a.kind}: {a.reason}",
                     "bold red" if a.kind == "halt" else "magenta")
 
+    def on_event(self, kind: str, step: int, data: dict[str, Any]) -> None:
+        if kind == "bad_batch":  # which rows the step just judged bad trained on
+            self._print(f"{self.prefix} step {step}: {data.get('message', kind)}", "magenta")
+
     def close(self, summary: str | None = None) -> None:
         if summary:
             self._print(summary)
