@@ -56,6 +56,13 @@ def test_non_finite_rows_are_the_suspects():
     assert "2 of 4 rows" in f.evidence["suspect_reason"]
 
 
+def test_a_batch_gone_non_finite_as_a_whole_names_no_row():
+    led = SampleLedger()
+    led.offer(5, list(range(32)), [float("nan")] * 30 + [0.1, 0.2])
+    bad = led.judge(5, [_finding("nonfinite")])
+    assert bad is not None and bad.suspect_ids == () and "not a few rows" in bad.reason
+
+
 def test_one_outlier_row_carries_the_spike():
     losses = [1.0] * 31 + [500.0]
     led = SampleLedger()
@@ -82,6 +89,10 @@ def test_the_micro_batch_far_above_the_others_is_named():
     bad = led.judge(5, [_finding()])
     assert bad is not None and bad.suspect_ids == (20, 21)
     assert "micro-batch 3 of 4" in bad.reason
+    for k, loss in enumerate([1.0, float("nan"), float("nan")]):
+        led.offer(7, [k], loss=loss)
+    bad = led.judge(7, [_finding("nonfinite")])
+    assert bad is not None and bad.suspect_ids == () and "2 of 3 micro-batches" in bad.reason
     led.offer(6, [1], loss=1.0)
     led.offer(6, [2], loss=1.5)  # not 2.5x the next highest: nobody named
     bad = led.judge(6, [_finding()])

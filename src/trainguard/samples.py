@@ -45,7 +45,9 @@ BATCH_KINDS = frozenset({"nonfinite", "loss_spike", "grad_explosion"})
 EVIDENCE_IDS = 64
 #: at most this many rows are named as suspects: when more rows than this are needed to carry
 #: half of the batch's excess loss, no row stands out and none is named (the batch as a whole is
-#: the unit: a shifted distribution, a learning-rate effect)
+#: the unit: a shifted distribution, a learning-rate effect); rows with a non-finite loss are
+#: all named unless there are more than this many and they are most of the batch (then the
+#: model or the step made them)
 MAX_SUSPECTS = 8
 #: a micro-batch whose loss is this many times the next highest one is named (the loss-spike
 #: rule's jump, ``LossSpikeDetector(jump=2.5)``: a loss 2.5x its neighbour's is a spike there)
@@ -186,6 +188,11 @@ _Part = tuple
 def _suspect_rows(ids: list[Any], losses: list[float]) -> tuple[list[Any], list[float | None], str]:
     """The rows to blame from per-sample losses."""
     bad = [(i, v) for i, v in zip(ids, losses) if not math.isfinite(v)]
+    if len(bad) > MAX_SUSPECTS and 2 * len(bad) > len(ids):
+        # most of the batch at once (an fp16 overflow in the forward, a NaN the model made):
+        # the model or the step, not its rows; skipping them on resume would drop good data
+        return [], [], (f"{len(bad)} of {len(ids)} rows have a non-finite loss: the model or the "
+                        "step, not a few rows")
     if bad:
         return ([i for i, _ in bad], [None if math.isnan(v) else v for _, v in bad],
                 f"{len(bad)} of {len(ids)} rows have a non-finite loss")
@@ -222,6 +229,8 @@ def _suspect_part(parts: list[_Part]) -> tuple[int | None, list[float], str]:
         v = _host(v.detach().float()) if hasattr(v, "detach") else _host(v)
         vals.append(float(v))
     bad = [k for k, v in enumerate(vals) if not math.isfinite(v)]
+    if len(bad) > 1:  # more than one: not one micro-batch's doing
+        return None, vals, f"{len(bad)} of {len(parts)} micro-batches have a non-finite loss"
     if bad:
         return bad[0], vals, f"micro-batch {bad[0] + 1} of {len(parts)} has a non-finite loss"
     if len(vals) < 2:
