@@ -237,10 +237,3 @@ class SchedulerList:
     def step(self) -> None:
         for s in self.schedulers:
             s.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"schedulers": [s.state_dict() for s in self.schedulers]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for s, sd in zip(self.schedulers, state["schedulers"]):
-            s.load_state_dict(sd)

@@ -861,7 +861,8 @@ class Guard(CoreView):
         self.snapshots.params = new.params
         self.snapshots.snaps = []
         step = self.core.step_count
-        added = [m for m in new.modules if m not in set(old.modules)]
+        before = set(old.modules)
+        added = [m for m in new.modules if m not in before]
         self.core.event("param_groups_changed", step=step, groups=self._n_groups,
                         tensors=len(new.params), added_modules=added,
                         message=f"the optimizer now has {self._n_groups} parameter groups "

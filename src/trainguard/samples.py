@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
+from .detect.progress import _median
 from .types import Finding
 
 #: the finding kinds a batch can cause at its own step: a non-finite loss or gradient (unless
@@ -198,9 +199,7 @@ def _suspect_rows(ids: list[Any], losses: list[float]) -> tuple[list[Any], list[
                 f"{len(bad)} of {len(ids)} rows have a non-finite loss")
     if len(losses) < 2:
         return [], [], ""
-    srt = sorted(losses)
-    n = len(srt)
-    med = srt[n // 2] if n % 2 else 0.5 * (srt[n // 2 - 1] + srt[n // 2])
+    med = _median(losses)
     excess = sorted(((v - med, k) for k, v in enumerate(losses) if v > med), reverse=True)
     total = sum(e for e, _ in excess)
     if total <= 0:
