@@ -1,10 +1,17 @@
 """Replay healthy training streams through every default detector and count false alarms per
-rule: ``python bench/calibrate_detectors.py [--steps 1500] [--seeds 2] [--zoo]``.
+rule: ``python bench/calibrate_detectors.py [--steps 1500] [--seeds 2] [--zoo] [--resumed]``.
 
 Streams: the digits MLP (64-128-10, ReLU) with SGD lr 0.05 / SGD momentum 0.9 lr 0.02 /
 Adam lr 1e-3, at batch 4, 8 and 32, for ``--steps`` steps and ``--seeds`` seeds (the streams
 the log-space spike rules of detect/spikes.py were calibrated on). ``--zoo`` adds every
 healthy zoo scenario (trainguard/zoo/scenarios/healthy_*.py, curvature controls).
+``--resumed`` adds runs that start from a trained model, as a user resumes with a fresh Guard:
+the digits MLP trained ``--steps`` steps bare (Adam batch 32, momentum batch 32, SGD batch 8),
+then ``--steps`` more recorded, with its optimizer state kept and with a fresh optimizer; and a
+64-64 tanh MLP fitted to sin(2x) by MSE (Adam lr 3e-3, batch 32; noise 0, 0.05, 0.3 on the
+targets), trained 3,000 steps bare, then resumed likewise. Their first losses are already
+near the floor, which the rules that measure progress from the start must not take for a
+ruin (detect/progress.py: ``NOISE_MARGIN``; stats.chance_level: a trained start).
 
 Each stream is recorded once with a monitor-only Guard (findings only, no remedies, so the
 stream is the bare run's), then each detector is replayed over the recorded StepStats with
@@ -86,6 +93,59 @@ def zoo_streams(seeds: int):
             yield f"{s.name}-s{seed}", (stream, g.chance_loss)
 
 
+def resumed_streams(steps: int, seeds: int):
+    """Runs that start from a trained model (see the module docstring)."""
+    from trainguard.zoo.scenarios._common_a import digits, minibatches, mlp
+    xtr, ytr, _, _ = digits()
+    opts = {"adam-b32": (lambda p: torch.optim.Adam(p, lr=1e-3), 32),
+            "momentum-b32": (lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9), 32),
+            "sgd-b8": (lambda p: torch.optim.SGD(p, lr=0.05), 8)}
+
+    def train(m, opt, batches, n, loss_fn=nn.functional.cross_entropy):
+        it = batches()
+        for _ in range(n):
+            x, y = next(it)
+            opt.zero_grad(set_to_none=True)
+            loss_fn(m(x), y).backward()
+            opt.step()
+
+    for seed in range(seeds):
+        for name, (make, batch) in opts.items():
+            torch.manual_seed(seed)
+            m = mlp([64, 128, 10])
+            o = make(m.parameters())
+            train(m, o, minibatches(xtr, ytr, batch, seed), steps)
+            for fresh in (False, True):
+                m2 = copy.deepcopy(m)
+                o2 = make(m2.parameters())
+                if not fresh:
+                    o2.load_state_dict(o.state_dict())
+                yield (f"resumed-digits-{name}-{'fresh-opt' if fresh else 'kept-opt'}-s{seed}",
+                       record(m2, o2, minibatches(xtr, ytr, batch, seed + 100), steps))
+        for noise in (0.0, 0.05, 0.3):
+            torch.manual_seed(seed)
+            x = torch.linspace(-3, 3, 4096).unsqueeze(1)
+            y = torch.sin(2 * x) + noise * torch.randn_like(x)
+
+            def batches(s=seed, x=x, y=y):
+                gen = torch.Generator().manual_seed(s)
+                while True:
+                    i = torch.randint(0, len(x), (32,), generator=gen)
+                    yield x[i], y[i]
+            m = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                              nn.Linear(64, 1))
+            o = torch.optim.Adam(m.parameters(), lr=3e-3)
+            train(m, o, batches, 3000, nn.functional.mse_loss)
+            for fresh in (False, True):
+                m2 = copy.deepcopy(m)
+                o2 = torch.optim.Adam(m2.parameters(), lr=3e-3)
+                if not fresh:
+                    o2.load_state_dict(o.state_dict())
+                yield (f"resumed-sine-noise{noise}-{'fresh-opt' if fresh else 'kept-opt'}-s{seed}",
+                       record(m2, o2, lambda s=seed + 100, x=x, y=y: batches(s, x, y), steps,
+                              nn.functional.mse_loss))
+
+
 def variants():
     """(label, factory): the defaults and one notch more sensitive per spike/divergence rule."""
     yield "defaults", default_detectors
@@ -107,8 +167,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--zoo", action="store_true")
+    ap.add_argument("--resumed", action="store_true",
+                    help="only the runs that start from a trained model")
     a = ap.parse_args()
-    streams = list(digits_streams(a.steps, a.seeds))
+    if a.resumed:
+        streams = list(resumed_streams(a.steps, a.seeds))
+    else:
+        streams = list(digits_streams(a.steps, a.seeds))
     if a.zoo:
         streams += list(zoo_streams(a.seeds))
     print(f"{len(streams)} healthy streams, {sum(len(s) for _, (s, _c) in streams)} steps, "

@@ -33,7 +33,9 @@ Models: ``small`` (the default) MLP 64-32x3-10, batch 16, Adam (8 tensors, ~1.3 
 fixed cost shows); ``mlp`` MLP 64-512x3-10, batch 256, Adam; ``many`` 499 x (Linear(16,16),
 Tanh) + Linear(16,10), batch 32, Adam (1,000 tensors); ``frozen`` the small MLP with its first
 layer frozen but left in the optimizer (parameters without gradients on every step); ``experts``
-a trunk and 8 expert heads taken in turn (another set of parameters with gradients each step).
+a trunk and 8 expert heads taken in turn (another set of parameters with gradients each step);
+``cnn`` the small CIFAR-shaped CNN of ``bench/overhead.py --model cnn`` (~20 ms steps: where
+the sampled probes' share shows).
 """
 from __future__ import annotations
 
@@ -63,6 +65,7 @@ MODELS = {
     "many": "1,000 tensors: 499 x (Linear(16,16), Tanh), batch 32, Adam",
     "frozen": "MLP 64-32x3-10, first layer frozen and left in the optimizer, batch 16, Adam",
     "experts": "Linear(64,32)+ReLU trunk, 8 expert heads Linear(32,10) taken in turn, batch 16, Adam",
+    "cnn": "CNN 3x32x32, 32-64-128 channels (bench/overhead.py's), batch 32, Adam",
 }
 
 
@@ -89,6 +92,12 @@ def make(model: str) -> tuple[nn.Module, torch.optim.Optimizer, int, int]:
     if model == "experts":
         m: nn.Module = _Experts()
         return m, torch.optim.Adam(m.parameters(), lr=1e-3), 64, 16
+    if model == "cnn":
+        m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(128, 10))
+        return m, torch.optim.Adam(m.parameters(), lr=1e-3), 0, 32
     if model == "many":
         m = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(499)],
                           nn.Linear(16, 10))
@@ -119,7 +128,8 @@ def measure(a: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     _, _, inp, batch = make(a.model)
-    xs = torch.randn(a.block, batch, inp, generator=gen)
+    shape = (3, 32, 32) if a.model == "cnn" else (inp,)
+    xs = torch.randn(a.block, batch, *shape, generator=gen)
     ys = torch.randint(0, 10, (a.block, batch), generator=gen)
     ns = time.perf_counter_ns
     update = [0]

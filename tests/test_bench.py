@@ -131,3 +131,8 @@ def test_muon_trial_runs():
     out = run("bench/muon_trial.py", "--steps", "3", "--burst-steps", "3", "--width", "32",
               "--layers", "1")
     assert "guarded, both LRs x30" in out
+
+
+def test_loss_goals_trial_runs():
+    out = run("bench/loss_goals.py", "--seeds", "1", "--steps", "30")
+    assert "gan seed 0 judge_loss=auto" in out and "reinforce seed 0 judge_loss=False" in out

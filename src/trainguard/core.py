@@ -22,7 +22,8 @@ import os
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
-from .detect import Detector, default_detectors
+from .detect import LOSS_DETECTORS, Detector, default_detectors
+from .detect.progress import DivergenceDetector, PlateauDetector
 from .policy import Plan, Policy
 from .samples import BadBatch, SampleLedger, sorted_ids
 from .sinks.base import Sink
@@ -50,6 +51,25 @@ def check_int(name: str, v: Any, minimum: int = 1) -> int:
 QUIET = 10
 
 
+#: ``id()`` of the decision core whose front-end began a step last in this process (0: none)
+_LAST_TURN = [0]
+#: a core's loss is taken as coupled to another's (:meth:`DecisionCore.take_turn`) once
+#: ``COUPLED_TURNS`` = 3 of its steps followed another core's step, when those are at least
+#: 1 in ``COUPLED_SHARE`` = 10 of its steps since the first such step: a GAN steps its players
+#: in turn (the PyTorch DCGAN example: one discriminator step per generator step; WGAN-GP:
+#: 5, some recipes up to 10), while loops that run several models one after the other, or
+#: benchmarks that interleave whole blocks of 20 or more steps, stay below that share
+COUPLED_TURNS, COUPLED_SHARE = 3, 10
+
+COUPLED_MESSAGE = (
+    "this run's steps and another guarded run's take turns (a GAN's generator and "
+    "discriminator, an actor and its critic): its loss is coupled to the other model's and "
+    "need not go down, so the rules that judge its progress (plateau, slow divergence, ruin) "
+    "are off; non-finite values, loss spikes, a 1e4x blow-up and gradient explosions are still "
+    "judged. judge_loss=True keeps the progress rules on; judge_loss=False also drops the "
+    "loss spikes and blow-ups (a policy-gradient surrogate)")
+
+
 class DecisionCore:
     """Detectors, policy and records of one run, free of any framework.
 
@@ -63,12 +83,22 @@ class DecisionCore:
         chance_loss: ``"auto"`` (set at the first usable loss by ``infer_chance``), a positive
             number (ln V), or ``None``.
         on_action: called with every recorded :class:`Action`.
+        judge_loss: ``"auto"`` (default) or ``True``: the loss's value is judged (spikes,
+            progress, stalls); ``"auto"`` turns the progress rules off when the front-end
+            finds the loss coupled to another model's (:meth:`couple`: a GAN's players take
+            turns). ``False``: the loss is not one that should go down (a GAN player's loss, a
+            policy-gradient surrogate, a loss dominated by an entropy bonus): the detectors of
+            :data:`~trainguard.detect.LOSS_DETECTORS` are left out, from the default list and
+            from ``detectors``; a non-finite loss is still a finding.
     """
 
     def __init__(self, *, policy: Policy | None = None, detectors: Sequence[Detector] | None = None,
                  sinks: Iterable[Sink] = (), keep_records: int = 10_000,
                  chance_loss: float | str | None = "auto",
-                 on_action: Callable[[Action], None] | None = None) -> None:
+                 on_action: Callable[[Action], None] | None = None,
+                 judge_loss: bool | str = "auto") -> None:
+        if not (judge_loss is True or judge_loss is False or judge_loss == "auto"):
+            raise ValueError(f"judge_loss must be True, False or 'auto', got {judge_loss!r}")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a trainguard.Policy, got {type(policy).__name__}")
         if not (chance_loss is None or chance_loss == "auto" or (
@@ -78,6 +108,13 @@ class DecisionCore:
                              f"got {chance_loss!r}")
         self.policy = policy if policy is not None else Policy()
         self.detectors = list(detectors) if detectors is not None else default_detectors()
+        self.judge_loss = judge_loss
+        if judge_loss is False:
+            self.detectors = [d for d in self.detectors if not isinstance(d, LOSS_DETECTORS)]
+        #: the loss was found coupled to another model's (``judge_loss="auto"``, :meth:`couple`)
+        self.coupled = False
+        self._turns = 0
+        self._first_turn = 0
         # the detectors called on a plain step (see Detector.sampled), rebuilt when the list
         # changes
         self._every_src: list[Detector] = []
@@ -194,6 +231,47 @@ class DecisionCore:
         if any(f.severe for f in findings):
             self.last_severe = step
         return self.policy.decide(findings, step)
+
+    def take_turn(self) -> None:
+        """A front-end begins a step (the step ``step_count``): when another core's step ran
+        since this one's last, count a turn, and after :data:`COUPLED_TURNS` of them at a share
+        of at least 1 in :data:`COUPLED_SHARE` of the steps, :meth:`couple`. A plain test of
+        one integer on a step that follows this core's own."""
+        me = id(self)
+        last = _LAST_TURN[0]
+        if last == me:
+            return
+        _LAST_TURN[0] = me
+        step = self.step_count
+        if last == 0 or step == 0 or self.coupled or self.judge_loss != "auto":
+            return
+        if self._turns == 0:
+            self._first_turn = step
+        self._turns += 1
+        if (self._turns >= COUPLED_TURNS
+                and COUPLED_SHARE * self._turns >= step - self._first_turn + 1):
+            self.couple(COUPLED_MESSAGE, step)
+
+    def couple(self, why: str, step: int | None = None) -> bool:
+        """The loss is coupled to another model's (a GAN's discriminator and generator, an
+        actor and its critic, each stepped in turn): it need not go down, so the rules that
+        judge its progress rest (divergence's slow and ruin rules; plateau), while its
+        non-finite values, spikes and the 1e4x blow-up are still judged. Only under
+        ``judge_loss="auto"``, once; an event with ``why`` tells the sinks. Returns whether it
+        changed anything."""
+        if self.judge_loss != "auto" or self.coupled:
+            return False
+        self.coupled = True
+        for d in self.detectors:
+            if isinstance(d, DivergenceDetector):
+                d.progress = False
+        kept = [(d, f) for d, f in zip(self.detectors, self._fresh)
+                if not isinstance(d, PlateauDetector)]
+        self.detectors = [d for d, _ in kept]
+        self._fresh = [f for _, f in kept]
+        if why:
+            self.event("coupled_losses", step=step, message=why)
+        return True
 
     def set_chance(self, level: float | None) -> None:
         self.chance_loss = level
@@ -389,6 +467,7 @@ class DecisionCore:
             "rollbacks": self.rollbacks, "rollback_base": self.rollback_base,
             "counts": dict(self.counts),
             "chance_loss": self.chance_loss, "last_good_step": self.last_good_step,
+            "coupled": self.coupled,
             "detectors": [{"type": type(d).__name__, "state": d.state_dict()} for d in self.detectors],
             "policy": self.policy.state_dict(),
             "findings": [f.to_dict() for f in self.findings],
@@ -410,6 +489,8 @@ class DecisionCore:
         if self.step_count > 0 and self.chance_option == "auto":
             self.chance_option = None  # decided by the run that saved this state
             self.set_chance(state.get("chance_loss"))
+        if state.get("coupled"):
+            self.couple("")  # the saved run's losses were coupled (its log told it then)
         saved = state["detectors"]
         for d in self.detectors:
             match = next((s for s in saved if s["type"] == type(d).__name__), None)
@@ -440,7 +521,8 @@ class CoreView:
 
     def _init_core(self, *, policy: Policy | None, detectors: Sequence[Detector] | None,
                    clip: Any, console: bool, log: str | None, sinks: Iterable[Sink],
-                   keep_records: int, chance_loss: Any, who: str) -> None:
+                   keep_records: int, chance_loss: Any, who: str,
+                   judge_loss: bool | str = "auto") -> None:
         """The core, the clipper and the LR controller of a front-end without torch-side
         clipping (the Monitor, the Keras Guard): ``clip='agc'`` needs layer structure."""
         from .remedies.clip import AGC, make_clipper
@@ -448,7 +530,8 @@ class CoreView:
         from .report import build_sinks
         self.core = DecisionCore(policy=policy, detectors=detectors,
                                  sinks=build_sinks(console, log, sinks),
-                                 keep_records=keep_records, chance_loss=chance_loss)
+                                 keep_records=keep_records, chance_loss=chance_loss,
+                                 judge_loss=judge_loss)
         if clip == "adaptive" and not self.core.policy.acts:
             clip = None  # a policy that never acts does not clip by default either
         self.clipper = make_clipper(clip)

@@ -194,6 +194,15 @@ class Guard(CoreView):
             recurrent hidden state fed back from the previous batch (which a NaN poisons for
             every later step), EMA weights, a data position. ``guard.step`` also returns
             False on those steps.
+        judge_loss: whether the loss's value is judged: its spikes, its progress (divergence)
+            and its stalls (plateau). ``"auto"`` (default): yes, until this Guard's steps and
+            another Guard's take turns (a GAN's generator and discriminator, an actor and its
+            critic: 3 turns, at least 1 in 10 steps): then the loss is coupled to the other
+            model's and need not go down, so the progress rules (plateau, divergence's slow
+            and ruin rules) go off, with a ``coupled_losses`` event that says so. ``True``:
+            always. ``False``: never (a policy-gradient surrogate, a loss dominated by an
+            entropy bonus: a loss that is not meant to go down); a non-finite loss is still a
+            finding, and the gradients, units and optimizer state are judged as ever.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -210,7 +219,8 @@ class Guard(CoreView):
                  on_reset: Callable[[Action], None] | None = None,
                  checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every: int | None = None, checkpoints: int = 2,
-                 report: str | os.PathLike | None = None) -> None:
+                 report: str | os.PathLike | None = None,
+                 judge_loss: bool | str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(optimizer, (list, tuple)):  # several optimizers of one model, as one
@@ -285,7 +295,7 @@ class Guard(CoreView):
         #: the torch-free decision core: detectors, policy, records, summary, state
         self.core = DecisionCore(policy=policy, detectors=detectors, sinks=out,
                                  keep_records=keep_records, chance_loss=chance_loss,
-                                 on_action=on_action)
+                                 on_action=on_action, judge_loss=judge_loss)
         if self.report_path is not None and self.rank == 0:
             self.core.report_path = self.report_path
         if checkpoint_dir is not None:  # each rank's own ids (each reads its own batches)
@@ -448,6 +458,7 @@ class Guard(CoreView):
         if ex.needs_closure and ex.closure is None and not ex.outside:
             raise TypeError(CLOSURE_NEEDED.format(type(self.optimizer).__name__))
         loss = self._loss_for_step(loss)
+        self.core.take_turn()
         step = self.core.step_count
         self.loopcheck.before(step)
         if self._deferred is not None:
@@ -490,6 +501,7 @@ class Guard(CoreView):
         if len(self.optimizer.param_groups) != self._n_groups:
             self._param_groups_changed()
         loss = self._loss_for_step(loss)
+        self.core.take_turn()
         d = self._decide(loss, observe=True)
         step = self.core.step_count
         self.lr.tick(troubled=d.severe)

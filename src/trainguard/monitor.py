@@ -91,18 +91,20 @@ class Monitor(CoreView):
         chance_loss: the loss of an uninformed guess (ln V for a V-class cross-entropy) for the
             divergence detector's "above chance" rule, or None.
         console, log: print interventions (rich when installed) / a JSONL event log.
+        judge_loss: as for :class:`trainguard.Guard` (``"auto"``: the loss-progress rules go
+            off once this Monitor's steps and another guarded run's take turns, a GAN's).
     """
 
     def __init__(self, params: Mapping[str, Any], *, policy: Policy | None = None,
                  clip: Any = "adaptive", detectors: Sequence[Detector] | None = None,
                  snapshot_every: int = 100, snapshots: int = 2, chance_loss: float | None = None,
                  console: bool = False, log: str | None = None, sinks: Iterable[Sink] = (),
-                 keep_records: int = 10_000) -> None:
+                 keep_records: int = 10_000, judge_loss: bool | str = "auto") -> None:
         self._shapes = self._check_params(params)
         self.params = dict(params)
         self._init_core(policy=policy, detectors=detectors, clip=clip, console=console, log=log,
                         sinks=sinks, keep_records=keep_records, chance_loss=chance_loss,
-                        who="Monitor")
+                        who="Monitor", judge_loss=judge_loss)
         self.snapshot_every = check_int("snapshot_every", snapshot_every)
         self.keep = check_int("snapshots", snapshots)
         self._snaps: list[tuple[int, dict[str, Any]]] = []
@@ -188,6 +190,7 @@ class Monitor(CoreView):
         (see :mod:`trainguard.samples`; ``monitor.bad_batches``)."""
         lv = self._check_step(loss, grads, params)
         core = self.core
+        core.take_turn()
         t = core.step_count
         if sample_ids is not None or sample_losses is not None:
             core.offer_samples(t, sample_ids, sample_losses)

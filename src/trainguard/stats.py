@@ -624,7 +624,14 @@ def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15,
     6.27 vs ln 523 = 6.26). None when nothing matches (regression losses, unusual heads),
     and when ``kind`` (:func:`loss_kind` of the first loss) is ``"other"``: a regression whose
     first MSE happens to lie near ln V is not a classifier (a chance level there made a noisy
-    regression "confidently wrong", a false alarm that halted a healthy run)."""
+    regression "confidently wrong", a false alarm that halted a healthy run).
+
+    A run that starts from a trained model (resumed with a fresh Guard, fine-tuned on the same
+    task) starts well below ln V: when the graph confirms a cross-entropy (``kind`` is
+    ``"cross_entropy"``) and the first loss is below ln V for V = the last ``nn.Linear``'s
+    output size (or the one ``nn.Embedding``'s vocabulary when there is no Linear), that ln V
+    is the level: without it the rules that measure progress from the start took a converged
+    classifier's noise near zero for progress lost (bench/calibrate_detectors.py --resumed)."""
     if kind == "other" or not math.isfinite(first_loss) or first_loss <= 0:
         return None
     sizes: list[int] = []
@@ -642,6 +649,11 @@ def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15,
             lv = math.log(v)
             if abs(first_loss - lv) <= tolerance * lv and (best is None or abs(first_loss - lv) < abs(first_loss - best)):
                 best = lv
+    if best is None and kind == "cross_entropy":
+        head = last_linear if last_linear is not None else (
+            sizes[0] if len(sizes) == 1 else None)
+        if head is not None and head >= 2 and first_loss < math.log(head):
+            best = math.log(head)  # a trained start, below the uninformed guess
     return best
 
 

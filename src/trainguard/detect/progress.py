@@ -55,6 +55,15 @@ language model within its first ~10 updates without any NaN or 1e4x rise, issue 
     median keeps the best-so-far (a minimum of noisy medians, biased low) close to the true
     level: with i.i.d. 15% log-normal batch noise a 5-step median gave back 94% spuriously. After a rollback the best restarts from the restored
     weights' losses.
+  Progress is measured from a start that was untrained. A run resumed from a trained model
+  (with a fresh Guard) starts near its floor, where the loss's noise looks like progress
+  made and lost, so: the above-start streak and the slow rule count a step only when the
+  rise is beyond ``NOISE_MARGIN`` = 5 times the noise of the first ``START_STEPS`` = 20 losses
+  (:func:`start_noise`); the give-back rule arms only when the best median is below every
+  one of those first losses and the progress is beyond that noise too; and a cross-entropy
+  whose first loss is below ln V takes ln V as its chance level (``stats.chance_level``).
+  The Guard's own state (``checkpoint_dir=``, ``guard.state_dict()``) carries the real start
+  over a resume.
   A ruin finding whose onset is in the first ``early`` = 20 steps, or within 20 steps of a
   learning-rate increase of 2x or more (``StepStats.lr``), names the learning rate
   (``evidence["cause"] = "learning_rate"``): the loss was ruined right after the first updates
@@ -81,11 +90,74 @@ LR_REMEDIES = (
     "add a warm-up (a few hundred steps, or ~2/(1-beta2) for Adam); clip gradients",
 )
 
+#: the last remedy of a plateau that names the learning rate: a loss that is not meant to go
+#: down looks the same to the rules that judge progress
+NOT_MINIMISED = ("if this loss is not meant to go down (a GAN player's, a policy-gradient "
+                 "surrogate), pass judge_loss=False to the Guard: its progress is then not judged")
+
 
 def _median(v: "deque[float] | list[float]") -> float:
     a = sorted(v)
     n = len(a)
     return a[n // 2] if n % 2 else 0.5 * (a[n // 2 - 1] + a[n // 2])
+
+
+#: the first losses of a run, whose batch-to-batch noise says how far the loss can move with no
+#: change in the model (:func:`start_noise`)
+START_STEPS = 20
+#: a progress rule's move must exceed ``NOISE_MARGIN`` = 5 times the start's noise
+#: (:func:`start_noise`, log space): the 9-loss median moves ~0.42x the per-batch noise
+#: (1.25 / sqrt(9)), so its extremes over a long run and a one-batch first loss together span
+#: up to ~4x it; 5 leaves a margin. Measured on the first 20 losses (python
+#: bench/calibrate_detectors.py --resumed; the digits streams): an untrained start descends
+#: with a noise of 0.015-0.08 at batch 8-32 and 0.16-0.29 at batch 4 (its progress is 10x and
+#: more); a run resumed from a trained model starts near its floor, where the noise is
+#: 0.2-1.3 (digits MLP 0.41-1.28, a sine regression 0.21-1.0) and its 9-loss medians wander
+#: 2-100x with no change in the model (Adam's oscillation around a near-zero fit), which the
+#: rules read as progress given back: 18 of 24 resumed runs had a false divergence before
+#: this test, 1 after (a smoothed loss that really rose 30x)
+NOISE_MARGIN = 5.0
+
+
+def start_noise(losses: "list[float]", log: bool = True) -> float | None:
+    """The batch-to-batch noise of the first losses, robustly: 1.4826 times the median absolute
+    deviation of their successive differences, over sqrt(2) (the standard deviation of i.i.d.
+    noise; a smooth descent moves the differences' median, not their spread, and a ruin that
+    begins among them moves a few differences, not their median); of their logs when ``log``
+    (a multiplicative noise; every loss must then be positive), else of the raw values. None
+    with fewer than 5 losses (too few to tell noise from a move)."""
+    if len(losses) < 5:
+        return None
+    xs = [math.log(v) for v in losses] if log else list(losses)
+    d = [b - a for a, b in zip(xs, xs[1:])]
+    mid = _median(d)
+    return 1.4826 * _median([abs(x - mid) for x in d]) / math.sqrt(2.0)
+
+
+class _StartNoise:
+    """The first :data:`START_STEPS` usable losses (``self.start``, in the detector's state) and
+    :meth:`beyond_noise`, which the progress rules ask before they read a move as progress
+    lost or a loss above its start."""
+
+    start: "list[float]"
+    #: (len(start), log noise or None, raw noise or None), recomputed when ``start`` grows
+    _noise: "tuple[int, float | None, float | None] | None" = None
+
+    def beyond_noise(self, high: float, low: float) -> bool:
+        """``high`` exceeds ``low`` by more than :data:`NOISE_MARGIN` times the noise of the
+        first losses: in log space when they and both values are positive, else in raw
+        units."""
+        st = self.start
+        if self._noise is None or self._noise[0] != len(st):
+            pos = all(v > 0 for v in st)
+            self._noise = (len(st), start_noise(st) if pos else None,
+                           start_noise(st, log=False))
+        _, log_noise, raw_noise = self._noise
+        if raw_noise is None:  # fewer than 5 losses: no noise to measure yet
+            return True
+        if high > 0 and low > 0 and log_noise is not None:
+            return math.log(high / low) > NOISE_MARGIN * log_noise
+        return high - low > NOISE_MARGIN * raw_noise
 
 
 def _watch_lr(d: "DivergenceDetector | PlateauDetector", s: StepStats) -> None:
@@ -102,11 +174,11 @@ def _watch_lr(d: "DivergenceDetector | PlateauDetector", s: StepStats) -> None:
         d.lr_seen = lr if d.lr_seen is None else min(max(d.lr_seen, lr / 1.5), lr)
 
 
-class DivergenceDetector(Detector):
+class DivergenceDetector(_StartNoise, Detector):
     kind = "divergence"
     _state = ("recent", "window", "lastp", "ema", "best", "initial", "above", "seen",
               "reported_at", "first_loss", "chance", "last3", "lastk", "bestk", "start_streak",
-              "give_streak", "lr_seen", "lr_rise_at", "ruin_quiet_until")
+              "give_streak", "lr_seen", "lr_rise_at", "ruin_quiet_until", "start")
 
     def __init__(self, fast_steps: int = 4, fast_factor: float = 1e4, factor: float = 4.0,
                  patience: int = 10, warmup: int = 50, smoothing: float = 0.9,
@@ -155,6 +227,11 @@ class DivergenceDetector(Detector):
         self.lr_seen: float | None = None  # lowest LR of the recent past
         self.lr_rise_at = -10**9  # step of the last >= 2x LR increase
         self.ruin = bool(ruin)  # False: only the fast and slow rules (before issue #9)
+        self.start: list[float] = []  # the first losses (their noise: _StartNoise)
+        #: False: only the fast rules (a 1e4x blow-up); the slow and ruin rules, which judge
+        #: the loss's progress, rest. Set by the decision core when the loss is not one that
+        #: should go down (``judge_loss``: losses coupled to another model's, a GAN's players)
+        self.progress = True
         self.ruin_quiet_until = -1  # no second ruin finding within `patience` steps
 
     def set_chance(self, chance: float | None) -> None:
@@ -192,8 +269,10 @@ class DivergenceDetector(Detector):
             self.initial = self.ema
         if self.first_loss is None:
             self.first_loss = loss
+        if len(self.start) < START_STEPS:
+            self.start.append(loss)
         _watch_lr(self, s)
-        ruin = self._ruin(s)
+        ruin = self._ruin(s) if self.progress else None
         if ruin is not None:
             return [ruin]
         out: list[Finding] = []
@@ -225,7 +304,7 @@ class DivergenceDetector(Detector):
                 self.recent.clear()
                 self.window.clear()
                 return out
-        if self.seen <= self.warmup:
+        if self.seen <= self.warmup or not self.progress:
             return out
         self.best = self.ema if self.best is None else min(self.best, self.ema)
         # half the progress since the start given back; a run that never beat its first
@@ -233,7 +312,8 @@ class DivergenceDetector(Detector):
         # ``patience`` losses is read only when the smoothed loss is that high)
         if (self.best > 0 and self.ema > self.factor * self.best
                 and sorted(self.lastp)[len(self.lastp) // 2] > self.factor * self.best
-                and (self.ema - self.best) > 0.5 * max(self.initial - self.best, 0.0)):
+                and (self.ema - self.best) > 0.5 * max(self.initial - self.best, 0.0)
+                and self.beyond_noise(self.ema, self.best)):
             self.above += 1
         else:
             self.above = 0
@@ -283,7 +363,8 @@ class DivergenceDetector(Detector):
                        f"the uninformed-guess level {ref:.4g} (ln V = {self.chance:.4g}): the "
                        "model has become confidently wrong")
         if rule is None and l0 > 0:
-            self.start_streak = self.start_streak + 1 if m3 > self.start_factor * l0 else 0
+            self.start_streak = (self.start_streak + 1 if m3 > self.start_factor * l0
+                                 and self.beyond_noise(m3, l0) else 0)
             if self.start_streak >= self.start_patience:
                 rule, onset = "above_start", self.seen - self.start_streak - 1
                 msg = (f"the loss {m3:.4g} (median of the last 3) has stayed above "
@@ -295,7 +376,8 @@ class DivergenceDetector(Detector):
             self.bestk = mk if self.bestk is None else min(self.bestk, mk)
             top = max(l0, self.chance) if self.chance is not None else l0
             progress = top - self.bestk
-            if progress > 0.4 * abs(top) and mk - self.bestk > self.giveback * progress:
+            if (progress > 0.4 * abs(top) and mk - self.bestk > self.giveback * progress
+                    and self.bestk < min(self.start) and self.beyond_noise(top, self.bestk)):
                 self.give_streak += 1
             else:
                 self.give_streak = 0
@@ -334,7 +416,7 @@ class DivergenceDetector(Detector):
                        evidence={"loss": s.loss, "param_norm": s.param_norm, **ev})
 
 
-class PlateauDetector(Detector):
+class PlateauDetector(_StartNoise, Detector):
     """Plateau; when the evidence points at the learning rate, the finding says so and never
     advises raising it (``evidence["cause"] = "learning_rate"``, remedies: lower it), when
     any of these holds (issue #9: the old advice, "raise the learning rate", was the opposite
@@ -366,7 +448,7 @@ class PlateauDetector(Detector):
 
     kind = "plateau"
     _state = ("ema", "best", "best_step", "initial", "seen", "reported", "lr_seen",
-              "lr_rise_at", "jump_at", "ur_streak", "ur_last", "recent")
+              "lr_rise_at", "jump_at", "ur_streak", "ur_last", "recent", "start")
 
     def __init__(self, patience: int = 100, min_improvement: float = 0.01, warmup: int = 20,
                  smoothing: float = 0.9, progress: float = 0.5, jump: float = 2.0,
@@ -393,8 +475,17 @@ class PlateauDetector(Detector):
         self.lr_rise_at = -10**9
         self.jump_at = -10**9
         self.recent: deque[float] = deque(maxlen=5)
+        self.start: list[float] = []  # the first losses (their noise: _StartNoise)
+        #: the uninformed-guess level of a cross-entropy (ln V) when known: a run that starts
+        #: from a trained model below half of it has made its progress already and is not
+        #: stuck (a resumed digits classifier at 0.005 was called "stuck, not converged")
+        self.chance: float | None = None
         self.ur_streak = 0
         self.ur_last: float | None = None
+
+    def set_chance(self, chance: float | None) -> None:
+        """The loss is a cross-entropy whose uninformed-guess level is ``chance`` (ln V)."""
+        self.chance = None if chance is None else float(chance)
 
     def reset(self) -> None:
         # after a rollback: smooth afresh, and give the restored run a full patience window
@@ -410,8 +501,11 @@ class PlateauDetector(Detector):
         self.seen += 1
         _watch_lr(self, s)
         self.recent.append(s.loss)
+        if len(self.start) < START_STEPS:
+            self.start.append(s.loss)
         if (len(self.recent) == self.recent.maxlen and self.initial is not None
-                and _median(self.recent) > max(self.jump * self.best, self.initial)):
+                and (m5 := _median(self.recent)) > max(self.jump * self.best, self.initial)
+                and self.beyond_noise(m5, self.best)):
             self.jump_at = self.seen  # a collapse above the starting level
         st = s.optimizer_state or {}
         ur = st.get("update_ratio")
@@ -430,7 +524,8 @@ class PlateauDetector(Detector):
             return []
         stuck = self.seen - self.best_step
         if (stuck >= self.patience and not self.reported and self.initial > 0
-                and self.ema > self.progress * self.initial):
+                and self.ema > self.progress * self.initial
+                and (self.chance is None or self.ema > self.progress * self.chance)):
             self.reported = True
             msg = (f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
                    f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})")
@@ -441,7 +536,7 @@ class PlateauDetector(Detector):
                 ev["cause"] = "learning_rate"
                 return [Finding(kind="plateau", step=s.step, severity="warning",
                                 message=f"{msg}; {why}: the learning rate is too high",
-                                evidence=ev, remedies=LR_REMEDIES)]
+                                evidence=ev, remedies=LR_REMEDIES + (NOT_MINIMISED,))]
             ur = self.ur_last
             if ur is None or self.ur_small < ur < self.ur_large:
                 return [Finding(kind="plateau", step=s.step, severity="info", message=msg,
@@ -464,7 +559,7 @@ class PlateauDetector(Detector):
     def _lr_evidence(self) -> str:
         """Why the learning rate is to blame for this plateau ("" when nothing says so)."""
         assert self.ema is not None and self.initial is not None
-        if self.ema > 1.1 * self.initial:
+        if self.ema > 1.1 * self.initial and self.beyond_noise(self.ema, self.initial):
             return "the loss is above where it started"
         since = self.best_step - 20
         if self.jump_at >= since:

@@ -189,17 +189,20 @@ class Guard(CoreView, keras.callbacks.Callback):
             memory, verified finite) every this many steps, this many kept.
         param_norm_every: weight norms every this many steps.
         console, log: print interventions / a JSONL event log.
+        judge_loss: as for :class:`trainguard.Guard` (``"auto"``: the loss-progress rules go
+            off once this Guard's steps and another guarded run's take turns, a GAN's).
     """
 
     def __init__(self, *, policy: Policy | None = None, clip: Any = "adaptive",
                  detectors: Sequence[Detector] | None = None, snapshot_every: int = 100,
                  snapshots: int = 2, param_norm_every: int = 10,
                  chance_loss: float | None = None, console: bool = False, log: str | None = None,
-                 sinks: Iterable[Sink] = (), keep_records: int = 10_000) -> None:
+                 sinks: Iterable[Sink] = (), keep_records: int = 10_000,
+                 judge_loss: bool | str = "auto") -> None:
         super().__init__()
         self._init_core(policy=policy, detectors=detectors, clip=clip, console=console, log=log,
                         sinks=sinks, keep_records=keep_records, chance_loss=chance_loss,
-                        who="the Keras Guard")
+                        who="the Keras Guard", judge_loss=judge_loss)
         self.snapshot_every = check_int("snapshot_every", snapshot_every)
         self.keep = check_int("snapshots", snapshots)
         self.param_norm_every = check_int("param_norm_every", param_norm_every)
@@ -252,6 +255,7 @@ class Guard(CoreView, keras.callbacks.Callback):
         assert opt is not None
         model = self.model
         variables = list(model.trainable_variables)
+        self.core.take_turn()
         t = self.core.step_count
         v = _to_numpy(opt.tg_stats)  # the step's one transfer
         gn, applied, loss = v[:-2], bool(v[-2] > 0.5), float(v[-1])
@@ -301,6 +305,7 @@ class Guard(CoreView, keras.callbacks.Callback):
             if tuple(g.shape) != tuple(var.shape):
                 raise ValueError(f"the gradient for {getattr(var, 'path', var)} has shape "
                                  f"{tuple(g.shape)}, expected {tuple(var.shape)}")
+        self.core.take_turn()
         t = self.core.step_count
         if sample_ids is not None or sample_losses is not None:
             self.core.offer_samples(t, sample_ids, sample_losses)
