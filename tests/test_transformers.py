@@ -175,3 +175,51 @@ def test_the_rows_of_a_bad_batch_are_named_from_compute_loss(tmp_path):
     after = [s.loss for s in tr.guard.history if s.step == bad_step + 1]
     assert after and all(math.isfinite(v) for v in after)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("use_trainer", [False, True])
+def test_a_resumed_trainer_resumes_the_guard(tmp_path, use_trainer):
+    # the Guard's state goes beside each checkpoint, and comes back with resume_from_checkpoint:
+    # before, a resumed run's Guard started afresh (its LR scale back to 1, its histories lost)
+    def run(max_steps, resume):
+        cb = GuardCallback(console=False)
+        cls = GuardTrainer if use_trainer else transformers.Trainer
+        extra = {"guard_options": {"console": False}} if use_trainer else {}
+        tr = cls(model=Tiny(nan_at=None if resume else 3),
+                 args=_args(tmp_path, max_steps=max_steps, save_steps=6,
+                            save_strategy="steps"),
+                 train_dataset=_dataset(), callbacks=[] if use_trainer else [cb], **extra)
+        tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6") if resume else None)
+        return tr.guard if use_trainer else cb.guard
+
+    g1 = run(6, False)
+    assert (tmp_path / "checkpoint-6" / "trainguard_state.json").is_file()
+    assert [a.step for a in g1.actions if a.kind == "skip"] == [3]
+    g2 = run(10, True)
+    assert g2.step_count == 10
+    assert [a.step for a in g2.actions if a.kind == "skip"] == [3]  # the history came back
+    assert g2.finding_counts["nonfinite"] == 1
+
+
+def test_a_resume_without_the_guards_state_says_so(tmp_path):
+    tr = transformers.Trainer(model=Tiny(), args=_args(tmp_path, max_steps=6, save_steps=6,
+                                                       save_strategy="steps"),
+                              train_dataset=_dataset())
+    tr.train()
+    events = []
+
+    class Listen(GuardCallback):
+        pass
+    cb = Listen(console=False)
+    tr = transformers.Trainer(model=Tiny(), args=_args(tmp_path, max_steps=8, save_steps=6,
+                                                       save_strategy="steps"),
+                              train_dataset=_dataset(), callbacks=[cb])
+    from trainguard.sinks.base import Sink
+
+    class Events(Sink):
+        def on_event(self, kind, step, data):
+            events.append(kind)
+    cb.options["sinks"] = [Events()]
+    tr.train(resume_from_checkpoint=True)
+    assert "resumed_without_guard_state" in events
+    assert cb.guard.step_count == 2  # its own steps: it starts afresh

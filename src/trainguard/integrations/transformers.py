@@ -29,7 +29,11 @@ What a callback cannot reach, and how this module reaches it:
   With ``max_grad_norm=0`` both measure the raw gradients.
 
 Also: ``should_save`` waits while ``guard.healthy`` is False (a NaN run never rotates the last good
-checkpoint away); findings and actions are added to
+checkpoint away); each checkpoint the Trainer writes gets the Guard's state beside it
+(``trainguard_state.json``, written atomically by the main process), and a run resumed from a
+checkpoint (``trainer.train(resume_from_checkpoint=...)``) resumes the Guard from it: its LR
+scale, clip statistics, counters and detector histories, so a learning rate the Guard cut is not
+restored to full by the resume (without that file the Guard starts afresh and says so); findings and actions are added to
 the Trainer's logs (``trainguard/...`` counters, in ``on_log``: integrations that run before the
 callback see them at the next log); a halt raises :class:`trainguard.TrainingUnstable` with the
 story out of ``trainer.train()``.
@@ -39,6 +43,8 @@ which measures, detects and reports but never acts), ``Guard(sync=False)``.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -50,6 +56,7 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("trainguard.integrations.transformers needs transformers 5.x: "
                       "pip install 'trainguard[transformers]'") from e
 
+from .._fsio import atomic_write
 from ..guard import Guard, unwrap_optimizer
 from ..locate._replay import replaying
 from . import check_adapter_options
@@ -70,6 +77,10 @@ def _loss_of(out: Any) -> torch.Tensor | None:
     return None
 
 
+#: the Guard's state in a Trainer checkpoint folder (``checkpoint-N/``)
+STATE_FILE = "trainguard_state.json"
+
+
 class GuardCallback(TrainerCallback):
     """The Guard for a Hugging Face ``Trainer``; ``callback.guard`` once training has begun.
 
@@ -88,6 +99,9 @@ class GuardCallback(TrainerCallback):
         self._hook: Any = None
         self._undo: list[Any] = []
         self._logged: dict[str, int] = {}
+        #: the checkpoint folder a resumed run starts from, when the caller knows it
+        #: (``GuardTrainer.train(resume_from_checkpoint=path)``)
+        self.resume_from: str | None = None
 
     # -- set-up -----------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
@@ -99,9 +113,42 @@ class GuardCallback(TrainerCallback):
         options = dict(self.options)
         options.setdefault("console", state.is_world_process_zero)
         self.guard = Guard(model, inner, scaler=getattr(optimizer, "scaler", None), **options)
+        if state.global_step > 0:
+            self._resume(args, state)
         self._hook = model.register_forward_hook(self._capture)
         if not self.observe:
             self._wrap(optimizer, inner)
+
+    def _resume(self, args: Any, state: Any) -> None:
+        """A run resumed from a checkpoint: load the Guard's state saved beside it (the folder
+        given to ``GuardTrainer.train``, ``args.resume_from_checkpoint``, or the Trainer's own
+        ``output_dir/checkpoint-<global_step>``)."""
+        from ..sinks.jsonl import decode
+        assert self.guard is not None
+        folders = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
+                   os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        for folder in folders:
+            if not isinstance(folder, (str, os.PathLike)):
+                continue
+            path = os.path.join(folder, STATE_FILE)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    self.guard.load_state_dict(decode(json.load(fh)))
+                return
+        self.guard.core.event("resumed_without_guard_state", step=state.global_step, message=(
+            f"the Trainer resumed at step {state.global_step} but no {STATE_FILE} was found "
+            "beside its checkpoint: the Guard starts afresh (its LR scale and histories too)"))
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The Trainer wrote ``checkpoint-<global_step>``: the Guard's state goes beside it."""
+        if self.guard is None or self.guard._closed or not state.is_world_process_zero:
+            return
+        from ..sinks.jsonl import encode
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):  # a hyper-parameter search's run folder: not ours to guess
+            return
+        text = json.dumps(encode(self.guard.state_dict()), allow_nan=False)
+        atomic_write(os.path.join(folder, STATE_FILE), lambda fh: fh.write(text))
 
     def _capture(self, module: Any, args: Any, out: Any) -> None:
         # not the locate replay's forward: its loss joined the next step's window (a NaN
@@ -208,6 +255,11 @@ class GuardTrainer(Trainer):
     @property
     def guard(self) -> Guard | None:
         return self.guard_callback.guard
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            self.guard_callback.resume_from = os.fspath(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _clip_grad_norm(self, model: Any) -> Any:
         cb = self.guard_callback
