@@ -15,7 +15,7 @@ from torch import nn
 import trainguard as tg
 from trainguard.detect import DivergenceDetector, PlateauDetector
 from trainguard.detect.progress import NOISE_MARGIN, start_noise
-from trainguard.stats import chance_level
+from trainguard.stats import chance_level, plain_cross_entropy
 from trainguard.types import StepStats
 
 
@@ -46,10 +46,17 @@ def test_start_noise_measures_the_batch_noise_not_a_descent_or_one_jump():
 def test_chance_level_of_a_trained_cross_entropy_start():
     m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     assert chance_level(m, 2.4) == pytest.approx(math.log(10))  # untrained, as before
-    assert chance_level(m, 0.01, kind="cross_entropy") == pytest.approx(math.log(10))
+    assert chance_level(m, 0.01, kind="plain_cross_entropy") == pytest.approx(math.log(10))
+    assert chance_level(m, 2.4, kind="plain_cross_entropy") == pytest.approx(math.log(10))
     assert chance_level(m, 0.01) is None  # the graph did not say it is a cross-entropy
+    # a weighted or summed cross-entropy says nothing about its level (1e-9 x CE: zoo Z10)
+    assert chance_level(m, 0.01, kind="cross_entropy") is None
     assert chance_level(m, 0.01, kind="other") is None
-    assert chance_level(m, 5.0, kind="cross_entropy") is None  # above the uninformed guess
+    assert chance_level(m, 5.0, kind="plain_cross_entropy") is None  # above the guess
+    x, y = torch.randn(4, 10, requires_grad=True), torch.tensor([1, 2, 3, 4])
+    assert plain_cross_entropy(nn.functional.cross_entropy(x, y))
+    assert not plain_cross_entropy(1e-9 * nn.functional.cross_entropy(x, y))
+    assert not plain_cross_entropy(nn.functional.cross_entropy(x, y, label_smoothing=0.1))
 
 
 # ----------------------------------------------------------------------------- the rules

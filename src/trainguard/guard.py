@@ -37,7 +37,7 @@ from .remedies.executor import CLOSURE_NEEDED, Executor, ReuseFirst, needs_closu
 from .remedies.lr import LRController
 from .remedies.snapshot import SnapshotStore
 from .sinks.base import Sink
-from .stats import StepStats, chance_level, loss_kind
+from .stats import StepStats, chance_level, loss_kind, plain_cross_entropy
 from .types import Action, Finding
 
 
@@ -737,7 +737,10 @@ class Guard(CoreView):
         the loss function's few top nodes, at most once per step, usually once per run)."""
         if self.core.chance_option == "auto" and self._loss_kind[0] is None \
                 and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
-            self._loss_kind[0] = loss_kind(loss)
+            kind = loss_kind(loss)
+            if kind == "cross_entropy" and plain_cross_entropy(loss):
+                kind = "plain_cross_entropy"  # its level is ln V even from a trained start
+            self._loss_kind[0] = kind
 
     def _release_capture(self) -> None:
         if self._capture is not None:

@@ -614,6 +614,18 @@ def loss_kind(loss: Any) -> str | None:
     return "cross_entropy" if kinds else None
 
 
+#: the autograd nodes of an unscaled, mean-reduced cross-entropy (``F.cross_entropy``,
+#: ``nn.CrossEntropyLoss``, ``F.nll_loss`` of a log-softmax), as the loss's own node
+PLAIN_CE_NODES = frozenset({"NllLossBackward0", "NllLoss2DBackward0"})
+
+
+def plain_cross_entropy(loss: Any) -> bool:
+    """The loss is a cross-entropy as ``F.cross_entropy`` returns it: its own autograd node is
+    the NLL (no weight, sum, division or label smoothing above it). One name read."""
+    fn = getattr(loss, "grad_fn", None)
+    return fn is not None and fn.name() in PLAIN_CE_NODES
+
+
 def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15,
                  kind: str | None = None) -> float | None:
     """ln V when ``first_loss`` looks like the cross-entropy of an untrained V-way classifier
@@ -627,11 +639,14 @@ def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15,
     regression "confidently wrong", a false alarm that halted a healthy run).
 
     A run that starts from a trained model (resumed with a fresh Guard, fine-tuned on the same
-    task) starts well below ln V: when the graph confirms a cross-entropy (``kind`` is
-    ``"cross_entropy"``) and the first loss is below ln V for V = the last ``nn.Linear``'s
-    output size (or the one ``nn.Embedding``'s vocabulary when there is no Linear), that ln V
-    is the level: without it the rules that measure progress from the start took a converged
-    classifier's noise near zero for progress lost (bench/calibrate_detectors.py --resumed)."""
+    task) starts well below ln V: when the loss *is* a cross-entropy, unscaled (``kind`` is
+    ``"plain_cross_entropy"``: the loss's own autograd node is the NLL, see
+    :func:`plain_cross_entropy`) and the first loss is below ln V for V = the last
+    ``nn.Linear``'s output size (or the one ``nn.Embedding``'s vocabulary when there is no
+    Linear), that ln V is the level: without it the rules that measure progress from the start
+    took a converged classifier's noise near zero for progress lost
+    (bench/calibrate_detectors.py --resumed). A cross-entropy under a weight, a sum or label
+    smoothing says nothing about its level (the zoo's Adam epsilon trap trains 1e-9 x CE)."""
     if kind == "other" or not math.isfinite(first_loss) or first_loss <= 0:
         return None
     sizes: list[int] = []
@@ -649,7 +664,7 @@ def chance_level(model: nn.Module, first_loss: float, tolerance: float = 0.15,
             lv = math.log(v)
             if abs(first_loss - lv) <= tolerance * lv and (best is None or abs(first_loss - lv) < abs(first_loss - best)):
                 best = lv
-    if best is None and kind == "cross_entropy":
+    if best is None and kind == "plain_cross_entropy":
         head = last_linear if last_linear is not None else (
             sizes[0] if len(sizes) == 1 else None)
         if head is not None and head >= 2 and first_loss < math.log(head):
