@@ -60,8 +60,9 @@ language model within its first ~10 updates without any NaN or 1e4x rise, issue 
   made and lost, so: the above-start streak and the slow rule count a step only when the
   rise is beyond ``NOISE_MARGIN`` = 5 times the noise of the first ``START_STEPS`` = 20 losses
   (:func:`start_noise`); the give-back rule arms only when the best median is below every
-  one of those first losses and the progress is beyond that noise too; and a cross-entropy
-  whose first loss is below ln V takes ln V as its chance level (``stats.chance_level``).
+  one of those first losses and the progress is beyond that noise too; and an unscaled
+  cross-entropy whose first loss is below ln V takes ln V as its chance level
+  (``stats.chance_level``).
   The Guard's own state (``checkpoint_dir=``, ``guard.state_dict()``) carries the real start
   over a resume.
   A ruin finding whose onset is in the first ``early`` = 20 steps, or within 20 steps of a
