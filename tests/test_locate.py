@@ -665,3 +665,58 @@ def test_a_parameter_returned_as_an_output_gathers_no_hooks():
         g.step(torch.tensor(1.0))
     assert not m.bias._backward_hooks
     g.close()
+
+
+# ---------------------------------------------------------------------------- several passes
+def _two_view_run(bad_view):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, o, console=False)
+    for i in range(25):
+        x = torch.randn(32, 16)
+        views = [x + 0.1 * torch.randn_like(x), x + 0.1 * torch.randn_like(x)]
+        if i == 20 and bad_view is not None:
+            views[bad_view][3, 2] = math.nan
+        z1, z2 = (nn.functional.normalize(m(v), dim=1) for v in views)
+        loss = nn.functional.cross_entropy(z1 @ z2.T / 0.1, torch.arange(32))  # InfoNCE
+        o.zero_grad()
+        loss.backward()
+        g.step(loss)
+    g.close()
+    return g
+
+
+def test_a_nan_in_the_second_pass_of_a_step_is_named_as_the_input():
+    # a contrastive pair runs the model twice per step; only the first pass was replayed, so a
+    # NaN in the second view was blamed on "the loss function" (its gradient reached pass 1)
+    g = _two_view_run(1)
+    f = next(f for f in g.findings if f.kind == "nonfinite")
+    assert (f.step, f.origin, f.where) == (20, "input", "args[0]")
+    assert f.evidence["locate"]["forward"] == 2 and "forward pass 2 of 2" in f.message
+    g = _two_view_run(0)  # the first pass, as before
+    f = next(f for f in g.findings if f.kind == "nonfinite")
+    assert (f.origin, f.where) == ("input", "args[0]") and "forward" not in f.evidence["locate"]
+
+
+def test_a_nan_in_a_later_micro_batch_of_an_accumulated_step_is_named():
+    # gradient accumulation runs one forward per micro-batch: the third one held the NaN and
+    # used to be reported as not reproduced (only the first micro-batch was replayed)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    o = torch.optim.Adam(m.parameters(), lr=1e-3)
+    g = tg.Guard(m, o, console=False)
+    for i in range(25):
+        o.zero_grad()
+        for k in range(4):
+            x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+            if i == 20 and k == 2:
+                x[1, 1] = math.nan
+            loss = nn.functional.cross_entropy(m(x), y)
+            (loss / 4).backward()
+            g.observe_loss(loss)
+        g.step()
+    g.close()
+    f = next(f for f in g.findings if f.kind == "nonfinite")
+    assert (f.step, f.origin, f.where) == (20, "input", "args[0]")
+    assert "forward pass 3 of 4" in f.message

@@ -26,9 +26,13 @@ from torch import nn
 from ..hooks import foreign_hooks, register_private  # kept out of torch.save(model)
 from ..types import Finding
 from ._replay import (Location, _arg_path, nonfinite_params,
-                      parameters_location, replay_step, tensor_leaves, unwrap)
+                      parameters_location, replay_step, replaying, tensor_leaves, unwrap)
 
 _RANDOM_MODULES: tuple[type, ...] = (nn.modules.dropout._DropoutNd, nn.RReLU)
+#: the later forward passes of one step whose inputs are kept (references) for the replay: the
+#: two views of a contrastive pair, a siamese or triplet network's 2-3 passes, a GAN
+#: discriminator's real and fake batches, FixMatch's weak and strong augmentations
+MORE_FORWARDS = 7
 
 
 def _signature(t: torch.Tensor) -> tuple:
@@ -149,6 +153,9 @@ class StepCapture:
         self.args: tuple | None = None
         self.kwargs: dict | None = None
         self.grads: list[torch.Tensor | None] = []
+        #: (args, kwargs) of the step's later forward passes with gradients (at most
+        #: MORE_FORWARDS): replayed, forward only, when the first one does not explain a failure
+        self.more: list[tuple[tuple, dict]] = []
         self._autocast_raw: tuple | None = None
         self.rng: torch.Tensor | None = None
         self.cuda_rng: list | None = None
@@ -174,6 +181,9 @@ class StepCapture:
                 if foreign_hooks(module, "_forward_pre_hooks"):
                     self._add_pre_hook()  # this step's inputs may have been replaced already
             self._take(module, args, kwargs)
+        elif (self._hooked and len(self.more) < MORE_FORWARDS and torch.is_grad_enabled()
+              and not replaying()):
+            self.more.append((args, kwargs))  # another pass of the same step (references)
         return self._on_post(module, args, out)
 
     def _on_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -292,7 +302,8 @@ class StepCapture:
             loc.message = ("this rank's weights are finite; the non-finite weights are on "
                            "another rank")
         f = loc.as_finding(base=finding)
-        if self.bundle_dir is not None and loc.found and len(self.bundles) < self.max_bundles:
+        if self.bundle_dir is not None and loc.found and len(self.bundles) < self.max_bundles \
+                and "forward" not in loc.evidence:  # a bundle replays the first pass only
             try:
                 path = self.write_bundle(loc, finding.step)
                 self.bundles.append(path)
@@ -325,7 +336,28 @@ class StepCapture:
                           autocast=self.autocast, grad_enabled=True)
         if loc.origin == "input":
             self._name_fed_back(loc)
+        elif loc.origin in (None, "loss") and self.more:
+            loc = self._locate_later_forwards(loc)
         return loc
+
+    def _locate_later_forwards(self, first: Location) -> Location:
+        """The step ran the model more than once and its first forward pass replayed finite:
+        replay the later passes, forward only (their output gradients are not kept; with fresh
+        dropout masks), and name the first one whose inputs or modules hold NaN/Inf. When they
+        all stay finite, ``first`` comes back with a note: its "the loss function produced it"
+        may be a later pass's backward."""
+        n = 1 + len(self.more)
+        for k, (args, kwargs) in enumerate(self.more, start=2):
+            loc = replay_step(self.inner, args, kwargs or {}, autocast=self.autocast,
+                              grad_enabled=True)
+            if loc.origin in ("input", "forward"):
+                loc.evidence.update(forward=k, forwards=n)
+                loc.message = f"in forward pass {k} of {n} this step: {loc.message}"
+                return loc
+        first.evidence["forwards"] = n
+        first.message += (f" (the model ran {n} times this step; the later passes replayed "
+                          "finite, forward only)")
+        return first
 
     def _name_fed_back(self, loc: Location) -> None:
         """An input that is the model's own output of the previous step (a recurrent hidden
