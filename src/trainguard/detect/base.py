@@ -61,6 +61,21 @@ class Detector:
         return f"{type(self).__name__}({inner})"
 
 
+class ChanceAware:
+    """A detector that reads the loss's uninformed-guess level (``self.chance``, ln V for a
+    V-way cross-entropy, or None), which the decision core sets when it knows it."""
+
+    chance: float | None = None
+
+    def set_chance(self, chance: float | None) -> None:
+        """Tell the detector the loss is a cross-entropy whose uninformed-guess level is
+        ``chance`` (ln V for V classes); None forgets it."""
+        if chance is not None and not (isinstance(chance, (int, float)) and math.isfinite(chance)
+                                       and chance > 0):
+            raise ValueError(f"chance must be a positive finite loss level (ln V), got {chance!r}")
+        self.chance = None if chance is None else float(chance)
+
+
 def check_positive(name: str, value: float, *, integer: bool = False) -> None:
     """Raise ValueError naming the parameter when ``value`` is not a positive number."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

@@ -82,7 +82,7 @@ from collections import deque
 from itertools import islice
 
 from ..types import Finding, StepStats
-from .base import Detector, check_positive
+from .base import ChanceAware, Detector, check_positive
 
 #: remedies of a loss ruined by the learning rate (cause "learning_rate")
 LR_REMEDIES = (
@@ -175,7 +175,7 @@ def _watch_lr(d: "DivergenceDetector | PlateauDetector", s: StepStats) -> None:
         d.lr_seen = lr if d.lr_seen is None else min(max(d.lr_seen, lr / 1.5), lr)
 
 
-class DivergenceDetector(_StartNoise, Detector):
+class DivergenceDetector(_StartNoise, ChanceAware, Detector):
     kind = "divergence"
     _state = ("recent", "window", "lastp", "ema", "best", "initial", "above", "seen",
               "reported_at", "first_loss", "chance", "last3", "lastk", "bestk", "start_streak",
@@ -234,14 +234,6 @@ class DivergenceDetector(_StartNoise, Detector):
         #: should go down (``judge_loss``: losses coupled to another model's, a GAN's players)
         self.progress = True
         self.ruin_quiet_until = -1  # no second ruin finding within `patience` steps
-
-    def set_chance(self, chance: float | None) -> None:
-        """Tell the detector the loss is a cross-entropy whose uninformed-guess level is
-        ``chance`` (ln V for V classes); None forgets it."""
-        if chance is not None and not (isinstance(chance, (int, float)) and math.isfinite(chance)
-                                       and chance > 0):
-            raise ValueError(f"chance must be a positive finite loss level (ln V), got {chance!r}")
-        self.chance = None if chance is None else float(chance)
 
     def reset(self) -> None:
         # after a rollback the smoothed loss restarts from the restored state's losses
@@ -417,7 +409,7 @@ class DivergenceDetector(_StartNoise, Detector):
                        evidence={"loss": s.loss, "param_norm": s.param_norm, **ev})
 
 
-class PlateauDetector(_StartNoise, Detector):
+class PlateauDetector(_StartNoise, ChanceAware, Detector):
     """Plateau; when the evidence points at the learning rate, the finding says so and never
     advises raising it (``evidence["cause"] = "learning_rate"``, remedies: lower it), when
     any of these holds (issue #9: the old advice, "raise the learning rate", was the opposite
@@ -483,10 +475,6 @@ class PlateauDetector(_StartNoise, Detector):
         self.chance: float | None = None
         self.ur_streak = 0
         self.ur_last: float | None = None
-
-    def set_chance(self, chance: float | None) -> None:
-        """The loss is a cross-entropy whose uninformed-guess level is ``chance`` (ln V)."""
-        self.chance = None if chance is None else float(chance)
 
     def reset(self) -> None:
         # after a rollback: smooth afresh, and give the restored run a full patience window

@@ -66,7 +66,7 @@ from collections import deque
 import numpy as np
 
 from ..types import Finding, StepStats
-from .base import Detector, check_positive
+from .base import ChanceAware, Detector, check_positive
 
 
 class _LogJump(Detector):
@@ -194,7 +194,7 @@ class _LogJump(Detector):
         return False
 
 
-class LossSpikeDetector(_LogJump):
+class LossSpikeDetector(ChanceAware, _LogJump):
     kind = "loss_spike"
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 2.0,
@@ -228,10 +228,6 @@ class LossSpikeDetector(_LogJump):
     def _early(self, v: float) -> bool:
         h = self.history
         return bool(h) and math.isfinite(v) and max(h) > 0 and v > self.early_ratio * max(h)
-
-    def set_chance(self, chance: float | None) -> None:
-        """The loss is a cross-entropy whose uninformed-guess level is ``chance`` (ln V)."""
-        self.chance = None if chance is None else float(chance)
 
     def _floor_ok(self, v: float, med: float) -> bool:
         prev = self.history[-1] if self.history else None
