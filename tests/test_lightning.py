@@ -243,3 +243,54 @@ def test_the_rows_of_a_bad_batch_are_named_from_training_step():
     assert [b.suspect_ids for b in cb.guard.bad_batches] == [(77,)]
     assert cb.guard.bad_batches[0].step == 2 and "skip" in cb.guard.bad_batches[0].actions
     assert all(math.isfinite(float(p.sum())) for p in model.parameters())
+
+
+class GAN(L.LightningModule):
+    """The Lightning GAN recipe: manual optimization, opt_g and opt_d stepped in turn."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.G = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                               nn.Linear(64, 2))
+        self.D = nn.Sequential(nn.Linear(2, 64), nn.LeakyReLU(0.2), nn.Linear(64, 64),
+                               nn.LeakyReLU(0.2), nn.Linear(64, 1))
+
+    def training_step(self, batch, batch_idx):
+        real, = batch
+        opt_g, opt_d = self.optimizers()
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        fake = self.G(torch.randn(len(real), 4))
+        loss_d = bce(self.D(real), ones) + bce(self.D(fake.detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = bce(self.D(fake), ones)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.G.parameters(), lr=1e-3, betas=(0.5, 0.999)),
+                torch.optim.Adam(self.D.parameters(), lr=1e-3, betas=(0.5, 0.999))]
+
+
+def test_a_gan_with_two_optimizers_is_left_alone():
+    # the first optimizer (the generator's) is guarded and sees both players' losses, coupled:
+    # its progress rules took them for progress lost and rolled the module back at step 342
+    ring = torch.tensor([[math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)]
+                         for k in range(8)]) * 2
+    g = torch.Generator().manual_seed(0)
+    data = ring[torch.randint(0, 8, (64 * 200,), generator=g)] + 0.05 * torch.randn(
+        64 * 200, 2, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=64)
+    cb = GuardCallback(console=False)
+    trainer = L.Trainer(max_steps=400, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[cb])
+    with pytest.warns(RuntimeWarning, match="only the first one is guarded"):
+        trainer.fit(GAN(), loader)
+    assert cb.guard.core.coupled
+    assert not cb.guard.findings and not cb.guard.actions

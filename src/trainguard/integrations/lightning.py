@@ -26,7 +26,8 @@ the same decision). Findings and actions are logged to the trainer's loggers as
 out of ``trainer.fit``; ModelCheckpoint's saves (and its rotation of old files) wait while
 ``guard.healthy`` is False, and any other checkpoint is refused while the weights are non-finite.
 
-Not supported: several optimizers (the first one is guarded, with a warning), ``Guard(sync=False)``
+Not supported: several optimizers (the first one is guarded, with a warning; the loss-progress
+rules are off, as for coupled losses: a GAN's players), ``Guard(sync=False)``
 (the update is Lightning's), DeepSpeed and other strategies that step inside ``backward``
 (use ``GuardCallback(observe=True)``: measure, detect, report, never act).
 """
@@ -82,6 +83,15 @@ class _LoggerSink(Sink):
         self._log(f"trainguard/action/{a.kind}", a.step)
 
 
+#: the ``coupled_losses`` message of a LightningModule with several optimizers
+MANY_OPTIMIZERS = (
+    "several optimizers: the Guard steps the first and sees the loss of every backward pass "
+    "(a GAN's players, stepped in turn, whose losses are coupled and need not go down), so the "
+    "rules that judge the loss's progress (plateau, slow divergence, ruin) are off; non-finite "
+    "values, loss spikes, a 1e4x blow-up and gradient explosions are still judged. "
+    "judge_loss=True keeps the progress rules on")
+
+
 class GuardCallback(Callback):
     """The Guard for a Lightning ``Trainer``.
 
@@ -125,6 +135,12 @@ class GuardCallback(Callback):
         options.setdefault("console", trainer.is_global_zero)
         self.guard = Guard(pl_module, opt, scaler=scaler, **options)
         self.guard.core.sinks.append(_LoggerSink(trainer))
+        if len(opts) > 1:
+            # a GAN's recipe (opt_g, opt_d stepped in turn by manual optimization): every
+            # backward's loss reaches the window, the players' losses coupled and mixed, which
+            # the progress rules took for progress lost (a Lightning GAN's Guard rolled the
+            # module back at step 342): they rest, as for two Guards that take turns
+            self.guard.core.couple(MANY_OPTIMIZERS)
         self._opt = opt
         self._wrap_checkpointing(trainer)
         if not self.observe:
