@@ -1,5 +1,5 @@
 """Replay healthy training streams through every default detector and count false alarms per
-rule: ``python bench/calibrate_detectors.py [--steps 1500] [--seeds 2] [--zoo] [--resumed]``.
+rule: ``python bench/calibrate_detectors.py [--steps 1500] [--seeds 2] [--zoo] [--resumed] [--noise]``.
 
 Streams: the digits MLP (64-128-10, ReLU) with SGD lr 0.05 / SGD momentum 0.9 lr 0.02 /
 Adam lr 1e-3, at batch 4, 8 and 32, for ``--steps`` steps and ``--seeds`` seeds (the streams
@@ -12,6 +12,8 @@ then ``--steps`` more recorded, with its optimizer state kept and with a fresh o
 targets), trained 3,000 steps bare, then resumed likewise. Their first losses are already
 near the floor, which the rules that measure progress from the start must not take for a
 ruin (detect/progress.py: ``NOISE_MARGIN``; stats.chance_level: a trained start).
+``--noise`` also prints each stream's start noise (``detect.progress.start_noise`` of its first 20
+losses), the figure ``NOISE_MARGIN`` is compared against.
 
 Each stream is recorded once with a monitor-only Guard (findings only, no remedies, so the
 stream is the bare run's), then each detector is replayed over the recorded StepStats with
@@ -169,6 +171,8 @@ def main() -> None:
     ap.add_argument("--zoo", action="store_true")
     ap.add_argument("--resumed", action="store_true",
                     help="only the runs that start from a trained model")
+    ap.add_argument("--noise", action="store_true",
+                    help="print each stream's start noise (first 20 losses, log space)")
     a = ap.parse_args()
     if a.resumed:
         streams = list(resumed_streams(a.steps, a.seeds))
@@ -176,6 +180,12 @@ def main() -> None:
         streams = list(digits_streams(a.steps, a.seeds))
     if a.zoo:
         streams += list(zoo_streams(a.seeds))
+    if a.noise:
+        from trainguard.detect.progress import START_STEPS, start_noise
+        for name, (stream, _c) in streams:
+            first = [s.loss for s in stream[:START_STEPS]]
+            n = start_noise(first) if all(v > 0 for v in first) else None
+            print(f"  start noise {name:46s} " + (f"{n:.3f}" if n is not None else "n/a"))
     print(f"{len(streams)} healthy streams, {sum(len(s) for _, (s, _c) in streams)} steps, "
           f"{sum(c is not None for _, (_s, c) in streams)} with a chance level (cross-entropy)")
     for label, make in variants():

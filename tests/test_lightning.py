@@ -279,7 +279,7 @@ class GAN(L.LightningModule):
 
 def test_a_gan_with_two_optimizers_is_left_alone():
     # the first optimizer (the generator's) is guarded and sees both players' losses, coupled:
-    # its progress rules took them for progress lost and rolled the module back at step 342
+    # its progress rules took them for a stall or progress lost and acted on them
     ring = torch.tensor([[math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)]
                          for k in range(8)]) * 2
     g = torch.Generator().manual_seed(0)

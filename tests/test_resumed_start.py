@@ -1,7 +1,7 @@
 """A run that starts from a trained model with a fresh Guard (a resume after a code change, more
 epochs on a trained classifier): its first losses sit near the floor, and the rules that measure
 progress from the start must not take their noise for progress lost (before: 18 of 24 resumed
-runs had false divergences, and a resumed digits classifier was rolled back 8 times and halted)."""
+runs had false divergences, and this file's resumed digits classifier had false findings)."""
 from __future__ import annotations
 
 import copy

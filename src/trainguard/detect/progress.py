@@ -111,10 +111,10 @@ START_STEPS = 20
 #: (1.25 / sqrt(9)), so its extremes over a long run and a one-batch first loss together span
 #: up to ~4x it; 5 leaves a margin. Measured on the first 20 losses (python
 #: bench/calibrate_detectors.py --resumed; the digits streams): an untrained start descends
-#: with a noise of 0.015-0.08 at batch 8-32 and 0.16-0.29 at batch 4 (its progress is 10x and
+#: with a noise of 0.013-0.11 at batch 8-32 and 0.07-0.29 at batch 4 (its progress is 10x and
 #: more); a run resumed from a trained model starts near its floor, where the noise is
-#: 0.2-1.3 (digits MLP 0.41-1.28, a sine regression 0.21-1.0) and its 9-loss medians wander
-#: 2-100x with no change in the model (Adam's oscillation around a near-zero fit), which the
+#: 0.14-1.5 (digits MLP 0.14-1.5, a sine regression 0.21-1.0; --noise prints them) and its 9-loss medians wander
+#: several-fold with no change in the model (Adam's oscillation around a near-zero fit), which the
 #: rules read as progress given back: 18 of 24 resumed runs had a false divergence before
 #: this test, 1 after (a smoothed loss that really rose 30x)
 NOISE_MARGIN = 5.0

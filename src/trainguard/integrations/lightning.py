@@ -138,8 +138,8 @@ class GuardCallback(Callback):
         if len(opts) > 1:
             # a GAN's recipe (opt_g, opt_d stepped in turn by manual optimization): every
             # backward's loss reaches the window, the players' losses coupled and mixed, which
-            # the progress rules took for progress lost (a Lightning GAN's Guard rolled the
-            # module back at step 342): they rest, as for two Guards that take turns
+            # the progress rules took for a stall or progress lost (a Lightning GAN's Guard
+            # rolled the whole module back): they rest, as for two Guards that take turns
             self.guard.core.couple(MANY_OPTIMIZERS)
         self._opt = opt
         self._wrap_checkpointing(trainer)

@@ -59,6 +59,7 @@ except ImportError as e:  # pragma: no cover
 from .._fsio import atomic_write
 from ..guard import Guard, unwrap_optimizer
 from ..locate._replay import replaying
+from ..sinks.jsonl import decode, encode
 from . import check_adapter_options
 
 _MAJOR = int(transformers.__version__.split(".")[0])
@@ -123,7 +124,6 @@ class GuardCallback(TrainerCallback):
         """A run resumed from a checkpoint: load the Guard's state saved beside it (the folder
         given to ``GuardTrainer.train``, ``args.resume_from_checkpoint``, or the Trainer's own
         ``output_dir/checkpoint-<global_step>``)."""
-        from ..sinks.jsonl import decode
         assert self.guard is not None
         folders = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
                    os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
@@ -143,7 +143,6 @@ class GuardCallback(TrainerCallback):
         """The Trainer wrote ``checkpoint-<global_step>``: the Guard's state goes beside it."""
         if self.guard is None or self.guard._closed or not state.is_world_process_zero:
             return
-        from ..sinks.jsonl import encode
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if not os.path.isdir(folder):  # a hyper-parameter search's run folder: not ours to guess
             return
