@@ -19,10 +19,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+import weakref
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 from .detect import LOSS_DETECTORS, Detector, default_detectors
+from .detect.base import ChanceAware
 from .detect.progress import DivergenceDetector, PlateauDetector
 from .policy import Plan, Policy
 from .samples import BadBatch, SampleLedger, sorted_ids
@@ -68,6 +70,40 @@ COUPLED_MESSAGE = (
     "are off; non-finite values, loss spikes, a 1e4x blow-up and gradient explosions are still "
     "judged. judge_loss=True keeps the progress rules on; judge_loss=False also drops the "
     "loss spikes and blow-ups (a policy-gradient surrogate)")
+
+
+#: after a rollback that answered loss spikes (or a 1e4x blow-up), the first ``SHIFT_STEPS`` = 2 losses are
+#: compared with the spike: the rollback restored weights that gave a calm loss (the spike
+#: finding's ``healthy_step``), and the first of these losses is computed at exactly those
+#: weights, the second after one update at the lowered learning rate. Weights that went bad
+#: give a calm loss again once restored (the zoo's and bench/faults.py's spikes: a corrupted
+#: weight, a bad batch, an LR too high all drop back at the first restored step); when both
+#: stay at the spike's level, the loss moved at weights that were fine before: the data or the
+#: loss function changed (a loss term switched on, a new task or curriculum stage), which no
+#: rollback or learning-rate cut can undo (a VAE whose KL term is switched on at step 1,000:
+#: two skips, a rollback, and three LR cuts to 3.5% of its schedule before this test)
+SHIFT_STEPS = 2
+#: ... "at the spike's level": above the geometric midpoint of the pre-spike median and the
+#: spike (log space; the midpoint in raw units for losses that are not all positive), i.e.
+#: the loss kept at least half of the jump in log terms
+SHIFT_KEEP = 0.5
+
+
+class _ShiftProbe:
+    """A rollback for loss spikes waits on the next losses (see :data:`SHIFT_STEPS`)."""
+
+    def __init__(self, at: int, median: float, spike: float, calm: int, to_step: int) -> None:
+        self.at, self.median, self.spike, self.calm = at, median, spike, calm
+        self.to_step = to_step  # the step of the restored weights
+        self.losses: list[float] = []
+        self.lr: tuple[Any, dict, int] | None = None  # (controller, state before the cut, cuts)
+
+    def kept(self, loss: float) -> bool:
+        """``loss`` kept at least :data:`SHIFT_KEEP` of the spike's jump."""
+        med, spike = self.median, self.spike
+        if med > 0 and loss > 0:
+            return math.log(loss / med) > SHIFT_KEEP * math.log(spike / med)
+        return loss - med > SHIFT_KEEP * (spike - med)
 
 
 class DecisionCore:
@@ -154,8 +190,15 @@ class DecisionCore:
         #: the sample ids shown with each step, and the bad batches they named
         #: (:mod:`trainguard.samples`)
         self.samples = SampleLedger()
+        self._chance_asked = chance_loss  # the option as given (loss_changed() asks again)
         if isinstance(chance_loss, (int, float)):
             self.set_chance(float(chance_loss))
+        #: a rollback for loss spikes waiting on the next losses (:data:`SHIFT_STEPS`)
+        self._shift: _ShiftProbe | None = None
+        #: called when the loss changed (:meth:`loss_changed`): a front-end forgets what it
+        #: learnt of the old loss (the torch Guard: the loss's kind, read from its graph; every
+        #: front-end: the adaptive clip's last norm, see ``AdaptiveClip.rebase``)
+        self.on_loss_changed: list[Callable[[], None]] = []
 
     # -- decisions ---------------------------------------------------------------------------
     def run(self, stats: StepStats, *, infer_chance: Callable[[float], float | None] | None = None,
@@ -164,6 +207,8 @@ class DecisionCore:
         """The one decision loop every mode shares: detectors, the locate hook (``refine``), the
         records and sinks, the policy. Dated with ``stats.step``. Returns (findings, plan,
         severe); ``plan=False`` (observe-only) records and reports but plans nothing."""
+        if self._shift is not None and stats.step > self._shift.at:
+            self._judge_shift(stats)
         findings = self.detect(stats, infer_chance)
         if stats.scaler_overflow and not any(f.kind == "nonfinite" for f in findings):
             self.event("scaler_overflow", step=stats.step, loss_scale=stats.loss_scale)
@@ -287,6 +332,9 @@ class DecisionCore:
         """Cut the LR scale for finding ``f`` (10x then sqrt(10) per repeat when it names the
         learning rate as its cause; no regrowth then), or halt when the floor is reached."""
         lr_cause = f.evidence.get("cause") == "learning_rate"
+        probe = self._shift
+        if probe is not None and probe.at == step and probe.lr is None:
+            probe.lr = (lr, lr.state_dict(), self.counts["lr_cause_cuts"])  # undone on a shift
         factor = self.policy.backoff_factor(f, repeat=self.counts["lr_cause_cuts"])
         if not lr.can_backoff(factor):
             raise self.halt(f"the learning rate is already down to {lr.scale:.3g} of its schedule "
@@ -332,6 +380,82 @@ class DecisionCore:
         self.rollbacks += 1
         self.reset_detectors()
         self.act("rollback", f"{f.kind}: {what}", step=step, to_step=to_step, finding=f.kind)
+        self._shift = None
+        ev = f.evidence if isinstance(f.evidence, dict) else {}
+        calm, spike = ev.get("healthy_step"), ev.get("loss")
+        if f.kind == "loss_spike":
+            med = ev.get("median")  # the window's median before the spike
+        elif f.kind == "divergence" and ev.get("trigger") == "fast" and ev.get("losses"):
+            med = ev["losses"][0]  # the low point the blow-up started from
+        else:
+            return
+        if (isinstance(calm, int) and to_step <= calm
+                and isinstance(med, (int, float)) and isinstance(spike, (int, float))
+                and math.isfinite(med) and math.isfinite(spike) and spike > med):
+            self._shift = _ShiftProbe(step, float(med), float(spike), calm, to_step)
+
+    def _judge_shift(self, stats: StepStats) -> None:
+        """A step after a rollback for loss spikes or a blow-up (:data:`SHIFT_STEPS`): the loss at the
+        restored weights either came back down (the probe ends: the weights were the cause) or
+        stayed at the spike's level, and then the loss itself changed: :meth:`loss_changed`,
+        and the learning-rate cut made with the rollback is undone."""
+        probe = self._shift
+        assert probe is not None
+        if not stats.loss_usable or stats.scaler_overflow or not probe.kept(stats.loss):
+            self._shift = None
+            return
+        probe.losses.append(stats.loss)
+        if len(probe.losses) < SHIFT_STEPS:
+            return
+        self._shift = None
+        undone = ""
+        if probe.lr is not None:
+            lr, before, cuts = probe.lr
+            was = lr.scale
+            lr.load_state_dict(before)
+            self.counts["lr_cause_cuts"] = cuts
+            undone = (f"; the learning-rate cut made with the rollback is undone "
+                      f"(scale {was:.3g} -> {lr.scale:.3g})")
+        lo = min(probe.losses)
+        why = (f"the loss stayed at {lo:.4g} and above ({lo / probe.median:.1f}x the median "
+               f"{probe.median:.4g} before step {probe.calm + 1})" if probe.median > 0 else
+               f"the loss stayed at {lo:.4g} and above (the median was {probe.median:.4g} before "
+               f"step {probe.calm + 1})")
+        self.loss_changed(
+            f"loss changed: {why} at the weights of step {probe.to_step}, restored at step "
+            f"{probe.at}, which gave a calm loss then: the data or the loss function changed, "
+            f"not the model (a loss term switched on, a new task or stage); the loss rules "
+            f"start again from this level{undone}. If neither was meant to change, inspect "
+            f"the batches from step {probe.calm + 1} on", step=stats.step, by="guard")
+
+    def loss_changed(self, reason: str = "", step: int | None = None, *,
+                     by: str = "user") -> None:
+        """The loss's definition changed (a loss term switched on or reweighted, a new task,
+        dataset or curriculum stage): the detectors that judge the loss's value
+        (:data:`~trainguard.detect.LOSS_DETECTORS`) and the gradient-explosion detector (the
+        gradients change scale with the loss) start over as built, from the next step; the
+        policy forgets the loss spikes and gradient jumps counted so far; a chance level found
+        automatically is looked for again; the front-ends' hooks (:attr:`on_loss_changed`)
+        run. Weights, optimizer state, snapshots, the LR
+        scale and the records are kept. A ``loss_changed`` event (``by``: "user", or "guard"
+        when the core found it, see :data:`SHIFT_STEPS`) tells the sinks."""
+        self.forget_detectors({d.kind for d in self.detectors if isinstance(d, LOSS_DETECTORS)}
+                              | {"grad_explosion"})
+        self.policy.forget({"loss_spike", "grad_explosion"})
+        self._shift = None
+        asked = self._chance_asked
+        if asked == "auto":
+            self.chance_option, self.chance_loss = "auto", None
+            for d in self.detectors:
+                if isinstance(d, ChanceAware):
+                    d.set_chance(None)
+        elif isinstance(asked, (int, float)):
+            self.set_chance(float(asked))
+        for hook in self.on_loss_changed:
+            hook()
+        at = self.step_count if step is None else step
+        msg = reason or "the loss changed (told by the training loop): the loss rules start again"
+        self.event("loss_changed", step=at, by=by, message=msg)
 
     def forget_detectors(self, kinds: Iterable[str]) -> None:
         """The detectors of these finding kinds start over as built (after a structural repair:
@@ -512,6 +636,28 @@ class DecisionCore:
             self.first.setdefault(f"action:{a.kind}", a)
 
 
+def calm_limit(f: Finding, step: int) -> int:
+    """The newest step whose state a rollback at ``step`` for finding ``f`` may restore: the
+    step before, or the finding's ``healthy_step`` (the last step a detector saw calm, before
+    a spike or a blow-up began, or before units were killed) when that is earlier."""
+    healthy = f.evidence.get("healthy_step") if isinstance(f.evidence, dict) else None
+    if isinstance(healthy, int) and not isinstance(healthy, bool) and 0 <= healthy < step - 1:
+        return healthy
+    return step - 1
+
+
+def weak_call(obj: Any, method: str) -> Callable[[], None]:
+    """``obj.method()`` through a weak reference: a core's hook must not keep its front-end
+    alive (the front-end owns the core)."""
+    ref = weakref.ref(obj)
+
+    def call() -> None:
+        o = ref()
+        if o is not None:
+            getattr(o, method)()
+    return call
+
+
 class CoreView:
     """What every front-end (the torch Guard, the Keras Guard, the Monitor) shows of its
     :class:`DecisionCore` (``self.core``) and LR controller (``self.lr``), read-only."""
@@ -540,6 +686,13 @@ class CoreView:
                              "layer structure); use 'adaptive', a number or None")
         self.lr = LRController(factor=self.core.policy.lr_backoff,
                                min_scale=self.core.policy.min_lr_scale)
+        self.core.on_loss_changed.append(weak_call(self, "_rebase_clip"))
+
+    def _rebase_clip(self) -> None:
+        """The loss changed: the next gradient norm is not a jump for the adaptive clip."""
+        rebase = getattr(self.clipper, "rebase", None)
+        if rebase is not None:
+            rebase()
 
     policy = property(lambda self: self.core.policy)
     detectors = property(lambda self: self.core.detectors)
@@ -581,6 +734,18 @@ class CoreView:
     def lr_scale(self) -> float:
         """The current learning-rate multiplier (1.0 = the scheduled LR)."""
         return self.lr.scale
+
+    def loss_changed(self, reason: str = "") -> None:
+        """Tell the guard that the loss's definition changes from the next step on (a loss term
+        switched on or reweighted, a KL weight raised, a new task, dataset or curriculum
+        stage): the loss rules (spike, divergence, plateau) start again from the new level
+        instead of taking the jump for a failure. ``reason`` is quoted in the
+        ``loss_changed`` event. Weights, optimizer state, snapshots and the LR scale are kept.
+        (Without this call, a jump that persists at weights restored by a rollback is found
+        to be such a change, a few steps later: :data:`trainguard.core.SHIFT_STEPS`.)"""
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a string, got {type(reason).__name__}")
+        self.core.loss_changed(reason)
 
     def summary(self) -> str:
         """A human-readable account of the run so far."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .chain import OptimizerChain, SchedulerList
-from .core import CoreView, DecisionCore, check_int as _check_int
+from .core import CoreView, DecisionCore, check_int as _check_int, weak_call
 from .deferred import DeferredStepper
 from .detect import Detector
 from .measure import StepProbe, scaler_enabled
@@ -346,6 +346,9 @@ class Guard(CoreView):
         #: what the first loss's autograd graph says it is (stats.loss_kind), in a box shared
         #: with the deferred stepper; read until the chance level is decided, then never
         self._loss_kind: list[str | None] = [None]
+        box = self._loss_kind  # a new loss (core.loss_changed) is read again from its graph
+        self.core.on_loss_changed.append(lambda: box.__setitem__(0, None))
+        self.core.on_loss_changed.append(weak_call(self, "_rebase_clip"))
         from .loopcheck import LoopCheck
         me = weakref.ref(self)  # hooks must not keep the Guard alive
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .core import CoreView, check_int
+from .core import CoreView, calm_limit, check_int
 from .detect import Detector
 from .policy import Policy
 from .sinks.base import Sink
@@ -247,7 +247,7 @@ class Monitor(CoreView):
 
     def _rollback(self, f: Finding, t: int) -> None:
         core = self.core
-        older = [s for s in self._snaps if s[0] <= t - 1] or self._snaps[:1]
+        older = [s for s in self._snaps if s[0] <= calm_limit(f, t)] or self._snaps[:1]
         core.check_rollback(f, bool(older), self.lr.scale, t)
         step, saved = older[-1]
         for k, v in saved.items():

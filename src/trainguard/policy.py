@@ -194,6 +194,15 @@ class Policy:
             return f"{f.kind}:{cause}"
         return f.kind
 
+    def forget(self, kinds: Iterable[str]) -> None:
+        """Forget the occurrences counted so far of these finding kinds (their ladders start
+        again at the first rung): after the loss itself changed, the spikes and gradient jumps
+        that marked the change say nothing about the run from then on."""
+        kinds = set(kinds)
+        for key in list(self._seen):
+            if key.split(":", 1)[0] in kinds:
+                del self._seen[key]
+
     def state_dict(self) -> dict:
         return {"seen": {k: list(v) for k, v in self._seen.items()}}
 

@@ -177,7 +177,8 @@ def _watch_lr(d: "DivergenceDetector | PlateauDetector", s: StepStats) -> None:
 
 class DivergenceDetector(_StartNoise, ChanceAware, Detector):
     kind = "divergence"
-    _state = ("recent", "window", "lastp", "ema", "best", "initial", "above", "seen",
+    _state = ("recent", "window", "window_steps", "lastp", "ema", "best", "initial", "above",
+              "seen",
               "reported_at", "first_loss", "chance", "last3", "lastk", "bestk", "start_streak",
               "give_streak", "lr_seen", "lr_rise_at", "ruin_quiet_until", "start")
 
@@ -199,6 +200,11 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
         self.fast_window = fast_window
         self.recent: deque[float] = deque(maxlen=fast_steps + 1)
         self.window: deque[float] = deque(maxlen=fast_window)
+        #: the steps of the window's losses: a blow-up quotes the step of its low point as
+        #: ``evidence["healthy_step"]``, so that a rollback restores weights from before the
+        #: blow-up began (and the decision core can tell a loss that moved at those weights,
+        #: the data or the loss changed, from weights that went bad: DecisionCore.rolled_back)
+        self.window_steps: deque[int] = deque(maxlen=fast_window)
         self.lastp: deque[float] = deque(maxlen=patience)
         self.ema: float | None = None
         self.best: float | None = None
@@ -239,6 +245,7 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
         # after a rollback the smoothed loss restarts from the restored state's losses
         self.recent.clear()
         self.window.clear()
+        self.window_steps.clear()
         self.lastp.clear()
         self.above = 0
         self.ema = None
@@ -255,6 +262,7 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
         loss = s.loss
         self.recent.append(loss)
         self.window.append(loss)
+        self.window_steps.append(s.step)
         self.lastp.append(loss)
         self.seen += 1
         self.ema = loss if self.ema is None else self.smoothing * self.ema + (1 - self.smoothing) * loss
@@ -277,9 +285,9 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
             r = list(rc)
             out.append(self._finding(s, f"the loss grew {r[-1] / r[0]:.1e}x in {self.fast_steps} "
                                         f"steps ({r[0]:.3g} -> {r[-1]:.3g}): exponential blow-up",
-                                     {"losses": r, "trigger": "fast"}))
-            self.recent.clear()
-            self.window.clear()
+                                     {"losses": r, "trigger": "fast",
+                                      **self._calm(len(self.window_steps) - len(r), s.step)}))
+            self._clear_windows()
             return out
         win = self.window
         if len(win) >= 3:
@@ -293,9 +301,9 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
                 out.append(self._finding(
                     s, f"the loss grew {w[-1] / lo:.1e}x in {len(w) - 1 - i} steps ({lo:.3g} -> "
                        f"{w[-1]:.3g}): runaway blow-up",
-                    {"losses": w[i:], "trigger": "fast"}))
-                self.recent.clear()
-                self.window.clear()
+                    {"losses": w[i:], "trigger": "fast",
+                     **self._calm(i, s.step)}))
+                self._clear_windows()
                 return out
         if self.seen <= self.warmup or not self.progress:
             return out
@@ -318,6 +326,17 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
                 {"ema": self.ema, "best": self.best, "initial": self.initial, "trigger": "slow"}))
             self.best = self.ema  # re-arm against the new level
         return out
+
+    def _clear_windows(self) -> None:
+        self.recent.clear()
+        self.window.clear()
+        self.window_steps.clear()
+
+    def _calm(self, i: int, step: int) -> dict:
+        """``{"healthy_step": ...}``: the step of the window's ``i``-th loss, the low point a
+        blow-up started from (empty when that is this step)."""
+        at = self.window_steps[i] if 0 <= i < len(self.window_steps) else step
+        return {"healthy_step": at} if at < step else {}
 
     def _lr_cause(self, onset: int) -> bool:
         """The ruin began (``onset``, in steps seen) within the first ``early`` steps or
@@ -396,8 +415,7 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
         self.ruin_quiet_until = self.seen + self.patience
         self.last3.clear()
         self.lastk.clear()
-        self.recent.clear()
-        self.window.clear()
+        self._clear_windows()
         f = self._finding(s, msg, ev)
         if remedies:
             f.remedies = remedies

@@ -91,6 +91,10 @@ class _LogJump(Detector):
         self.history.clear()
         self._sums = None
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = None  # the running sums describe the window being replaced
+        super().load_state_dict(state)
+
     def _track_initial(self, v: float) -> None:
         if self.initial is None:
             self._first.append(v)
@@ -196,6 +200,12 @@ class _LogJump(Detector):
 
 class LossSpikeDetector(ChanceAware, _LogJump):
     kind = "loss_spike"
+    #: ``calm_step``: the last step whose loss was judged and was no spike; a finding quotes it
+    #: as ``evidence["healthy_step"]``, so that a rollback restores weights that gave a calm
+    #: loss (the snapshot of the first spiking step holds the weights that spiked), and the
+    #: decision core can tell a loss that moved at those weights (the data or the loss
+    #: changed) from weights that went bad (:meth:`DecisionCore.rolled_back`)
+    _state = _LogJump._state + ("calm_step",)
 
     def __init__(self, window: int = 64, z: float = 4.0, ratio: float = 2.0,
                  floor: float = 0.1, min_history: int = 20, jump: float = 2.5,
@@ -224,6 +234,7 @@ class LossSpikeDetector(ChanceAware, _LogJump):
         #: (bench/faults.py) injects a logit bit flip whose loss is 1.9e36 after a healthy 1.4:
         #: without this rule it went unreported until step 20.
         self.early_ratio = early_ratio
+        self.calm_step: int | None = None
 
     def _early(self, v: float) -> bool:
         h = self.history
@@ -259,7 +270,10 @@ class LossSpikeDetector(ChanceAware, _LogJump):
             return []
         jump, ev = self._judge(s.loss)
         if not jump:
+            self.calm_step = s.step
             return []
+        if self.calm_step is not None and self.calm_step < s.step:
+            ev["healthy_step"] = self.calm_step
         med = ev["median"]
         times = f"{s.loss / med:.1f}x " if med > 0 else ""
         return [Finding(

@@ -39,7 +39,7 @@ try:
 except ImportError as e:  # pragma: no cover
     raise ImportError("trainguard.integrations.keras needs Keras 3: pip install 'trainguard[keras]'") from e
 
-from ..core import CoreView, check_int
+from ..core import CoreView, calm_limit, check_int
 from ..detect import Detector
 from ..policy import Policy
 from ..sinks.base import Sink
@@ -377,7 +377,7 @@ class Guard(CoreView, keras.callbacks.Callback):
         skip = False
         if "rollback" in by:
             f = by["rollback"]
-            older = [s for s in self._snaps if s[0] <= t - 1] or self._snaps[:1]
+            older = [s for s in self._snaps if s[0] <= calm_limit(f, t)] or self._snaps[:1]
             core.check_rollback(f, bool(older), self.lr.scale, t)
             step, saved_vars, saved_opt = older[-1]
             for var, val in zip(variables, saved_vars):

@@ -62,7 +62,7 @@ class ConsoleSink(Sink):
     def on_event(self, kind: str, step: int, data: dict[str, Any]) -> None:
         if kind == "bad_batch":  # which rows the step just judged bad trained on
             self._print(f"{self.prefix} step {step}: {data.get('message', kind)}", "magenta")
-        elif kind == "coupled_losses":  # the loss-progress rules went off (judge_loss="auto")
+        elif kind in ("coupled_losses", "loss_changed"):  # the loss rules changed course
             self._print(f"{self.prefix} step {step}: {data.get('message', kind)}", "yellow")
 
     def close(self, summary: str | None = None) -> None:
