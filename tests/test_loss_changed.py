@@ -160,3 +160,20 @@ def test_the_numpy_monitor_finds_a_change_of_the_loss_too():
     mon = regression_targets_scaled()
     assert mon.counts["loss_changed"] == 1
     assert mon.lr_scale == 1.0
+
+
+def test_a_blow_up_quotes_the_step_it_started_from():
+    from trainguard.detect import DivergenceDetector
+    d = DivergenceDetector()
+    out = []
+    for t in range(70):
+        loss = 2.0 - 0.01 * t if t < 60 else 1e3 * 10 ** (t - 60)
+        out += d.update(StepStats(step=t, loss=loss, grad_norm=1.0))
+    fast = [f for f in out if f.evidence.get("trigger") == "fast"]
+    assert fast and fast[0].evidence["healthy_step"] == 59  # the low point, 1.41
+    # a state saved before the steps were kept still loads and judges
+    state = d.state_dict()
+    state.pop("window_steps")
+    e = DivergenceDetector()
+    e.load_state_dict(state)
+    assert isinstance(e.update(StepStats(step=70, loss=1e9, grad_norm=1.0)), list)
