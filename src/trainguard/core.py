@@ -72,16 +72,17 @@ COUPLED_MESSAGE = (
     "loss spikes and blow-ups (a policy-gradient surrogate)")
 
 
-#: after a rollback that answered loss spikes (or a 1e4x blow-up), the first ``SHIFT_STEPS`` = 2 losses are
-#: compared with the spike: the rollback restored weights that gave a calm loss (the spike
-#: finding's ``healthy_step``), and the first of these losses is computed at exactly those
-#: weights, the second after one update at the lowered learning rate. Weights that went bad
-#: give a calm loss again once restored (the zoo's and bench/faults.py's spikes: a corrupted
-#: weight, a bad batch, an LR too high all drop back at the first restored step); when both
-#: stay at the spike's level, the loss moved at weights that were fine before: the data or the
-#: loss function changed (a loss term switched on, a new task or curriculum stage), which no
-#: rollback or learning-rate cut can undo (a VAE whose KL term is switched on at step 1,000:
-#: two skips, a rollback, and three LR cuts to 3.5% of its schedule before this test)
+#: after a rollback that answered loss spikes (or a 1e4x blow-up), the first ``SHIFT_STEPS``
+#: = 2 losses are compared with the spike: the rollback restored weights that gave a calm loss
+#: (the finding's ``healthy_step``), and the first of these losses is computed at exactly
+#: those weights, the second after one update at the lowered learning rate. Weights that went
+#: bad give a calm loss again once restored (a corrupted weight, a bad batch, an LR too high:
+#: the zoo, bench/faults.py and bench/loss_changes.py's control keep their findings and
+#: actions with this test); when both stay at the spike's level, the loss moved at weights
+#: that were fine before: the data or the loss function changed (a loss term switched on, a
+#: new task or curriculum stage), which no rollback or learning-rate cut can undo (a VAE whose
+#: KL term is switched on at step 1,000: two skips, a rollback, and three LR cuts to 3.5% of
+#: its schedule before this test; a class-incremental digits run halted after 8 rollbacks)
 SHIFT_STEPS = 2
 #: ... "at the spike's level": above the geometric midpoint of the pre-spike median and the
 #: spike (log space; the midpoint in raw units for losses that are not all positive), i.e.
@@ -395,10 +396,10 @@ class DecisionCore:
             self._shift = _ShiftProbe(step, float(med), float(spike), calm, to_step)
 
     def _judge_shift(self, stats: StepStats) -> None:
-        """A step after a rollback for loss spikes or a blow-up (:data:`SHIFT_STEPS`): the loss at the
-        restored weights either came back down (the probe ends: the weights were the cause) or
-        stayed at the spike's level, and then the loss itself changed: :meth:`loss_changed`,
-        and the learning-rate cut made with the rollback is undone."""
+        """A step after a rollback for loss spikes or a blow-up (:data:`SHIFT_STEPS`): the loss
+        at the restored weights either came back down (the probe ends: the weights were the
+        cause) or stayed at the spike's level, and then the loss itself changed:
+        :meth:`loss_changed`, and the learning-rate cut made with the rollback is undone."""
         probe = self._shift
         assert probe is not None
         if not stats.loss_usable or stats.scaler_overflow or not probe.kept(stats.loss):

@@ -293,8 +293,12 @@ class StepProbe:
                 continue
             if n == "__activations__":
                 sampled = kinds[n]
+                rows = sampled.rows
                 for name, (kind, four) in sampled.unpack(vals[i:i + sampled.size]).items():
-                    acts[name] = StepProbe.activation_record(kind, *four)
+                    rec = StepProbe.activation_record(kind, *four)
+                    if name in rows and rec.get("dead_fraction") is not None:
+                        rec["rows"] = rows[name]
+                    acts[name] = rec
                 i += sampled.size
         return scale, (acts or None)
 

@@ -154,6 +154,10 @@ class SampledActivations:
                  ) -> None:
         self.kinds = {n: k for n, (k, _p, _l) in entries.items()}
         self._entries = [(n, lay) for n, (_k, _p, lay) in entries.items()]
+        #: name -> the rows (samples x positions) each unit of a ReLU-family output was seen
+        #: on: a unit silent on few rows may only be selective (detect.units.MIN_ROWS)
+        self.rows = {n: lay.numel // lay.units for n, lay in self._entries
+                     if lay is not None and lay.dead and lay.units}
         scalars = [t for _k, p, lay in entries.values() if lay is not None for t in p]
         vectors = [p[0] for _k, p, lay in entries.values() if lay is None]
         parts = ([torch.stack(scalars)] if scalars else []) + vectors

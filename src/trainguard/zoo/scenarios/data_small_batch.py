@@ -9,6 +9,10 @@ Calibration (seeds 0-2): batch 2 ends at 2.6-3.2; batch 512 at the same LR reach
 batch 2 with lr 0.02 reaches 0.30-0.33.
 (research/mechanisms.md section 4.1, Z15)
 
+Under the Guard the divergence rules name it within the first 10 steps. At batch 2, units
+killed short of the whole layer are not judged (DeadUnitsDetector.min_rows: on 2 rows a living
+layer reads as dying), so dead_units appears only when the whole layer dies.
+
 Setup: digits MLP 64-64-10, SGD lr LR (momentum 0.9), 400 steps at batch 2.
 Criterion: held-out cross-entropy < THRESHOLD; the same LR at batch 512 reaches ~0.1.
 """
