@@ -57,7 +57,8 @@ class DeadUnitsDetector(Detector):
         #: digits MLP (64-128-10, SGD momentum 0.9, batch 4, label smoothing 0.1; 19% of its
         #: units silent on the whole training set at step 2,000, 99.4% accuracy): the layer
         #: reads 63% dead on 4 rows, 51% on 8, 44% on 16 and 40% on 32, against 26/18/14/10% at
-        #: initialisation; the Guard rolled it back 8 times and halted. The margin at 32 rows
+        #: initialisation; the Guard halted that run at step 1,340 after 8 rollbacks
+        #: (tests/test_small_batch.py trains it). The margin at 32 rows
         #: is thin: without label smoothing (30% truly silent, from 2%; 95.9% accuracy) the
         #: layer reads 58% on 32 rows, against the 60% ``level`` (python bench/dead_rows.py
         #: prints these readings). A whole layer dead (``full``) is judged on any number of
