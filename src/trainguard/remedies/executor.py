@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
-from ..core import QUIET, DecisionCore
+from ..core import QUIET, DecisionCore, calm_limit
 from ..measure import HUGE_STATE, HUGE_WEIGHT, StepProbe, scaler_enabled, scaler_stage_ready
 from ..policy import Plan, Policy
 from ..types import Finding, StepStats, TrainingUnstable
@@ -147,7 +147,7 @@ class Executor:
             f = by["rollback"]
             healthy = f.evidence.get("healthy_step") if isinstance(f.evidence, dict) else None
             snap = self.snapshots.choose(before_step=step - 1, healthy=healthy)
-            limit = healthy if isinstance(healthy, int) and 0 <= healthy < step else step - 1
+            limit = calm_limit(f, step)
             disk = None
             if self.checkpoints is not None and (snap is None or snap.step > limit):
                 disk = self.checkpoints.newest(at_or_before=limit)
