@@ -107,7 +107,8 @@ def test_policy_forget_starts_the_ladder_again():
 def test_core_loss_changed_restarts_the_loss_rules_and_asks_the_chance_again():
     core = DecisionCore(chance_loss="auto")
     for t in range(30):
-        core.detect(StepStats(step=t, loss=2.0 - 0.01 * t, grad_norm=1.0), infer_chance=lambda _: 2.3)
+        core.detect(StepStats(step=t, loss=2.0 - 0.01 * t, grad_norm=1.0),
+                    infer_chance=lambda _: 2.3)
     assert core.chance_loss == 2.3
     told = []
     core.on_loss_changed.append(lambda: told.append(1))

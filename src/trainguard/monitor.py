@@ -247,7 +247,8 @@ class Monitor(CoreView):
 
     def _rollback(self, f: Finding, t: int) -> None:
         core = self.core
-        older = [s for s in self._snaps if s[0] <= calm_limit(f, t)] or self._snaps[:1]
+        limit = calm_limit(f, t)
+        older = [s for s in self._snaps if s[0] <= limit] or self._snaps[:1]
         core.check_rollback(f, bool(older), self.lr.scale, t)
         step, saved = older[-1]
         for k, v in saved.items():

@@ -155,7 +155,7 @@ class SampledActivations:
         self.kinds = {n: k for n, (k, _p, _l) in entries.items()}
         self._entries = [(n, lay) for n, (_k, _p, lay) in entries.items()]
         #: name -> the rows (samples x positions) each unit of a ReLU-family output was seen
-        #: on: a unit silent on few rows may only be selective (detect.units.MIN_ROWS)
+        #: on: a unit silent on few rows may only be selective (``DeadUnitsDetector.min_rows``)
         self.rows = {n: lay.numel // lay.units for n, lay in self._entries
                      if lay is not None and lay.dead and lay.units}
         scalars = [t for _k, p, lay in entries.values() if lay is not None for t in p]

@@ -334,16 +334,17 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
 
     #: a blow-up's low point must be a level the loss left, not a lucky batch: the median of
     #: the losses up to it (the window's, and the ones that left the window last) is at most
-    #: ``TYPICAL`` = sqrt(fast_factor) = 100 times it (when there are at least 3 of them). The single-example losses of a converged classifier
-    #: (batch 1-4) span 1e-6 to ~3 from one batch to the next, so 1e4x over a window's lucky
-    #: minimum is noise there: a digits MLP at batch 4 with one class rare (96% accuracy bare)
-    #: was halted on "the loss grew 1.3e4x in 3 steps (0.000158 -> 2.01)"; its six runaway
-    #: findings had the window's median 100-4,700x its minimum (tests/test_small_batch.py
-    #: replays such a stream). A blow-up from a settled level has its median within a few
-    #: times its minimum (batch noise); the losses after the low point are not counted, since
-    #: a blow-up that builds up over the window lifts them (the zoo's exploding RNN after a
-    #: rollback). Two hard examples in a row after a typical low still count (Adam at batch 1:
-    #: median 9x the low point)
+    #: ``TYPICAL`` = sqrt(fast_factor) = 100 times it (when there are at least 3 of them).
+    #: The single-example losses of a converged classifier (batch 1-4) span 1e-6 to ~3 from
+    #: one batch to the next, so 1e4x over a window's lucky minimum is noise there: a digits
+    #: MLP at batch 4 with one class rare (96% accuracy bare) was halted on "the loss grew
+    #: 1.3e4x in 3 steps (0.000158 -> 2.01)"; its six runaway findings had the window's median
+    #: 100-4,700x its minimum (a scratch run; tests/test_small_batch.py replays such a
+    #: stream). A blow-up from a settled level has its median within a few times its minimum
+    #: (batch noise); the losses after the low point are not counted, since a blow-up that
+    #: builds up over the window lifts them (the zoo's exploding RNN after a rollback). Two
+    #: hard examples in a row after a typical low still count (Adam at batch 1: median 9x the
+    #: low point)
     TYPICAL = 100.0
 
     def _typical(self, lo: float, i: int) -> bool:

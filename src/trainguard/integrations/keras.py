@@ -377,7 +377,8 @@ class Guard(CoreView, keras.callbacks.Callback):
         skip = False
         if "rollback" in by:
             f = by["rollback"]
-            older = [s for s in self._snaps if s[0] <= calm_limit(f, t)] or self._snaps[:1]
+            limit = calm_limit(f, t)
+            older = [s for s in self._snaps if s[0] <= limit] or self._snaps[:1]
             core.check_rollback(f, bool(older), self.lr.scale, t)
             step, saved_vars, saved_opt = older[-1]
             for var, val in zip(variables, saved_vars):

@@ -79,9 +79,8 @@ class AdaptiveClip:
     def rebase(self) -> None:
         """The loss changed (``guard.loss_changed()``, or found so after a rollback): the next
         norm is not compared with the last one, so a gradient scale that moved with the loss
-        is not clipped as a sudden jump; the statistics then follow the new level (EMA 0.97:
-        a norm above the threshold enters them at the threshold, which the variance lifts
-        within some 20 steps)."""
+        is not clipped as a sudden jump; the statistics then follow the new level through their
+        EMA (0.97), a norm above the threshold entering them at the threshold."""
         self.last = math.inf
 
     def _observe(self, x: float) -> None:
