@@ -277,20 +277,133 @@ class GAN(L.LightningModule):
                 torch.optim.Adam(self.D.parameters(), lr=1e-3, betas=(0.5, 0.999))]
 
 
-def test_a_gan_with_two_optimizers_is_left_alone():
-    # the first optimizer (the generator's) is guarded and sees both players' losses, coupled:
-    # its progress rules took them for a stall or progress lost and acted on them
+def _ring_loader(batches=200):
     ring = torch.tensor([[math.cos(k * math.pi / 4), math.sin(k * math.pi / 4)]
                          for k in range(8)]) * 2
     g = torch.Generator().manual_seed(0)
-    data = ring[torch.randint(0, 8, (64 * 200,), generator=g)] + 0.05 * torch.randn(
-        64 * 200, 2, generator=g)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=64)
+    data = ring[torch.randint(0, 8, (64 * batches,), generator=g)] + 0.05 * torch.randn(
+        64 * batches, 2, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=64)
+
+
+def _fit_gan(model, callbacks, max_steps=400, **kw):
+    torch.manual_seed(1)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks, **kw)
+    trainer.fit(model, _ring_loader())
+    return trainer
+
+
+def test_a_gan_with_two_optimizers_has_a_guard_per_player(tmp_path):
+    # before, the first optimizer's Guard (on the whole module) decided at both optimizers'
+    # steps with the other player's loss, and the discriminator's step went unguarded
+    cb = GuardCallback(console=False, log=str(tmp_path / "run.jsonl"))
+    guarded = GAN()
+    _fit_gan(guarded, [cb])
+    bare = GAN()
+    _fit_gan(bare, [])
+    assert cb.players == ["G", "D"] and cb.guard is cb.guards[0]
+    assert [g.model for g in cb.guards] == [guarded.G, guarded.D]
+    assert all(g.core.coupled for g in cb.guards)
+    assert [g.core.step_count for g in cb.guards] == [200, 200]
+    assert not any(g.findings or g.actions for g in cb.guards)
+    # a healthy run is the bare run, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(guarded.parameters(), bare.parameters()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.D.jsonl", "run.G.jsonl"]
+    assert [[s.prefix for s in g.core.sinks if hasattr(s, "prefix")] for g in cb.guards] == [
+        ["trainguard/G"], ["trainguard/D"]]
+
+
+class NaNCritic(GAN):
+    """The discriminator's loss is NaN on batch 50 (a bad real batch)."""
+
+    def training_step(self, batch, batch_idx):
+        real, = batch
+        if batch_idx == 50:
+            real = real * float("nan")
+        return super().training_step((real,), batch_idx)
+
+
+def test_a_nan_in_the_discriminators_step_is_skipped_by_its_own_guard():
     cb = GuardCallback(console=False)
-    trainer = L.Trainer(max_steps=400, accelerator="cpu", devices=1, logger=False,
+    model = NaNCritic()
+    _fit_gan(model, [cb], max_steps=200)
+    g_guard, d_guard = cb.guards
+    assert [(a.step, a.kind) for a in d_guard.actions] == [(50, "skip")]
+    assert d_guard.findings[0].kind == "nonfinite" and d_guard.findings[0].step == 50
+    assert not g_guard.findings and not g_guard.actions
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_players_state_round_trips_through_a_checkpoint(tmp_path):
+    cb = GuardCallback(console=False)
+    _fit_gan(GAN(), [cb], max_steps=40)
+    ckpt = {}
+    cb.on_save_checkpoint(None, GAN(), ckpt)
+    assert set(ckpt["trainguard_players"]) == {"G", "D"}
+    again = GuardCallback(console=False)
+    again.on_load_checkpoint(None, None, ckpt)
+    _fit_gan(GAN(), [again], max_steps=2)
+    assert [g.core.step_count for g in again.guards] == [21, 21]
+
+
+class Tangled(GAN):
+    """Two optimizers that do not split the module into players."""
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam([*self.G.parameters(), *self.D[0].parameters()], lr=1e-3),
+                torch.optim.Adam(list(self.D[2:].parameters()), lr=1e-3)]
+
+
+def test_optimizers_that_split_no_submodule_guard_the_first_only():
+    cb = GuardCallback(console=False)
+    with pytest.warns(RuntimeWarning, match="only the first one is guarded"):
+        _fit_gan(Tangled(), [cb], max_steps=100)
+    assert cb.players == [] and len(cb.guards) == 1
+    assert cb.guard.core.coupled
+    # it decides at its own optimizer's steps only, on its own losses
+    assert cb.guard.core.step_count == 50
+    assert not cb.guard.findings and not cb.guard.actions
+
+
+class TwoHeads(L.LightningModule):
+    """Two optimizers on one backward pass (manual optimization): each trains one submodule."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.body = nn.Sequential(nn.Linear(8, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_body, opt_head = self.optimizers()
+        loss = nn.functional.mse_loss(self.head(self.body(x)), y)
+        opt_body.zero_grad()
+        opt_head.zero_grad()
+        self.manual_backward(loss)
+        opt_body.step()
+        opt_head.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.body.parameters(), lr=0.05),
+                torch.optim.Adam(self.head.parameters(), lr=1e-3)]
+
+
+def test_players_stepped_on_one_backward_pass_both_judge_its_loss():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 8, generator=g)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    cb = GuardCallback(console=False)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[cb])
-    with pytest.warns(RuntimeWarning, match="only the first one is guarded"):
-        trainer.fit(GAN(), loader)
-    assert cb.guard.core.coupled
-    assert not cb.guard.findings and not cb.guard.actions
+    trainer.fit(TwoHeads(), loader)
+    body, head = cb.guards
+    assert cb.players == ["body", "head"]
+    assert body.core.step_count == head.core.step_count == 40
+    assert [r.loss for r in head.history] == [r.loss for r in body.history]
+    assert not body.findings and not head.findings
