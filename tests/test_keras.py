@@ -15,9 +15,10 @@ BACKENDS = ["tensorflow", "torch"]
 
 
 CASES = {"tensorflow": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "deep_sigmoid_fit",
-                        "tape_loop", "bad_input", "zoo_subset", "unused_layer_fit"],
+                        "tape_loop", "bad_input", "zoo_subset", "unused_layer_fit",
+                        "unused_layer_tape"],
          "torch": ["healthy_fit", "nan_batch_fit", "lr_too_high_fit", "tape_loop",
-                   "unused_layer_fit"]}
+                   "unused_layer_fit", "unused_layer_tape"]}
 _results: dict[str, dict] = {}
 
 
@@ -96,6 +97,15 @@ def test_keras_zoo_scenarios_fail_bare_and_are_repaired():
 def test_a_layer_the_loss_never_uses_trains_and_is_named_once(backend):
     r = run("unused_layer_fit", backend)
     assert r["finite"] and r["steps"] == 32, r
+    aux = r["modules"][0]
+    assert r["missing"] == [aux], r
+    assert r["findings"] == [["vanishing_gradient", "info", aux, "no_gradient"]], r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_layer_the_loss_never_uses_trains_in_a_tape_loop_as_bare(backend):
+    r = run("unused_layer_tape", backend)
+    assert r["same"] and r["steps"] == 32 and not r["actions"], r
     aux = r["modules"][0]
     assert r["missing"] == [aux], r
     assert r["findings"] == [["vanishing_gradient", "info", aux, "no_gradient"]], r

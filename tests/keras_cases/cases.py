@@ -164,28 +164,29 @@ def case_bad_input():
     return out
 
 
+class WithAux(keras.Model):
+    """A model with a layer the loss never uses (built, trainable, handed to the optimizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = keras.layers.Dense(1)
+        self.hidden = keras.layers.Dense(16, activation="tanh")
+        self.out = keras.layers.Dense(1)
+
+    def build(self, shape) -> None:
+        self.aux.build(shape)
+        self.hidden.build(shape)
+        self.out.build((shape[0], 16))
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
 def case_unused_layer_fit():
-    """A model with a layer the loss never uses (built, trainable, handed to the optimizer):
-    Keras leaves it out with a warning; the Guard's optimizer crashed on its None gradient
-    ("None values not supported"). Now it trains, and the layer is named once in the
-    no-gradient note."""
+    """Keras leaves the unused layer out with a warning; the Guard's optimizer crashed on its
+    None gradient ("None values not supported"). Now it trains, and the layer is named once in
+    the no-gradient note."""
     keras.utils.set_random_seed(0)
-
-    class WithAux(keras.Model):
-        def __init__(self) -> None:
-            super().__init__()
-            self.aux = keras.layers.Dense(1)
-            self.hidden = keras.layers.Dense(16, activation="tanh")
-            self.out = keras.layers.Dense(1)
-
-        def build(self, shape) -> None:
-            self.aux.build(shape)
-            self.hidden.build(shape)
-            self.out.build((shape[0], 16))
-
-        def call(self, x):
-            return self.out(self.hidden(x))
-
     m = WithAux()
     m.build((None, 8))
     g = Guard()
@@ -196,6 +197,44 @@ def case_unused_layer_fit():
     return {"findings": [[f.kind, f.severity, f.where, f.evidence.get("cause")] for f in g.findings],
             "missing": list(s.missing_grad_modules), "modules": list(s.modules),
             "finite": all(np.isfinite(w).all() for w in weights(m)), "steps": g.core.step_count}
+
+
+def case_unused_layer_tape():
+    """The same model in a GradientTape loop: ``optimizer.apply_gradients`` leaves the None
+    gradient out with a warning, and ``guard.apply_gradients`` refused it ("no gradient for
+    ..."). Now it trains as the bare loop does, bit for bit, and names the layer once."""
+    backend = keras.backend.backend()
+    x, y = data()
+    out = {}
+    for guarded in (False, True):
+        keras.utils.set_random_seed(0)
+        m = WithAux()
+        m.build((None, 8))
+        opt = keras.optimizers.Adam(1e-2)
+        g = Guard()
+        for i in range(32):
+            xb, yb = x[32 * (i % 16):32 * (i % 16 + 1)], y[32 * (i % 16):32 * (i % 16 + 1)]
+            if backend == "tensorflow":
+                import tensorflow as tf
+                with tf.GradientTape() as tape:
+                    loss = ops.mean(ops.square(m(xb, training=True) - yb))
+                grads = tape.gradient(loss, m.trainable_variables)
+            else:
+                import torch
+                m.zero_grad()
+                loss = ops.mean(ops.square(m(torch.tensor(xb), training=True) - torch.tensor(yb)))
+                loss.backward()
+                grads = [v.value.grad for v in m.trainable_variables]
+            if guarded:
+                g.apply_gradients(opt, zip(grads, m.trainable_variables), loss)
+            else:
+                opt.apply_gradients(zip(grads, m.trainable_variables))
+        out["guarded" if guarded else "bare"] = weights(m)
+    s = g.core.history[-1]
+    same = all(np.array_equal(a, b) for a, b in zip(out["bare"], out["guarded"]))
+    return {"findings": [[f.kind, f.severity, f.where, f.evidence.get("cause")] for f in g.findings],
+            "missing": list(s.missing_grad_modules), "modules": list(s.modules),
+            "same": same, "steps": g.core.step_count, "actions": [a.kind for a in g.actions]}
 
 
 def case_zoo_subset():

@@ -298,11 +298,15 @@ class Guard(CoreView, keras.callbacks.Callback):
                              "zip(grads, model.trainable_variables) gives")
         grads = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
+        # a variable the loss does not reach has no gradient (None): as in ``fit``, its norm is
+        # a 0.0 placeholder, its layer is named when none of its variables had one, and the
+        # None goes on to the optimizer, which leaves it out with Keras' warning
+        missing = tuple(i for i, g in enumerate(grads) if g is None)
+        if len(missing) == len(grads):
+            raise ValueError("no variable has a gradient: check that the loss depends on "
+                             "the variables given (tape.gradient(loss, model.trainable_variables))")
         for g, var in zip(grads, variables):
-            if g is None:
-                raise ValueError(f"no gradient for {getattr(var, 'path', var)}: drop it from the "
-                                 "pairs or check that it is used by the loss")
-            if tuple(g.shape) != tuple(var.shape):
+            if g is not None and tuple(g.shape) != tuple(var.shape):
                 raise ValueError(f"the gradient for {getattr(var, 'path', var)} has shape "
                                  f"{tuple(g.shape)}, expected {tuple(var.shape)}")
         self.core.take_turn()
@@ -312,10 +316,11 @@ class Guard(CoreView, keras.callbacks.Callback):
         opt_vars = list(optimizer.variables)
         if not self._snaps and self.core.rollbacks == 0:
             self._snapshot_now(t, variables, opt_vars)
-        norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32")))) for g in grads])
+        norms = ops.stack([ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32"))))
+                           if g is not None else ops.zeros((), "float32") for g in grads])
         gn = _to_numpy(norms)
         lv = float(_to_numpy(loss).reshape(()))
-        stats = self._stats(t, lv, gn, variables)
+        stats = self._stats(t, lv, gn, variables, missing=missing)
         plan, findings, severe = self._decide(stats)
         by = dict(plan.actions)
         skip = self._late(plan, t, variables, opt_vars, optimizer)
@@ -328,7 +333,8 @@ class Guard(CoreView, keras.callbacks.Callback):
         if applied:
             coef = self.core.clip_scale(self.clipper, by.get("clip"), stats.grad_norm, t)
             if coef < 1.0:
-                grads = [ops.multiply(g, ops.cast(coef, g.dtype)) for g in grads]
+                grads = [ops.multiply(g, ops.cast(coef, g.dtype)) if g is not None else None
+                         for g in grads]
             optimizer.apply_gradients(zip(grads, variables))
         self.lr.tick(troubled=severe)
         self._after(stats, applied, t, variables, list(optimizer.variables))
