@@ -313,3 +313,17 @@ def test_saturation_threshold_and_patience():
     assert feed(SaturationDetector(), [st(0, acts=_sat(0.8)), st(50, acts=_sat(0.8))])
     assert feed(SaturationDetector(), [st(0, acts=_sat(0.8))]) == []
     assert feed(SaturationDetector(), [st(0, acts=_sat(0.7)), st(50, acts=_sat(0.7))]) == []
+
+
+def test_a_plateau_is_noted_again_only_after_a_new_stage_of_progress():
+    r = np.random.RandomState(0)
+    # a loss resting on its own floor (a Poisson NLL at 0.73, batch noise 0.2 in log space):
+    # each new 1% best of its noisy smoothed loss re-armed the note (3 notes here before; 6-7
+    # in 3,000 steps of the real run, bench/giveback_noise.py)
+    floor = list(np.linspace(1.0, 0.73, 200) * np.exp(0.2 * r.randn(200))) + list(
+        0.73 * np.exp(0.2 * r.randn(2800)))
+    notes = feed(PlateauDetector(), [st(i, loss=float(v)) for i, v in enumerate(floor)])
+    assert len(notes) == 1 and notes[0].severity == "info"
+    # a stall, then a new stage of progress (30% lower), then a stall again: two notes
+    staged = [2.3] * 300 + list(np.linspace(2.3, 1.5, 200)) + [1.5] * 300
+    assert [f.step for f in feed(PlateauDetector(), [st(i, loss=v) for i, v in enumerate(staged)])] == [119, 613]

@@ -359,3 +359,57 @@ def test_a_regression_whose_first_mse_lies_near_ln_v_is_not_taken_for_a_classifi
     assert abs(first - math.log(10)) <= 0.15 * math.log(10)  # the coincidence this test needs
     assert g.chance_loss is None
     assert not g.findings, [str(f) for f in g.findings]
+
+
+def _noisy_level(seed, ruin_at=None):
+    """A loss that starts quiet (a Poisson NLL at init: exp(0) - y*0 = 1 on every batch),
+    comes down 27% and then wanders with a batch noise of 0.2 in log space."""
+    r = np.random.RandomState(seed)
+    start = list(1.0 + 0.005 * r.randn(20))
+    descent = list(np.linspace(1.0, 0.73, 200) * np.exp(0.2 * r.randn(200)))
+    level = 0.73 * np.exp(0.2 * r.randn(2800))
+    if ruin_at is not None:
+        level[ruin_at:] *= 3.0
+    return start + descent + list(level)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 7, 12])
+def test_giveback_silent_when_the_progress_is_within_the_noise_of_its_median(seed):
+    # each of these seeds gave back "81%" of a progress the noisy best made up
+    assert feed(DivergenceDetector(), _noisy_level(seed)) == []
+
+
+def test_giveback_beyond_the_noise_is_still_found():
+    f = feed(DivergenceDetector(), _noisy_level(0, ruin_at=1000))
+    assert f and f[0].evidence["trigger"] == "giveback"
+    assert 1220 <= f[0].step <= 1240
+
+
+def test_a_poisson_regression_near_its_floor_is_not_a_divergence():
+    # a real run that read "the loss 0.8858 (median of the last 9) has given back 81% of the
+    # progress made from 0.9685 down to its best 0.5266" at step 992: rollbacks and LR cuts
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import make_regression
+    from torch import nn
+
+    import trainguard as tg
+
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    x, _ = make_regression(n_samples=4000, n_features=20, n_informative=10, noise=10.0,
+                           random_state=1)
+    x = torch.tensor(x, dtype=torch.float32)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 1))
+    counts = torch.poisson(torch.exp(x[:, :3].sum(1, keepdim=True) * 0.3), generator=g)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    guard = tg.Guard(model, opt, console=False)
+    for _ in range(1100):
+        idx = torch.randint(0, len(x), (32,), generator=g)
+        opt.zero_grad()
+        loss = F.poisson_nll_loss(model(x[idx]), counts[idx], log_input=True, full=False)
+        loss.backward()
+        guard.step(loss)
+    assert not [f for f in guard.findings if f.kind == "divergence"]
+    assert not [a for a in guard.actions if a.kind in ("rollback", "lr_backoff")]
