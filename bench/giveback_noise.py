@@ -64,7 +64,9 @@ def synthetic() -> None:
         print(f"  {sigma:<5} | {false:>2}/40 | {found:>2}/40 | {med}")
 
 
-def poisson(seed: int) -> str:
+def poisson_guarded(seed: int, steps: int = 3000) -> tuple[tg.Guard, list[float]]:
+    """The Poisson-NLL regression of the module docstring under the default Guard (also
+    tests/test_detect_ruin.py)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, _ = make_regression(n_samples=4000, n_features=20, n_informative=10, noise=10.0,
@@ -76,7 +78,7 @@ def poisson(seed: int) -> str:
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     guard = tg.Guard(model, opt, console=False)
     losses = []
-    for _ in range(3000):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (32,), generator=g)
         opt.zero_grad()
         loss = F.poisson_nll_loss(model(x[idx]), counts[idx], log_input=True, full=False)
@@ -84,6 +86,11 @@ def poisson(seed: int) -> str:
         guard.step(loss)
         losses.append(loss.item())
     guard.close()
+    return guard, losses
+
+
+def poisson(seed: int) -> str:
+    guard, losses = poisson_guarded(seed)
     return (f"  seed {seed}: first loss {losses[0]:.3f}, last 200 {np.mean(losses[-200:]):.3f}; "
             f"findings {dict(guard.finding_counts)}; actions {dict(guard.action_counts)}; "
             f"LR scale {guard.lr_scale:.3g}")
