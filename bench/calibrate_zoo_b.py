@@ -1,6 +1,6 @@
 """Calibrate zoo part-B scenarios: python bench/calibrate_zoo_b.py MODULE [SEEDS] [MODES]
 prints pass/fail, metric, findings {kind: [count, first step]} and actions per run."""
-import sys, math, time, importlib, collections
+import sys, time, importlib, collections
 import torch
 torch.set_num_threads(1)
 import trainguard as tg

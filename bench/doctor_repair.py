@@ -322,7 +322,6 @@ def run(seeds: int, steps: int, only: list[str] | None = None, zoo: bool = False
                         plan=[menu[rng.integers(len(menu))]], max_trials=1, **common)
             rk = repair(case.model_fn, case.optimizer_fn, case.loss_fn, case.data,
                         plan=list(rng.permutation(menu)[:k]), max_trials=k, **common)
-            base = r.baseline_seconds
             row = {"case": case.name, "seed": seed, "steps": n_steps, "baseline": r.baseline_metric,
                    "baseline_pass": _passed(case, r.baseline_metric, [])}
             for tag, res in (("repair", r), ("random1", r1), ("randomk", rk)):

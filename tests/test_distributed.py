@@ -22,7 +22,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("mode", ["ddp", "ddp_nosync", "fsdp"])
 def test_all_ranks_decide_together(mode, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), mode, str(tmp_path)]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), mode, str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     if proc.returncode != 0:
