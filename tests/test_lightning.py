@@ -407,3 +407,18 @@ def test_players_stepped_on_one_backward_pass_both_judge_its_loss():
     assert body.core.step_count == head.core.step_count == 40
     assert [r.loss for r in head.history] == [r.loss for r in body.history]
     assert not body.findings and not head.findings
+
+
+def test_a_checkpoint_of_the_other_layout_is_said_and_left_out():
+    # one Guard's state into a run with players, and players' states into a one-Guard run
+    single = {"trainguard": {"core": {}}}
+    cb = GuardCallback(console=False)
+    cb.on_load_checkpoint(None, None, single)
+    with pytest.warns(RuntimeWarning, match="holds one Guard's state"):
+        _fit_gan(GAN(), [cb], max_steps=2)
+    assert [g.core.step_count for g in cb.guards] == [1, 1]
+    cb2 = GuardCallback(console=False)
+    cb2.on_load_checkpoint(None, None, {"trainguard_players": {"G": {}, "D": {}}})
+    with pytest.warns(RuntimeWarning, match="states of players"):
+        _fit_gan(Tangled(), [cb2], max_steps=2)
+    assert cb2.players == [] and cb2.guard.core.step_count == 1

@@ -346,13 +346,11 @@ class GuardCallback(Callback):
         out = None
         if closure is not None:
             out = closure()  # training_step, backward, on_before_optimizer_step, clipping
-        guard = self.guards[_player] if _player < len(self.guards) else None
-        orig = self._orig_steps[_player]
+        guard, orig = self.guards[_player], self._orig_steps[_player]
         go, self._go = self._go, None
         if go is None:  # the hook did not run (a custom loop): decide here, after any clipping
-            go = guard.decide_step(self._window_loss()) if guard is not None else True
+            go = guard.decide_step(self._window_loss())
         if go:
-            assert guard is not None
             with guard.applying():
                 if closure is not None and guard.executor.needs_closure:
                     # LBFGS: its first evaluation is the one just measured; the others rerun
