@@ -7,15 +7,16 @@
 names; nothing is downloaded). Its recipe: AdamW lr 5e-4, weight decay 0.01, betas (0.9, 0.99),
 batch 32, character-level cross-entropy with ``ignore_index=-1``, the model returning
 ``(logits, loss)``. The scratch copy replaces TensorBoard's ``SummaryWriter`` with a stub (not
-installed here), runs the data loader in the main process, prints every 250 steps and skips the
-sampling; the guarded copy adds the user's two lines, ``guard = tg.Guard(model, optimizer,
+installed here), runs the data loader in the main process and skips the sampling; the guarded copy adds the user's two lines, ``guard = tg.Guard(model, optimizer,
 log=...)`` and ``guard.step(loss)`` in place of ``optimizer.step()``, and prints the Guard's
 findings and actions at the end.
 
 For each ``--types`` model the bare and the guarded script run ``--steps`` steps on one CPU
 thread (``--jobs`` at a time); the script prints the example's own evaluation lines (train and
-test loss every 500 steps), whether the two runs' lines are identical, and the Guard's
-findings and actions. ``--src``: import trainguard from another ``src/`` (the code before a
+test loss every 500 steps), whether the two runs' lines are identical, the Guard's findings
+and actions, and the median of the example's own step times (printed every 10 steps, the
+first 100 steps left out) of each run with their ratio: a time figure only with ``--jobs 1``
+on a quiet machine. ``--src``: import trainguard from another ``src/`` (the code before a
 change).
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import concurrent.futures
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +48,6 @@ def patch(src: str, guarded: bool) -> str:
              "    def add_scalar(self, *a): pass\n"
              "    def flush(self): pass\n", src)
     s = _sub("if step > 0 and step % 200 == 0:", "if False:  # makemore_trial: no sampling\n       ", s)
-    s = _sub("if step % 10 == 0:", "if step % 250 == 0:", s)
     if not guarded:
         return s
     s = _sub("    # init dataloader\n",
@@ -71,6 +72,12 @@ def run(work: str, kind: str, name: str, a: argparse.Namespace, env: dict) -> st
     if out.returncode != 0:
         raise SystemExit(f"makemore_trial: {kind} {name} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
     return out.stdout
+
+
+def step_times(out: str) -> list[float]:
+    """The example's own ``step N | loss L | step time T ms`` lines, after step 100."""
+    return [float(t) for n, t in re.findall(r"step (\d+) \| loss \S+ \| step time ([\d.]+)ms", out)
+            if int(n) >= 100]
 
 
 def main() -> None:
@@ -113,6 +120,9 @@ def main() -> None:
         for ln in outs[(k, "guarded")].splitlines():
             if ln.startswith(("FINDINGS", "ACTIONS")):
                 print(f"    {ln}")
+        ms = {n: statistics.median(step_times(outs[(k, n)])) for n in ("bare", "guarded")}
+        print(f"    median step time: bare {ms['bare']:.2f} ms, guarded {ms['guarded']:.2f} ms "
+              f"(guarded/bare {ms['guarded'] / ms['bare']:.3f})")
     print(f"scratch copy: {work}")
 
 

@@ -571,8 +571,8 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
         #: of karpathy/makemore a plateau (bigram, MLP, RNN, GRU, BoW and Transformer at its
         #: defaults, AdamW 5e-4: noted at steps 314-664 while their training losses still fell
         #: 1.7-7% from step 500 to 1,000 and again to 2,000; ``python bench/makemore_trial.py``,
-        #: now silent). The stuck steps are counted from the best, the age from the Guard's
-        #: first step (a restored run keeps its age). A run stuck from its start
+        #: now silent). The stuck steps are counted from the best, the age in losses seen
+        #: (kept in the detector's state across a checkpoint). A run stuck from its start
         #: (its best within the first ``patience`` steps, the zoo's stalls) is noted when it
         #: was before; a plateau whose cause is the learning rate keeps the fixed window, and so
         #: does one whose last sampled update-to-weight ratio is ``ur_large`` or more (its
@@ -656,11 +656,8 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
             self.reported = True
             why = self._lr_evidence()
             if why:
-                msg = (f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
-                       f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})")
-                ev: dict[str, object] = {"ema": self.ema, "best": self.best,
-                                         "initial": self.initial, "steps": stuck,
-                                         "cause": "learning_rate"}
+                msg, ev = self._stall(stuck)
+                ev["cause"] = "learning_rate"
                 return [Finding(kind="plateau", step=s.step, severity="warning",
                                 message=f"{msg}; {why}: the learning rate is too high",
                                 evidence=ev, remedies=LR_REMEDIES + (NOT_MINIMISED,))]
@@ -668,9 +665,7 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
         fast = self.ur_last is not None and self.ur_last >= self.ur_large  # "lower the LR"
         if self.pending and stalled and (fast or stuck >= self.age_share * self.seen):
             self.pending = False
-            msg = (f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
-                   f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})")
-            ev = {"ema": self.ema, "best": self.best, "initial": self.initial, "steps": stuck}
+            msg, ev = self._stall(stuck)
             if self.noted_at is not None and self.ema > self.RENOTE * self.noted_at:
                 return []  # the stall already noted, seen again (see RENOTE)
             self.noted_at = self.ema
@@ -692,6 +687,12 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
             return [Finding(kind="plateau", step=s.step, severity="info",
                             message=f"{msg}; {size}", evidence=ev, remedies=advice)]
         return []
+
+    def _stall(self, stuck: int) -> tuple[str, dict[str, object]]:
+        """The plateau's message and evidence."""
+        msg = (f"the loss has not improved by {self.min_improvement:.0%} in {stuck} "
+               f"steps and stays at {self.ema:.4g} (started at {self.initial:.4g})")
+        return msg, {"ema": self.ema, "best": self.best, "initial": self.initial, "steps": stuck}
 
     def _lr_evidence(self) -> str:
         """Why the learning rate is to blame for this plateau ("" when nothing says so)."""
