@@ -154,6 +154,33 @@ def test_precision_audit_flags_fp16_overflowing_layer():
     assert any("bf16" in p.action for p in rep.prescriptions if p.finding == "precision_overflow")
 
 
+
+class _LogitsAndLoss(nn.Module):
+    """A model that returns ``(logits, loss)`` as minGPT and karpathy/makemore do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.body(x)
+        return logits, (None if targets is None else nn.functional.cross_entropy(logits, targets))
+
+
+def test_precision_audit_reads_a_tuple_output():
+    # the output was compared only when it was a tensor: with (logits, None) every layer's
+    # sensitivity read NaN and every layer was to be kept in fp32 for fp16 and bf16
+    torch.manual_seed(0)
+    model = _LogitsAndLoss()
+    data, _, _ = _cls_data()
+    rep = doctor(model, lambda out, y: nn.functional.cross_entropy(out[0], y), data,
+                 optimizer=torch.optim.SGD(model.parameters(), lr=1e-2), lr_range=False,
+                 noise=False)
+    pa = rep.precision
+    assert pa.keep_fp32["bf16"] == [] and pa.keep_fp32["fp16"] == []
+    assert 0 < pa.output_error["bf16"] < 0.05 and pa.output_error["fp16"] < pa.output_error["bf16"]
+    assert not any(f.kind == "precision_sensitive" for f in rep.findings)
+
 # -- state preservation and input validation ---------------------------------------------------
 
 def test_doctor_leaves_model_optimizer_and_rng_untouched():

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..clone import deepcopy_model
+
 Batch = tuple[Any, Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -121,12 +123,12 @@ def cycle(batches: Sequence[Batch]) -> Iterator[Batch]:
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy with no gradients, in the same mode; in-place activations made
     out-of-place so forward hooks see distinct input and output tensors."""
-    m = copy.deepcopy(model)
+    m = deepcopy_model(model)
     for p in m.parameters():
         p.grad = None
     for mod in m.modules():
         if getattr(mod, "inplace", False) is True:
-            mod.inplace = False
+            setattr(mod, "inplace", False)
     return m
 
 
@@ -152,7 +154,7 @@ def clone_optimizer(opt: torch.optim.Optimizer | None, src: nn.Module, dst: nn.M
         if ps:
             ng["params"] = ps
             groups.append(ng)
-    new = type(opt)(groups)
+    new: torch.optim.Optimizer = type(opt)(groups)  # type: ignore[call-arg]
     if not fresh:
         sd = opt.state_dict()
         # keep only groups/params that were mapped (all of them in the normal case)

@@ -18,7 +18,6 @@ On a fixed probe batch:
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..clone import deepcopy_model
+from ..locate._replay import tensor_leaves
 from ._common import Batch, LossFn, loss_of, to_device, trainable
 from .propagation import tracked_modules
 
@@ -95,7 +96,8 @@ def _round(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 def _run_collect(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
-                 dtype: torch.dtype, cast: dict[str, torch.dtype]) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+                 dtype: torch.dtype, cast: dict[str, torch.dtype]
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, float]:
     """Forward with outputs of the layers in ``cast`` rounded through their format;
     returns layer outputs (fp64 copies), the model output and the loss."""
     outs: dict[str, torch.Tensor] = {}
@@ -120,11 +122,20 @@ def _run_collect(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.
     finally:
         for h in handles:
             h.remove()
-    return outs, out.detach().double() if isinstance(out, torch.Tensor) else out, loss
+    return outs, _flat_output(out), loss
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    if a.shape != ref.shape:
+def _flat_output(out: Any) -> torch.Tensor | None:
+    """The model's output as one float64 vector: the floating tensors of a tensor, tuple, list
+    or dict output (HF ModelOutput), in order; None when it has none. Models that return
+    ``(logits, loss)`` (minGPT, makemore) had no output to compare before, so every layer's
+    sensitivity read NaN and every layer was called too sensitive for fp16 and bf16."""
+    parts = [t.detach().double().flatten() for _, t in tensor_leaves(out) if t.is_floating_point()]
+    return torch.cat(parts) if parts else None
+
+
+def _rel(a: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    if a is None or ref is None or a.shape != ref.shape:
         return math.nan
     d = (a - ref)
     if not torch.isfinite(d).all():
@@ -133,18 +144,22 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(d.norm()) / n if n > 0 else (0.0 if float(d.norm()) == 0 else math.inf)
 
 
+def _fan_in(w: Any) -> int:
+    """The fan-in of a weight of two or more dimensions (0 for anything else)."""
+    return int(w[0].numel()) if isinstance(w, torch.Tensor) and w.dim() >= 2 else 0
+
+
 def audit(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: Batch,
           device: torch.device, formats: tuple[str, ...] = ("fp16", "bf16"),
           ablation_max_layers: int = 64) -> PrecisionAudit:
     """``model`` and ``opt`` are copies owned by the caller (one optimizer step is taken)."""
     res = PrecisionAudit()
     names = [(n, k) for n, _, k in tracked_modules(model)]
-    ref_model = copy.deepcopy(model).double()
+    ref_model = deepcopy_model(model).double()
     ref_outs, ref_out, ref_loss = _run_collect(ref_model, loss_fn, batch, device, torch.float64, {})
     del ref_model
     res.loss["fp64"] = ref_loss
-    fan = {n: (int(m.weight[0].numel()) if isinstance(getattr(m, "weight", None), torch.Tensor)
-               and m.weight.dim() >= 2 else 0) for n, m, _ in tracked_modules(model)}
+    fan = {n: _fan_in(getattr(m, "weight", None)) for n, m, _ in tracked_modules(model)}
     layers = {}
     for n, k in names:
         if n not in ref_outs:
@@ -166,7 +181,7 @@ def audit(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: 
         all_cast = {n: dt for n in layers}
         outs, out, loss = _run_collect(model, loss_fn, batch, device, torch.float32, all_cast)
         res.loss[f] = loss
-        res.output_error[f] = _rel(out, ref_out) if isinstance(out, torch.Tensor) else math.nan
+        res.output_error[f] = _rel(out, ref_out)
         res.overflow_layers[f] = [n for n, lp in layers.items() if lp.amax > FORMAT_MAX[f]
                                   or (n in outs and not torch.isfinite(outs[n]).all())]
         for n, lp in layers.items():
@@ -188,7 +203,7 @@ def audit(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: 
             with torch.no_grad():
                 for p, s in zip(own, own_saved):
                     p.copy_(s)
-            s_err = _rel(o1, ref_out) if isinstance(o1, torch.Tensor) else math.nan
+            s_err = _rel(o1, ref_out)
             lp.sensitivity[f] = s_err
             K = max(lp.fan_in, 1)
             lp.limit[f] = SENSITIVITY_FACTOR * math.sqrt(K) * UNIT_ROUNDOFF[f]
@@ -206,9 +221,9 @@ def audit(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: 
         handles.append(m.register_forward_hook(fh))
     try:
         opt.zero_grad(set_to_none=True)
-        loss = loss_of(model, loss_fn, batch, device)
-        if math.isfinite(float(loss.detach())):
-            loss.backward()
+        loss_t = loss_of(model, loss_fn, batch, device)
+        if math.isfinite(float(loss_t.detach())):
+            loss_t.backward()
     finally:
         for h in handles:
             h.remove()
@@ -232,13 +247,13 @@ def audit(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: 
         for w0, p in zip(before, params):
             dw = p.detach() - w0
             mask = dw != 0
-            n = int(mask.sum())
-            if n == 0:
+            moved = int(mask.sum())
+            if moved == 0:
                 continue
             q0 = w0.to(dt)
             q1 = (w0 + dw).to(dt)
             lost += int(((q0 == q1) & mask).sum())
-            total += n
+            total += moved
         res.swamping[f] = lost / total if total else math.nan
     with torch.no_grad():
         for p, s in zip(params, before):

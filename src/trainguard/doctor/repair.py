@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..clone import deepcopy_model
 from ..stats import activation_kind
 from ._common import (Batch, DoctorInputError, LossFn, clone_optimizer, lr_of, model_device,
                       preserved_rng, probe_batch, set_lr, train_steps)
@@ -551,8 +552,7 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
 
 
 def _copy(m: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(m)
+    return deepcopy_model(m)
 
 
 def _diverged(losses: list[float]) -> bool:

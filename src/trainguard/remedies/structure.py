@@ -77,6 +77,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..clone import deepcopy_model
 from ..stats import activation_kind
 from ..types import Finding
 
@@ -317,7 +318,7 @@ class Restructurer:
     def apply(self, f: Finding, remedy: str, batch: Any = None) -> list[str]:
         """Apply ``remedy`` to the live model; returns the changes in words."""
         from ..doctor.repair import apply_remedy
-        self.undo = (copy.deepcopy(self.model), copy.deepcopy(self.optimizer.state_dict()))
+        self.undo = (deepcopy_model(self.model), copy.deepcopy(self.optimizer.state_dict()))
         self._last = remedy
         self._lr_before = self.lr.state_dict() if self.lr is not None else None
         own = {"optim:eps": self._eps, "precision:master": self._master,
