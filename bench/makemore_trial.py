@@ -18,6 +18,10 @@ and actions, and the median of the example's own step times (printed every 10 st
 first 100 steps left out) of each run with their ratio: a time figure only with ``--jobs 1``
 on a quiet machine. ``--src``: import trainguard from another ``src/`` (the code before a
 change).
+
+``--doctor``: instead of training, run ``trainguard.doctor`` on each ``--types`` model as the
+example builds it (seed 3407, its AdamW, batches of 32 names, the loss of its ``(logits, loss)``
+output's logits) and print each report.
 """
 from __future__ import annotations
 
@@ -74,6 +78,43 @@ def run(work: str, kind: str, name: str, a: argparse.Namespace, env: dict) -> st
     return out.stdout
 
 
+DOCTOR = """import sys, torch
+import torch.nn.functional as F
+import trainguard as tg
+import makemore_bare as mm
+torch.set_num_threads(1)
+torch.manual_seed(3407)
+train, _ = mm.create_datasets("names.txt")
+cfg = mm.ModelConfig(vocab_size=train.get_vocab_size(), block_size=train.get_output_length(),
+                     n_layer=4, n_head=4, n_embd=64, n_embd2=64)
+build = {{"transformer": lambda: mm.Transformer(cfg), "bigram": lambda: mm.Bigram(cfg),
+         "mlp": lambda: mm.MLP(cfg), "rnn": lambda: mm.RNN(cfg, cell_type="rnn"),
+         "gru": lambda: mm.RNN(cfg, cell_type="gru"), "bow": lambda: mm.BoW(cfg)}}
+model = build[sys.argv[1]]()
+opt = torch.optim.AdamW(model.parameters(), lr={lr}, weight_decay=0.01, betas=(0.9, 0.99), eps=1e-8)
+loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True,
+                                     generator=torch.Generator().manual_seed(0))
+
+def loss_fn(out, y):
+    logits = out[0]
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+
+print(tg.doctor(model, loss_fn, loader, opt, progress=False))
+"""
+
+
+def doctor(work: str, kinds: list[str], a: argparse.Namespace, env: dict) -> None:
+    with open(os.path.join(work, "doctor_run.py"), "w", encoding="utf-8") as f:
+        f.write(DOCTOR.format(lr=a.lr))
+    for k in kinds:
+        out = subprocess.run([sys.executable, "doctor_run.py", k], cwd=work, env=env,
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"makemore_trial: doctor on {k} failed:\n{out.stderr[-3000:]}")
+        report = out.stdout[out.stdout.find("trainguard doctor"):]
+        print(f"--- {k}\n{report.rstrip()}")
+
+
 def step_times(out: str) -> list[float]:
     """The example's own ``step N | loss L | step time T ms`` lines, after step 100."""
     return [float(t) for n, t in re.findall(r"step (\d+) \| loss \S+ \| step time ([\d.]+)ms", out)
@@ -88,6 +129,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--src", help="import trainguard from this src/ directory")
+    ap.add_argument("--doctor", action="store_true", help="run the doctor on each model instead")
     a = ap.parse_args()
     kinds = [k for k in a.types.split(",") if k]
     bad = [k for k in kinds if k not in TYPES]
@@ -102,6 +144,9 @@ def main() -> None:
         with open(os.path.join(work, f"makemore_{name}.py"), "w", encoding="utf-8") as f:
             f.write(patch(original, guarded))
     env = dict(os.environ, PYTHONPATH=os.path.abspath(src), OMP_NUM_THREADS="1")
+    if a.doctor:
+        doctor(work, kinds, a, env)
+        return
     jobs = [(k, n) for k in kinds for n in ("bare", "guarded")]
     with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
         outs = dict(zip(jobs, pool.map(lambda j: run(work, j[0], j[1], a, env), jobs)))

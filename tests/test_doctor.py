@@ -181,6 +181,31 @@ def test_precision_audit_reads_a_tuple_output():
     assert 0 < pa.output_error["bf16"] < 0.05 and pa.output_error["fp16"] < pa.output_error["bf16"]
     assert not any(f.kind == "precision_sensitive" for f in rep.findings)
 
+
+class _FixedDtype(nn.Module):
+    """A forward that makes a tensor with the default dtype (makemore's bag-of-words block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) @ torch.eye(2)  # a matmul needs one dtype
+
+
+def test_precision_audit_of_a_model_that_cannot_run_in_float64_uses_an_fp32_reference():
+    # the float64 reference run raised "expected scalar type Double but found Float" and the
+    # whole doctor failed
+    torch.manual_seed(0)
+    model = _FixedDtype()
+    data, _, _ = _cls_data()
+    rep = doctor(model, nn.CrossEntropyLoss(), data, lr_range=False, noise=False)
+    pa = rep.precision
+    assert pa.reference.startswith("fp32 (the model does not run in float64")
+    assert pa.keep_fp32["bf16"] == [] and 0 < pa.output_error["bf16"] < 0.05
+    assert "fp32" in pa.loss and "fp64" not in pa.loss
+    assert "precision errors measured against fp32" in str(rep)
+
 # -- state preservation and input validation ---------------------------------------------------
 
 def test_doctor_leaves_model_optimizer_and_rng_untouched():

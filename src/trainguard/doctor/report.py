@@ -82,6 +82,8 @@ class DoctorReport:
         if self.precision is not None:
             for f_, v in self.precision.can_train.items():
                 lines.append(f"  {f_}: {v}")
+            if self.precision.reference != "fp64":
+                lines.append(f"  precision errors measured against {self.precision.reference}")
         bad = [lv for lv in self.layers if lv.verdict != "healthy"]
         lines.append(f"  layers: {len(self.layers)} tracked, {len(bad)} unhealthy"
                      + (": " + ", ".join(f"{lv.name}={lv.verdict}" for lv in bad[:6]) + ("..." if len(bad) > 6 else "")
