@@ -206,6 +206,62 @@ def test_precision_audit_of_a_model_that_cannot_run_in_float64_uses_an_fp32_refe
     assert "fp32" in pa.loss and "fp64" not in pa.loss
     assert "precision errors measured against fp32" in str(rep)
 
+
+class _CharRNN(nn.Module):
+    """makemore's RNN in small: a cell called once per position, a logit at every position."""
+
+    def __init__(self, vocab: int = 8, w: int = 16, scale: float = 1.0) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, w)
+        self.cell = nn.Sequential(nn.Linear(2 * w, w), nn.Tanh())
+        self.head = nn.Linear(w, vocab)
+        with torch.no_grad():
+            self.cell[0].weight.mul_(scale)
+        self.w = w
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        emb = self.wte(idx)
+        h = torch.zeros(idx.shape[0], self.w)
+        hs = []
+        for t in range(idx.shape[1]):
+            h = self.cell(torch.cat([emb[:, t], h], 1))
+            hs.append(h)
+        return self.head(torch.stack(hs, 1))
+
+
+def _seq_data(T: int, targets_up_to: int | None) -> list:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(4):
+        x = torch.randint(0, 8, (32, T), generator=gen)
+        y = torch.randint(0, 8, (32, T), generator=gen)
+        if targets_up_to is not None:
+            y[:, targets_up_to:] = -1  # padding, left out of the loss (ignore_index)
+        else:
+            y[:, :-1] = -1  # a loss at the last position only
+        out.append((x, y))
+    return out
+
+
+def _seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out.reshape(-1, out.size(-1)), y.reshape(-1), ignore_index=-1)
+
+
+def test_padded_positions_of_an_unrolled_rnn_are_not_vanishing():
+    # the cell's calls at positions the loss leaves out get (almost) no gradient: they were
+    # called vanishing, with prescriptions to re-initialise (makemore's RNN and GRU)
+    torch.manual_seed(0)
+    model = _CharRNN()
+    rep = doctor(model, _seq_loss, _seq_data(12, 4), lr_range=False, noise=False, precision=False)
+    assert not any(f.kind == "vanishing_gradient" for f in rep.findings)
+    # a loss at the last position only, through a contracting tanh cell: the first positions'
+    # gradient is lost through time, and that is still vanishing
+    torch.manual_seed(0)
+    model = _CharRNN(scale=0.2)
+    rep = doctor(model, _seq_loss, _seq_data(24, None), lr_range=False, noise=False, precision=False)
+    van = [f for f in rep.findings if f.kind == "vanishing_gradient"]
+    assert van and van[0].where.startswith("cell")
+
 # -- state preservation and input validation ---------------------------------------------------
 
 def test_doctor_leaves_model_optimizer_and_rng_untouched():

@@ -277,6 +277,30 @@ def _persists(init: list[LayerStats], i: int, group: str, q0: float | None, qd: 
     return confirmed
 
 
+def _sustained_vanishing(init: list[LayerStats], ratios: list[float]) -> list[bool]:
+    """Per layer: a gradient below ``VANISHING_GRAD_RATIO`` here is a vanishing gradient only
+    if it stays below on the way back to the input: every earlier layer (forward order;
+    embeddings and norms aside, whose outputs span every position of a sequence) is below it
+    too. A gradient that shrinks through depth does not recover towards the input in a plain
+    chain (the deep sigmoid and Xavier-ReLU nets vanish from some layer down to the first), nor
+    through time in an RNN whose loss sits at the end (its first positions vanish); a small
+    gradient with healthy ones before it is a layer the loss reaches little, not a signal lost
+    on the way: karpathy/makemore's RNN and GRU, unrolled over 16 positions whose late ones are
+    padding that ``ignore_index`` leaves out of the loss, had their last cell calls called
+    vanishing, with prescriptions to re-initialise (10 of 34 and 33 of 98 layers; now 0 and 2,
+    ``python bench/makemore_trial.py MAKEMORE --doctor --types rnn,gru``: the GRU's reset gate
+    at the first position multiplies the zero initial state and gets no gradient at all, the
+    same picture as a first position lost through time)."""
+    out = []
+    below = True  # every earlier counted layer is below the limit
+    for s, r in zip(init, ratios):
+        out.append(below)
+        if s.kind not in EMBEDDING_KINDS and s.kind not in NORM_KINDS and (
+                math.isfinite(r) or r == 0):
+            below = below and r < VANISHING_GRAD_RATIO
+    return out
+
+
 def verdicts(init: list[LayerStats], after: list[LayerStats] | None) -> list[LayerVerdict]:
     """Per-layer verdict from the init measurement (and the after-steps one when given)."""
     after_by = {s.name: s for s in (after or [])}
@@ -286,15 +310,18 @@ def verdicts(init: list[LayerStats], after: list[LayerStats] | None) -> list[Lay
     ref_grad = next((s.grad_rms for s in reversed(init) if math.isfinite(s.grad_rms) and s.grad_rms > 0),
                     math.nan)
     first_q: dict[str, float] = {}
+    ratios = [s.grad_rms / ref_grad if math.isfinite(ref_grad) and ref_grad > 0 else math.nan
+              for s in init]
+    sustained = _sustained_vanishing(init, ratios)
     for i, s in enumerate(init):
         a = after_by.get(s.name)
         flags: list[str] = []
-        ratio = s.grad_rms / ref_grad if math.isfinite(ref_grad) and ref_grad > 0 else math.nan
+        ratio = ratios[i]
         if s.kind in EMBEDDING_KINDS and math.isfinite(s.q) and math.isfinite(s.grad_rms):
             out.append(LayerVerdict(s.name, s.kind, "healthy", [], ratio, math.nan, s, a))
             continue
         if math.isfinite(ratio) or ratio == 0:
-            if ratio < VANISHING_GRAD_RATIO:
+            if ratio < VANISHING_GRAD_RATIO and sustained[i]:
                 flags.append("vanishing")
             elif ratio > EXPLODING_GRAD_RATIO:
                 flags.append("exploding")
