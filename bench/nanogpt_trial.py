@@ -15,6 +15,10 @@ model and optimizer (``scaler=scaler, clip=grad_clip``), each micro-batch's own 
 lines. The figures: ``--iters 400`` (healthy), ``--iters 400 --lr 0.1`` (100x the LR), and
 ``--iters 120 --eval-interval 60 --decay-iters 400 --compile``.
 
+``--doctor DROPOUT``: instead, run ``trainguard.doctor`` on the trial's model (the same size,
+this dropout, AdamW from nanoGPT's own ``configure_optimizers`` at ``--lr``) over 8 batches of
+the prepared corpus, and print its report.
+
 The figures in the README and docs/frameworks.md came from a 1.1 MB corpus of this machine's
 package documentation (``*.md``/``*.rst``/``*.txt`` files, printable ASCII), so they are
 reproducible on this machine, not byte for byte elsewhere.
@@ -74,6 +78,47 @@ def patch(train: str) -> str:
     return sub("if ddp:\n    destroy_process_group()", "guard.close()\nif ddp:\n    destroy_process_group()", s)
 
 
+DOCTOR = """import sys, numpy as np, torch
+import torch.nn.functional as F
+import trainguard as tg
+from model import GPT, GPTConfig
+torch.set_num_threads(1)
+torch.manual_seed(0)
+data = torch.from_numpy(np.fromfile("data/shakespeare_char/train.bin", dtype=np.uint16).astype(np.int64))
+with open("data/shakespeare_char/input.txt", encoding="utf-8") as f:
+    vocab = len(set(f.read()))  # as nanoGPT's prepare.py counts it
+gpt = GPT(GPTConfig(block_size=64, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128,
+                    dropout={dropout}, bias=False))
+opt = gpt.configure_optimizers(0.1, {lr}, (0.9, 0.99), "cpu")
+
+
+class Full(torch.nn.Module):
+    # nanoGPT returns the last position's logits when no targets are given: pass the inputs
+    # as targets to get every position's
+    def __init__(self, g):
+        super().__init__()
+        self.gpt = g
+
+    def forward(self, x):
+        return self.gpt(x, x)
+
+
+gen = torch.Generator().manual_seed(0)
+batches = []
+for _ in range(8):
+    ix = torch.randint(len(data) - 65, (8,), generator=gen)
+    batches.append((torch.stack([data[i:i + 64] for i in ix]),
+                    torch.stack([data[i + 1:i + 65] for i in ix])))
+
+
+def loss_fn(out, y):
+    return F.cross_entropy(out[0].view(-1, out[0].size(-1)), y.view(-1))
+
+
+print(tg.doctor(Full(gpt), loss_fn, batches, opt, progress=False))
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("nanogpt", help="a checkout of karpathy/nanoGPT")
@@ -85,6 +130,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="nanoGPT's compile=True (inductor)")
     ap.add_argument("--only", choices=["bare", "guarded"], default=None)
     ap.add_argument("--src", default=None, help="run another tree's trainguard (its src/)")
+    ap.add_argument("--doctor", type=float, default=None, metavar="DROPOUT",
+                    help="run trainguard.doctor on the trial's model (this dropout) instead")
     a = ap.parse_args()
     root = os.path.abspath(a.nanogpt)
     data = os.path.join(root, "data", "shakespeare_char")
@@ -109,6 +156,15 @@ def main() -> None:
     src = a.src or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if a.doctor is not None:
+        with open(os.path.join(root, "doctor_trial.py"), "w", encoding="utf-8") as fh:
+            fh.write(DOCTOR.format(dropout=a.doctor, lr=a.lr))
+        r = subprocess.run([sys.executable, "doctor_trial.py"], cwd=root, env=env,
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"nanogpt_trial: the doctor failed:\n{r.stderr[-3000:]}")
+        print(r.stdout[r.stdout.find("trainguard doctor"):].rstrip())
+        return
     for name, script in (("bare", "train.py"), ("guarded", "train_guarded.py")):
         if a.only and a.only != name:
             continue
