@@ -136,3 +136,18 @@ def test_muon_trial_runs():
 def test_loss_goals_trial_runs():
     out = run("bench/loss_goals.py", "--seeds", "1", "--steps", "30")
     assert "gan seed 0 judge_loss=auto" in out and "reinforce seed 0 judge_loss=False" in out
+
+
+def test_zoo_compare_names_the_records_and_scores_that_changed(tmp_path):
+    import json
+    rec = {"scenario": "s", "seed": 0, "findings": ["plateau"], "finding_steps": [51],
+           "seconds_guarded": 1.0}
+    before, after = tmp_path / "a.json", tmp_path / "b.json"
+    before.write_text(json.dumps([rec, dict(rec, seed=1)]))
+    after.write_text(json.dumps([dict(rec, seconds_guarded=2.0),
+                                 dict(rec, seed=1, finding_steps=[60])]))
+    (tmp_path / "a.totals.json").write_text(json.dumps([{"detection_recall": 1.0}]))
+    (tmp_path / "b.totals.json").write_text(json.dumps([{"detection_recall": 1.0}]))
+    out = run("bench/zoo_compare.py", str(before), str(after))
+    assert "s seed 1:\n    finding_steps: [51] -> [60]" in out and "s seed 0" not in out
+    assert "1 differ" in out and "scores: unchanged" in out
