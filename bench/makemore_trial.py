@@ -51,7 +51,7 @@ def patch(src: str, guarded: bool) -> str:
              "    def __init__(self, **kw): pass\n"
              "    def add_scalar(self, *a): pass\n"
              "    def flush(self): pass\n", src)
-    s = _sub("if step > 0 and step % 200 == 0:", "if False:  # makemore_trial: no sampling\n       ", s)
+    s = _sub("if step > 0 and step % 200 == 0:", "if False:  # makemore_trial: no sampling", s)
     if not guarded:
         return s
     s = _sub("    # init dataloader\n",
