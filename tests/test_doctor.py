@@ -182,6 +182,14 @@ def test_precision_audit_reads_a_tuple_output():
     assert not any(f.kind == "precision_sensitive" for f in rep.findings)
 
 
+def _audited(model_cls):
+    """The doctor's report (precision audit on, no range test or noise scale) on a seeded
+    instance of ``model_cls`` trained on the classification data."""
+    torch.manual_seed(0)
+    data, _, _ = _cls_data()
+    return doctor(model_cls(), nn.CrossEntropyLoss(), data, lr_range=False, noise=False)
+
+
 class _FixedDtype(nn.Module):
     """A forward that makes a tensor with the default dtype (makemore's bag-of-words block)."""
 
@@ -196,10 +204,7 @@ class _FixedDtype(nn.Module):
 def test_precision_audit_of_a_model_that_cannot_run_in_float64_uses_an_fp32_reference():
     # the float64 reference run raised "expected scalar type Double but found Float" and the
     # whole doctor failed
-    torch.manual_seed(0)
-    model = _FixedDtype()
-    data, _, _ = _cls_data()
-    rep = doctor(model, nn.CrossEntropyLoss(), data, lr_range=False, noise=False)
+    rep = _audited(_FixedDtype)
     pa = rep.precision
     assert pa.reference.startswith("fp32 (the model does not run in float64")
     assert pa.keep_fp32["bf16"] == [] and 0 < pa.output_error["bf16"] < 0.05
@@ -279,11 +284,7 @@ class _FunctionalDropout(nn.Module):
 def test_precision_audit_of_a_model_with_functional_dropout_measures_the_format_only():
     # each run drew its own masks: every layer read as too sensitive (nanoGPT at dropout 0.2:
     # all 32 layers, for fp16 and for bf16; bench/nanogpt_trial.py --doctor 0.2)
-    torch.manual_seed(0)
-    model = _FunctionalDropout()
-    data, _, _ = _cls_data()
-    rep = doctor(model, nn.CrossEntropyLoss(), data, lr_range=False, noise=False)
-    pa = rep.precision
+    pa = _audited(_FunctionalDropout).precision
     assert pa.keep_fp32["bf16"] == [] and pa.keep_fp32["fp16"] == []
     assert pa.output_error["bf16"] < 0.05
 
