@@ -33,17 +33,13 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
     done: dict[int, Any] = {}
     for mod in new.modules():
         attrs = vars(mod)
-        for k, v in list(attrs.items()):
-            if isinstance(v, types.FunctionType):
-                f = _rebind(v, memo, done)
-                if f is not v:
-                    attrs[k] = f
-            elif k.endswith("_hooks") and isinstance(v, dict):
-                for hk, hv in list(v.items()):
-                    if isinstance(hv, types.FunctionType):
-                        f = _rebind(hv, memo, done)
-                        if f is not hv:
-                            v[hk] = f
+        hooks = [v for k, v in attrs.items() if k.endswith("_hooks") and isinstance(v, dict)]
+        for holder in [attrs, *hooks]:
+            for k, v in list(holder.items()):
+                if isinstance(v, types.FunctionType):
+                    f = _rebind(v, memo, done)
+                    if f is not v:
+                        holder[k] = f
     return new
 
 
