@@ -79,7 +79,6 @@ def run(work: str, kind: str, name: str, a: argparse.Namespace, env: dict) -> st
 
 
 DOCTOR = """import sys, torch
-import torch.nn.functional as F
 import trainguard as tg
 import makemore_bare as mm
 torch.set_num_threads(1)
@@ -95,11 +94,8 @@ opt = torch.optim.AdamW(model.parameters(), lr={lr}, weight_decay=0.01, betas=(0
 loader = torch.utils.data.DataLoader(train, batch_size=32, shuffle=True,
                                      generator=torch.Generator().manual_seed(0))
 
-def loss_fn(out, y):
-    logits = out[0]
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
-
-print(tg.doctor(model, loss_fn, loader, opt, progress=False))
+# makemore's forward(idx, targets) returns (logits, loss): the doctor reads that loss
+print(tg.doctor(model, None, loader, opt, progress=False))
 """
 
 

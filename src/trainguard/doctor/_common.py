@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -13,27 +14,58 @@ import torch
 from torch import nn
 
 from ..clone import deepcopy_model
+from ..model_loss import loss_in_output
 
 Batch = tuple[Any, Any]
-LossFn = Callable[[Any, Any], torch.Tensor]
+#: ``loss_fn(output, y)``, or None for a model that returns its own loss (see :func:`model_loss`)
+LossFn = Callable[[Any, Any], torch.Tensor] | None
 
 
 class DoctorInputError(ValueError):
     """Raised when doctor()/repair() get something they cannot work with."""
 
 
+class Kwargs(dict):  # type: ignore[type-arg]
+    """A batch given as a mapping (a Hugging Face batch: ``input_ids``, ``attention_mask``,
+    ``labels``), held as ``(Kwargs(batch), None)``: the model is called as ``model(**batch)``
+    and returns its own loss (``loss_fn=None``)."""
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise DoctorInputError(f"loss_fn must be callable as loss_fn(output, y), or None when "
+                               f"the model returns its own loss; got {type(loss_fn).__name__}")
+
+
+def as_batch(b: Any, i: int, loss_fn: LossFn) -> Batch:
+    """One batch of the user's ``data`` as the doctor holds it: an ``(x, y)`` pair, or, when
+    the model computes its own loss (``loss_fn=None``), a mapping of keyword arguments."""
+    if isinstance(b, Mapping):
+        if loss_fn is None:
+            return Kwargs(b), None
+        raise DoctorInputError(f"batch {i} of data is a mapping (keys {', '.join(map(str, list(b)[:5]))}): "
+                               "pass loss_fn=None when the model computes its own loss from "
+                               "model(**batch), or yield (x, y) pairs")
+    if not isinstance(b, (tuple, list)) or len(b) != 2:
+        raise DoctorInputError(f"batch {i} of data is not an (x, y) pair "
+                               f"(got {type(b).__name__}"
+                               f"{' of length %d' % len(b) if isinstance(b, (tuple, list)) else ''})"
+                               + ("; with loss_fn=None a batch may also be a mapping, passed as "
+                                  "model(**batch)" if loss_fn is None else ""))
+    return b[0], b[1]
+
+
 def validate_inputs(model: Any, loss_fn: Any, data: Any, optimizer: Any,
                     max_batches: int) -> list[Batch]:
     """Check the arguments early and materialise up to ``max_batches`` batches.
 
-    ``data`` must be an iterable of ``(x, y)`` pairs (a list, a DataLoader, a generator).
-    Only the first ``max_batches`` are read; a generator is consumed that far.
+    ``data`` must be an iterable of ``(x, y)`` pairs (a list, a DataLoader, a generator), or
+    of mappings when ``loss_fn`` is None (see :func:`as_batch`). Only the first
+    ``max_batches`` are read; a generator is consumed that far.
     """
     if not isinstance(model, nn.Module):
         raise DoctorInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise DoctorInputError(f"loss_fn must be callable as loss_fn(output, y), got "
-                               f"{type(loss_fn).__name__}")
+    check_loss_fn(loss_fn)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise DoctorInputError(f"optimizer must be a torch.optim.Optimizer or None, got "
                                f"{type(optimizer).__name__}")
@@ -45,13 +77,7 @@ def validate_inputs(model: Any, loss_fn: Any, data: Any, optimizer: Any,
     except TypeError:
         raise DoctorInputError(f"data must be an iterable of (x, y) batches, got "
                                f"{type(data).__name__}") from None
-    batches: list[Batch] = []
-    for i, b in enumerate(itertools.islice(it, max_batches)):
-        if not isinstance(b, (tuple, list)) or len(b) != 2:
-            raise DoctorInputError(f"batch {i} of data is not an (x, y) pair "
-                                   f"(got {type(b).__name__}"
-                                   f"{' of length %d' % len(b) if isinstance(b, (tuple, list)) else ''})")
-        batches.append((b[0], b[1]))
+    batches = [as_batch(b, i, loss_fn) for i, b in enumerate(itertools.islice(it, max_batches))]
     if not batches:
         raise DoctorInputError("data yielded no batch: the doctor needs at least one (x, y) batch")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -81,7 +107,8 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+        moved = {k: to_device(v, device, dtype) for k, v in obj.items()}
+        return Kwargs(moved) if isinstance(obj, Kwargs) else moved
     return obj
 
 
@@ -194,18 +221,56 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def loss_of(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def forward(model: nn.Module, batch: Batch, device: torch.device, dtype: torch.dtype | None = None,
+            *, with_targets: bool = False) -> tuple[Any, Any]:
+    """The model's output on ``batch`` (moved to ``device``; floating inputs cast to
+    ``dtype``) and the targets: ``model(x)``, ``model(x, y)`` with ``with_targets`` (a model
+    that computes its own loss, as nanoGPT's and makemore's ``forward(idx, targets)``), or
+    ``model(**batch)`` for a mapping batch."""
     x, y = batch
     x = to_device(x, device, dtype)
-    y = to_device(y, device, dtype if (isinstance(y, torch.Tensor) and y.is_floating_point()) else None)
-    out = model(x)
-    loss = loss_fn(out, y)
+    if not isinstance(x, Kwargs):
+        y = to_device(y, device, dtype if (isinstance(y, torch.Tensor) and y.is_floating_point()) else None)
+    if not (isinstance(x, Kwargs) or (with_targets and y is not None)):
+        return model(x), y
+    try:
+        return (model(**x) if isinstance(x, Kwargs) else model(x, y)), y
+    except TypeError as e:
+        how = "model(**batch)" if isinstance(x, Kwargs) else "model(x, y)"
+        raise DoctorInputError(f"with loss_fn=None the model is called as {how} and returns its "
+                               f"own loss; {type(model).__name__} failed: {e}") from e
+
+
+def model_loss(out: Any) -> torch.Tensor:
+    """The loss a model returned (see :func:`trainguard.model_loss.loss_in_output`): the
+    output itself when it is a scalar tensor, its ``loss`` (a Hugging Face ``ModelOutput``, a
+    dict), or the scalar tensor of a tuple (nanoGPT's and makemore's ``(logits, loss)``)."""
+    loss = loss_in_output(out)
+    if loss is None:
+        raise DoctorInputError(
+            "with loss_fn=None the model must return its loss: a scalar tensor, an output with a "
+            "'loss' (Hugging Face: put the labels in the batch), or a tuple holding it (nanoGPT's "
+            f"(logits, loss)); got {type(out).__name__}"
+            + (" with loss None" if isinstance(out, Mapping) and "loss" in out else "")
+            + (f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""))
+    return loss
+
+
+def output_and_loss(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
+                    dtype: torch.dtype | None = None) -> tuple[Any, torch.Tensor]:
+    """The model's output on ``batch`` and the loss as a 0-d tensor: ``loss_fn(output, y)``,
+    or with ``loss_fn=None`` the loss the model returns (see :func:`model_loss`)."""
+    out, y = forward(model, batch, device, dtype, with_targets=loss_fn is None)
+    loss = model_loss(out) if loss_fn is None else loss_fn(out, y)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise DoctorInputError("loss_fn(output, y) must return a scalar tensor, got "
-                               f"{type(loss).__name__}"
+        raise DoctorInputError(f"loss_fn(output, y) must return a scalar tensor, got {type(loss).__name__}"
                                f"{' of shape ' + str(tuple(loss.shape)) if isinstance(loss, torch.Tensor) else ''}")
-    return loss.reshape(())
+    return out, loss.reshape(())
+
+
+def loss_of(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.device,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    return output_and_loss(model, loss_fn, batch, device, dtype)[1]
 
 
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn,

@@ -62,6 +62,12 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     Everything runs on copies: the model's parameters, buffers, gradients and mode, the
     optimizer's state and the global RNG states are unchanged afterwards.
 
+    ``loss_fn=None``: the model computes its own loss. It is called as ``model(x, y)``
+    (nanoGPT's and makemore's ``forward(idx, targets)``), or ``model(**batch)`` when a batch
+    is a mapping (a Hugging Face batch with ``labels``), and its loss is read from what it
+    returns: a scalar tensor, an output's ``loss`` (``ModelOutput``, a dict), or the scalar
+    tensor of a tuple (``(logits, loss)``).
+
     ``steps``: optimizer steps taken on a copy before the second propagation measurement
     (and, for Adam, to populate the preconditioner). Set ``lr_range``, ``precision`` or
     ``noise`` to False to skip those parts. ``progress``: print each phase with an ETA on

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..clone import deepcopy_model
 from ..locate._replay import tensor_leaves
-from ._common import Batch, LossFn, loss_of, to_device, trainable
+from ._common import Batch, LossFn, loss_of, output_and_loss, trainable
 from .propagation import tracked_modules
 
 #: Largest finite value of each format (mechanisms.md §6.1).
@@ -134,11 +134,8 @@ def _run_collect(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.
         with torch.no_grad(), torch.random.fork_rng(
                 devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(AUDIT_SEED)
-            x, y = batch
-            xx = to_device(x, device, dtype)
-            out = model(xx)
-            yy = to_device(y, device, dtype if isinstance(y, torch.Tensor) and y.is_floating_point() else None)
-            loss = float(loss_fn(out, yy))
+            out, loss_t = output_and_loss(model, loss_fn, batch, device, dtype)
+            loss = float(loss_t)
     finally:
         for h in handles:
             h.remove()

@@ -277,6 +277,29 @@ def _persists(init: list[LayerStats], i: int, group: str, q0: float | None, qd: 
     return confirmed
 
 
+def _unreached_calls(init: list[LayerStats]) -> list[bool]:
+    """Per layer: a call of a shared module whose output gets exactly no gradient while
+    another call of the same module gets some. No path leads from the loss to that call's
+    output (it is multiplied by zero), which is not a gradient shrinking on the way: a
+    vanishing gradient is a product of small Jacobians, small and not zero. karpathy/makemore's
+    GRU computes its reset gate first, on the zero initial state, so the gate's call at the
+    first position gets no gradient at all and its later calls healthy ones; it was called
+    vanishing, with prescriptions to re-initialise (2 of 98 layers; ``python
+    bench/makemore_trial.py MAKEMORE --doctor --types gru``: none now). Only shared modules:
+    an unshared layer with no gradient (below a layer whose units are all dead) keeps its
+    verdict."""
+    def base(name: str) -> str:
+        return name[:name.rindex("[")] if name.endswith("]") and "[" in name else name
+    calls: dict[str, int] = {}
+    reached: set[str] = set()
+    for s in init:
+        b = base(s.name)
+        calls[b] = calls.get(b, 0) + 1
+        if s.grad_rms > 0:
+            reached.add(b)
+    return [s.grad_rms == 0 and calls[base(s.name)] > 1 and base(s.name) in reached for s in init]
+
+
 def _sustained_vanishing(init: list[LayerStats], ratios: list[float]) -> list[bool]:
     """Per layer: a gradient below ``VANISHING_GRAD_RATIO`` here is a vanishing gradient only
     if it stays below on the way back to the input: every earlier layer (forward order;
@@ -290,12 +313,13 @@ def _sustained_vanishing(init: list[LayerStats], ratios: list[float]) -> list[bo
     vanishing, with prescriptions to re-initialise (10 of 34 and 33 of 98 layers; now 0 and 2,
     ``python bench/makemore_trial.py MAKEMORE --doctor --types rnn,gru``: the GRU's reset gate
     at the first position multiplies the zero initial state and gets no gradient at all, the
-    same picture as a first position lost through time)."""
+    same picture as a first position lost through time, now set aside by
+    :func:`_unreached_calls`)."""
     out = []
     below = True  # every earlier counted layer is below the limit
-    for s, r in zip(init, ratios):
-        out.append(below)
-        if s.kind not in EMBEDDING_KINDS and s.kind not in NORM_KINDS and (
+    for s, r, unreached in zip(init, ratios, _unreached_calls(init)):
+        out.append(below and not unreached)
+        if s.kind not in EMBEDDING_KINDS and s.kind not in NORM_KINDS and not unreached and (
                 math.isfinite(r) or r == 0):
             below = below and r < VANISHING_GRAD_RATIO
     return out

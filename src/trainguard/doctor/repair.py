@@ -25,8 +25,8 @@ from torch import nn
 
 from ..clone import deepcopy_model
 from ..stats import activation_kind
-from ._common import (Batch, DoctorInputError, LossFn, clone_optimizer, lr_of, model_device,
-                      preserved_rng, probe_batch, set_lr, train_steps)
+from ._common import (Batch, DoctorInputError, LossFn, as_batch, check_loss_fn, clone_optimizer,
+                      forward, lr_of, model_device, preserved_rng, probe_batch, set_lr, train_steps)
 from .propagation import residual_blocks
 
 #: Every remedy ``repair`` can apply (and that a random baseline draws from).
@@ -159,15 +159,13 @@ def _lsuv(model: nn.Module, batch: Batch, device: torch.device, tol: float = 0.1
     layer's output variance is 1 on one batch, |Var−1| < tol, ≤ iters rounds (§2.8)."""
     _init(model, "orthogonal", act="linear")
     layers = _weighted(model)
-    x = batch[0]
-    xs = x.to(device) if isinstance(x, torch.Tensor) else x
     for m in layers:
         out: dict[str, torch.Tensor] = {}
         h = m.register_forward_hook(lambda _m, _i, o: out.__setitem__("o", o.detach()))
         try:
             for _ in range(iters):
                 with torch.no_grad():
-                    model(xs)
+                    forward(model, batch, device)
                 v = float(out["o"].float().var()) if "o" in out else math.nan
                 if not math.isfinite(v) or v <= 0 or abs(v - 1) < tol:
                     break
@@ -412,6 +410,7 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
 
     ``optimizer_fn(params)`` builds the optimizer (e.g. ``lambda p: torch.optim.SGD(p, lr=0.1)``).
     ``data``: an iterable of ``(x, y)`` batches; up to ``steps`` are read once and cycled.
+    ``loss_fn=None``: the model returns its own loss, as in :func:`trainguard.doctor.doctor`.
     ``metric(model) -> float`` scores a trained model (``higher_is_better`` defaults to True
     when a metric is given); without it the mean training loss of the last tenth of the run is
     used (lower is better). ``plan`` overrides the diagnosed remedy order (used by the
@@ -427,8 +426,9 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
     if steps < 1:
         raise DoctorInputError(f"steps must be ≥ 1, got {steps}")
     higher = (metric is not None) if higher_is_better is None else bool(higher_is_better)
+    check_loss_fn(loss_fn)
     try:
-        batches = list(itertools.islice(iter(data), steps))
+        batches = [as_batch(b, i, loss_fn) for i, b in enumerate(itertools.islice(iter(data), steps))]
     except TypeError:
         raise DoctorInputError("data must be an iterable of (x, y) batches") from None
     if not batches:

@@ -59,6 +59,7 @@ except ImportError as e:  # pragma: no cover
 from .._fsio import atomic_write
 from ..guard import Guard, unwrap_optimizer
 from ..locate._replay import replaying
+from ..model_loss import loss_in_output
 from ..sinks.jsonl import decode, encode
 from . import check_adapter_options
 
@@ -69,13 +70,8 @@ if _MAJOR != 5:  # pragma: no cover
 
 
 def _loss_of(out: Any) -> torch.Tensor | None:
-    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
-    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor) \
-            and out[0].numel() == 1:
-        loss = out[0]
-    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-        return loss.detach().reshape(()).float()
-    return None
+    loss = loss_in_output(out)
+    return loss.detach().reshape(()).float() if loss is not None else None
 
 
 #: the Guard's state in a Trainer checkpoint folder (``checkpoint-N/``)
