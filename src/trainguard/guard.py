@@ -31,6 +31,7 @@ from .core import CoreView, DecisionCore, check_int as _check_int, weak_call
 from .deferred import DeferredStepper
 from .detect import Detector
 from .measure import StepProbe, scaler_enabled
+from .model_loss import ModelLoss
 from .policy import Plan, Policy
 from .remedies.clip import make_clipper
 from .remedies.executor import CLOSURE_NEEDED, Executor, ReuseFirst, needs_closure
@@ -57,9 +58,10 @@ def _chance_from_box(model: nn.Module, box: list, first_loss: float) -> float | 
     return chance_level(model, first_loss, kind=box[0])
 
 
-def _release_hooks(sampler: Any, capture: Any, loopcheck: Any) -> None:
+def _release_hooks(sampler: Any, capture: Any, loopcheck: Any, model_loss: Any) -> None:
     sampler.disarm()
     loopcheck.remove()
+    model_loss.remove()
     if capture is not None:
         capture.remove()
 
@@ -343,6 +345,9 @@ class Guard(CoreView):
         self._n_groups = len(optimizer.param_groups)  # add_param_group later: re-probed
         self._closed = False
         self._observed: list[Any] = []  # losses shown by observe_loss since the last step
+        #: the loss the model returns, read while the loop shows the Guard none (model_loss.py)
+        self._model_loss = ModelLoss(model)
+        self._model_loss.arm()
         #: what the first loss's autograd graph says it is (stats.loss_kind), in a box shared
         #: with the deferred stepper; read until the chance level is decided, then never
         self._loss_kind: list[str | None] = [None]
@@ -399,7 +404,7 @@ class Guard(CoreView):
             old._detach()
         _LIVE[model] = me
         self._finalizer = weakref.finalize(self, _release_hooks, self.sampler, self._capture,
-                                           self.loopcheck)
+                                           self.loopcheck, self._model_loss)
 
     # ------------------------------------------------------------------ the core's records
     def _on_action(self, a: Action) -> None:
@@ -415,7 +420,10 @@ class Guard(CoreView):
 
         ``loss`` is the step's loss (a scalar tensor, no sync needed); ``None`` when the loop
         cannot show it (then the losses given to :meth:`observe_loss` since the last step are
-        used, and without those the loss-based detectors sit the step out).
+        used; without those, the loss the model returned in this step's training forwards, when
+        it returns one, as nanoGPT's ``(logits, loss)`` or a Hugging Face output's ``.loss``
+        (:mod:`trainguard.model_loss`); without either, the loss-based detectors sit the step
+        out).
 
         ``closure``: for an optimizer that evaluates the loss several times per step
         (``torch.optim.LBFGS``, whose ``step`` requires one), the closure it calls (it zeroes
@@ -641,8 +649,14 @@ class Guard(CoreView):
 
     def _loss_for_step(self, loss: Any) -> Any:
         self._check_loss(loss)
-        self._note_loss_kind(loss)
         seen, self._observed = self._observed, []
+        if self._model_loss.armed:
+            if loss is not None or seen:
+                self._model_loss.remove()  # the loop shows the loss: no hook needed
+            else:
+                seen, first = self._model_loss.take()  # the loss the model returned
+                self._note_loss_kind(first)
+        self._note_loss_kind(loss)
         if loss is not None or not seen:
             return loss
         if all(isinstance(v, float) for v in seen):

@@ -108,7 +108,8 @@ class GuardedOptimizer(torch.optim.Optimizer):
     # -- the guarded step ------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run ``closure`` (under ``torch.enable_grad()``) when given and take its return value
-        as the loss; else the losses shown by ``opt.guard.observe_loss``. Then measure,
+        as the loss; else the losses shown by ``opt.guard.observe_loss``, else the loss the
+        model returned (:mod:`trainguard.model_loss`). Then measure,
         decide, apply or skip the update, and return the loss."""
         if closure is None:
             self.guard.step(None)

@@ -122,7 +122,8 @@ class StepStats:
     #: Adagrad's sum, momentum buffers) holds NaN/Inf (checked on the parameter-norm cadence)
     nonfinite_optimizer_modules: Sequence[str] = ()
     #: False when the loop never showed the Guard this step's loss (a framework that keeps it,
-    #: ``GuardedOptimizer.step()`` without a closure or ``observe_loss``): ``loss`` is NaN and
+    #: ``GuardedOptimizer.step()`` without a closure or ``observe_loss``) and the model returned
+    #: none (:mod:`trainguard.model_loss`): ``loss`` is NaN and
     #: the loss-based detectors (spike, divergence, plateau) sit the step out
     loss_known: bool = True
     #: modules that had no gradient at this step although some of their parameters require one
