@@ -122,3 +122,55 @@ def test_what_the_doctor_cannot_use_is_named():
     with pytest.raises(DoctorInputError, match=r"must return its loss.*shape \(4, 2\)"):
         tg.doctor(nn.Bilinear(16, 1, 2), None, [(torch.zeros(4, 16), torch.zeros(4, 1))],
                   progress=False)
+
+
+def _lightning_module(weighted: bool = False):
+    L = pytest.importorskip("lightning")
+
+    class Lit(L.LightningModule):
+        """A LightningModule as people write one: the loss in training_step, self.log, its
+        own optimizer in configure_optimizers."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = OwnLoss().net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch[0], batch[1]
+            loss = nn.functional.cross_entropy(self(x), y, reduction="none")
+            loss = (loss * batch[2]).mean() if weighted else loss.mean()
+            self.log("train_loss", loss)
+            return {"loss": loss}
+
+        def configure_optimizers(self):
+            return {"optimizer": torch.optim.SGD(self.parameters(), lr=0.1)}
+
+    torch.manual_seed(0)
+    return Lit()
+
+
+def test_a_lightning_module_is_diagnosed_from_its_training_step():
+    import warnings
+
+    lit = _lightning_module()
+    data, _, _ = _data()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        own = tg.doctor(lit, None, data, progress=False)
+    assert not [w for w in said if "self.log" in str(w.message)]
+    assert own.optimizer == "sgd" and own.lr == 0.1  # configure_optimizers' own
+    outside = tg.doctor(lit, nn.CrossEntropyLoss(), data,
+                        optimizer=torch.optim.SGD(lit.parameters(), lr=0.1), progress=False)
+    assert "vanishing_gradient" in own.kinds and own.kinds == outside.kinds
+    assert own.max_stable_lr == pytest.approx(outside.max_stable_lr, rel=1e-9)
+    # a batch that is not an (x, y) pair goes to training_step as the DataLoader yields it
+    weighted = _lightning_module(weighted=True)
+    triples = [(x, y, torch.ones(len(y))) for x, y in data]
+    rep = tg.doctor(weighted, None, triples, progress=False)
+    assert rep.kinds == own.kinds and rep.noise is not None and rep.noise.batch == 64
+    res = tg.repair(lambda: _lightning_module(weighted=True), lambda p: torch.optim.SGD(p, lr=0.1),
+                    None, triples, steps=100, max_trials=1, progress=False)
+    assert res.trials[0].remedy == "act:relu+init:he" and res.metric < res.baseline_metric

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import random
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -31,15 +32,55 @@ class Kwargs(dict):  # type: ignore[type-arg]
     and returns its own loss (``loss_fn=None``)."""
 
 
+class Whole:
+    """A batch that is not an ``(x, y)`` pair, for a LightningModule's ``training_step``
+    (``loss_fn=None``): held as ``(Whole(batch), None)`` and handed over as it came."""
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+
+def has_training_step(model: Any) -> bool:
+    """A LightningModule (or any module with a ``training_step``): with ``loss_fn=None`` the
+    doctor calls ``model.training_step(batch, 0)`` and reads the loss it returns."""
+    return callable(getattr(model, "training_step", None))
+
+
+def configured_optimizer(model: Any) -> torch.optim.Optimizer | None:
+    """The optimizer a LightningModule's ``configure_optimizers()`` builds (an optimizer, a
+    dict with ``"optimizer"``, a list or tuple holding them; the first one), or None when it
+    builds none or needs a Trainer to build it."""
+    conf = getattr(model, "configure_optimizers", None)
+    if not callable(conf):
+        return None
+    try:
+        res = conf()
+    except Exception:  # noqa: BLE001 - it may read self.trainer (estimated_stepping_batches)
+        return None
+    for _ in range(3):
+        if isinstance(res, torch.optim.Optimizer):
+            return res
+        if isinstance(res, Mapping):
+            res = res.get("optimizer")
+        elif isinstance(res, (list, tuple)) and res:
+            res = res[0]
+        else:
+            return None
+    return res if isinstance(res, torch.optim.Optimizer) else None
+
+
 def check_loss_fn(loss_fn: Any) -> None:
     if loss_fn is not None and not callable(loss_fn):
         raise DoctorInputError(f"loss_fn must be callable as loss_fn(output, y), or None when "
                                f"the model returns its own loss; got {type(loss_fn).__name__}")
 
 
-def as_batch(b: Any, i: int, loss_fn: LossFn) -> Batch:
+def as_batch(b: Any, i: int, loss_fn: LossFn, whole: bool = False) -> Batch:
     """One batch of the user's ``data`` as the doctor holds it: an ``(x, y)`` pair, or, when
-    the model computes its own loss (``loss_fn=None``), a mapping of keyword arguments."""
+    the model computes its own loss (``loss_fn=None``), a mapping of keyword arguments; with
+    ``whole`` (a LightningModule's ``training_step`` takes the batch) any other batch too."""
+    if whole and not isinstance(b, Mapping) and not (isinstance(b, (tuple, list)) and len(b) == 2):
+        return Whole(b), None
     if isinstance(b, Mapping):
         if loss_fn is None:
             return Kwargs(b), None
@@ -77,7 +118,8 @@ def validate_inputs(model: Any, loss_fn: Any, data: Any, optimizer: Any,
     except TypeError:
         raise DoctorInputError(f"data must be an iterable of (x, y) batches, got "
                                f"{type(data).__name__}") from None
-    batches = [as_batch(b, i, loss_fn) for i, b in enumerate(itertools.islice(it, max_batches))]
+    whole = loss_fn is None and has_training_step(model)
+    batches = [as_batch(b, i, loss_fn, whole) for i, b in enumerate(itertools.islice(it, max_batches))]
     if not batches:
         raise DoctorInputError("data yielded no batch: the doctor needs at least one (x, y) batch")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,10 +151,14 @@ def to_device(obj: Any, device: torch.device, dtype: torch.dtype | None = None) 
     if isinstance(obj, dict):
         moved = {k: to_device(v, device, dtype) for k, v in obj.items()}
         return Kwargs(moved) if isinstance(obj, Kwargs) else moved
+    if isinstance(obj, Whole):
+        return Whole(to_device(obj.batch, device, dtype))
     return obj
 
 
 def batch_size(x: Any) -> int:
+    if isinstance(x, Whole):
+        return batch_size(x.batch)
     if isinstance(x, torch.Tensor):
         return int(x.shape[0]) if x.dim() else 1
     if isinstance(x, (list, tuple)) and x:
@@ -225,12 +271,16 @@ def forward(model: nn.Module, batch: Batch, device: torch.device, dtype: torch.d
             *, with_targets: bool = False) -> tuple[Any, Any]:
     """The model's output on ``batch`` (moved to ``device``; floating inputs cast to
     ``dtype``) and the targets: ``model(x)``, ``model(x, y)`` with ``with_targets`` (a model
-    that computes its own loss, as nanoGPT's and makemore's ``forward(idx, targets)``), or
-    ``model(**batch)`` for a mapping batch."""
+    that computes its own loss, as nanoGPT's and makemore's ``forward(idx, targets)``),
+    ``model(**batch)`` for a mapping batch, or a LightningModule's ``training_step(batch, 0)``
+    with ``with_targets`` (and for a batch held whole)."""
     x, y = batch
     x = to_device(x, device, dtype)
-    if not isinstance(x, Kwargs):
+    if not isinstance(x, (Kwargs, Whole)):
         y = to_device(y, device, dtype if (isinstance(y, torch.Tensor) and y.is_floating_point()) else None)
+    if (with_targets or isinstance(x, Whole)) and has_training_step(model):
+        b = x.batch if isinstance(x, Whole) else (dict(x) if isinstance(x, Kwargs) else (x, y))
+        return _training_step(model, b), None
     if not (isinstance(x, Kwargs) or (with_targets and y is not None)):
         return model(x), y
     try:
@@ -239,6 +289,18 @@ def forward(model: nn.Module, batch: Batch, device: torch.device, dtype: torch.d
         how = "model(**batch)" if isinstance(x, Kwargs) else "model(x, y)"
         raise DoctorInputError(f"with loss_fn=None the model is called as {how} and returns its "
                                f"own loss; {type(model).__name__} failed: {e}") from e
+
+
+def _training_step(model: Any, batch: Any) -> Any:
+    """``model.training_step(batch, 0)`` outside a Trainer: its ``self.log`` calls only warn
+    that no Trainer is attached, said once here instead of at every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+        out = model.training_step(batch, 0)
+    if out is None:
+        raise DoctorInputError(f"{type(model).__name__}.training_step returned None (manual "
+                               "optimization?): the doctor needs the loss it returns")
+    return out
 
 
 def model_loss(out: Any) -> torch.Tensor:

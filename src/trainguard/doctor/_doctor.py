@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..types import Finding
-from ._common import (DoctorInputError, LossFn, clone_model, clone_optimizer, freeze_dropout,
-                      lr_of, model_device, preserved_rng, probe_batch, train_steps, trainable,
-                      validate_inputs)
+from ._common import (DoctorInputError, LossFn, clone_model, clone_optimizer, configured_optimizer,
+                      freeze_dropout, has_training_step, lr_of, model_device, preserved_rng,
+                      probe_batch, train_steps, trainable, validate_inputs)
 from .curvature import Curvature, optimizer_limit, sharpness
 from .lr_range import RangeTest, range_test
 from .noise import NOISE_LR_FACTOR, noise_scale
@@ -66,7 +66,9 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     (nanoGPT's and makemore's ``forward(idx, targets)``), or ``model(**batch)`` when a batch
     is a mapping (a Hugging Face batch with ``labels``), and its loss is read from what it
     returns: a scalar tensor, an output's ``loss`` (``ModelOutput``, a dict), or the scalar
-    tensor of a tuple (``(logits, loss)``).
+    tensor of a tuple (``(logits, loss)``). A LightningModule's loss is its
+    ``training_step(batch, 0)``'s (a batch as the DataLoader yields it), and without an
+    ``optimizer`` the one its ``configure_optimizers()`` builds is used.
 
     ``steps``: optimizer steps taken on a copy before the second propagation measurement
     (and, for Adam, to populate the preconditioner). Set ``lr_range``, ``precision`` or
@@ -74,6 +76,8 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     stderr (None: when stderr is a terminal).
     """
     t0 = time.perf_counter()
+    if optimizer is None and loss_fn is None and has_training_step(model):
+        optimizer = configured_optimizer(model)  # a LightningModule's own
     batches = validate_inputs(model, loss_fn, data, optimizer, max_batches)
     if steps < 0:
         raise DoctorInputError(f"steps must be ≥ 0, got {steps}")

@@ -7,7 +7,8 @@ sys.path) taking no arguments and returning either
   optional; extra key ``"doctor_kwargs"`` is passed on to :func:`trainguard.doctor`), or
 * a tuple ``(model, loss_fn, data)`` or ``(model, loss_fn, data, optimizer)``.
 
-``loss_fn`` may be None for a model that returns its own loss (see :func:`trainguard.doctor`).
+``loss_fn`` may be None for a model that returns its own loss, or a LightningModule (its
+``training_step``; see :func:`trainguard.doctor`).
 
 Exit status: 0 when diagnosed (1 with ``--fail-on-findings`` when the model is not
 healthy), 2 for a factory that cannot be loaded or returns the wrong thing.

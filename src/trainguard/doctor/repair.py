@@ -26,7 +26,8 @@ from torch import nn
 from ..clone import deepcopy_model
 from ..stats import activation_kind
 from ._common import (Batch, DoctorInputError, LossFn, as_batch, check_loss_fn, clone_optimizer,
-                      forward, lr_of, model_device, preserved_rng, probe_batch, set_lr, train_steps)
+                      forward, has_training_step, lr_of, model_device, preserved_rng, probe_batch,
+                      set_lr, train_steps)
 from .propagation import residual_blocks
 
 #: Every remedy ``repair`` can apply (and that a random baseline draws from).
@@ -428,10 +429,10 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
     higher = (metric is not None) if higher_is_better is None else bool(higher_is_better)
     check_loss_fn(loss_fn)
     try:
-        batches = [as_batch(b, i, loss_fn) for i, b in enumerate(itertools.islice(iter(data), steps))]
+        raw = list(itertools.islice(iter(data), steps))
     except TypeError:
         raise DoctorInputError("data must be an iterable of (x, y) batches") from None
-    if not batches:
+    if not raw:
         raise DoctorInputError("data yielded no batch")
 
     def fresh() -> nn.Module:
@@ -445,6 +446,8 @@ def repair(model_fn: Callable[[], nn.Module], optimizer_fn: Callable[[Any], torc
     prog = Progress(2 + max_trials, "repair", enabled=progress)
     prog.__enter__()
     m0 = fresh()
+    whole = loss_fn is None and has_training_step(m0)
+    batches = [as_batch(b, i, loss_fn, whole) for i, b in enumerate(raw)]
     device = model_device(m0)
     probe = probe_batch(batches[:32])
     prog.start("diagnosis (doctor)")
