@@ -93,7 +93,7 @@ def test_accumulated_micro_batches_give_their_mean():
             x, y = _batch(g, 8)
             _, loss = model(x, y)
             (loss / 4).backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         guard.step()
         model.zero_grad(set_to_none=True)
         assert guard.history[-1].loss == pytest.approx(sum(losses) / 4, rel=1e-6)
@@ -140,3 +140,26 @@ def test_a_loss_that_turns_nan_in_the_model_is_the_steps_loss():
         opt.step()
     assert [a.step for a in opt.guard.actions if a.kind == "skip"] == [8]
     assert math.isnan(opt.guard.history[8].loss) and opt.guard.history[8].loss_known
+
+
+class WithAccuracy(SelfLoss):
+    """Returns ``(logits, accuracy)``: a scalar with no graph is a metric, not the loss."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.net(x)
+        return logits, (logits.argmax(1) == targets).float().mean()
+
+
+def test_a_metric_returned_beside_the_logits_is_not_the_loss():
+    torch.manual_seed(0)
+    model = WithAccuracy()
+    opt = tg.GuardedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, console=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = _batch(g)
+        logits, _acc = model(x, y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(logits, y).backward()
+        opt.step()
+    assert not any(s.loss_known for s in opt.guard.history)
+    assert opt.guard._model_loss.gave_up

@@ -10,7 +10,8 @@ gets no closure and no loss) left the Guard without the loss, and its loss-based
 :class:`ModelLoss` puts one forward hook on the model's root while the Guard has not been shown
 a loss: the losses the model returns in training forwards with gradients (not evaluation
 passes, not a locate replay) are the step's, their mean when there are several (gradient
-accumulation), as :meth:`Guard.observe_loss` would take them. The hook is removed at the
+accumulation), as :meth:`Guard.observe_loss` would take them; a scalar without a graph (an
+accuracy returned beside the logits) is not taken for the loss. The hook is removed at the
 first step whose loss the loop shows (``guard.step(loss)``, a closure, ``observe_loss``), and
 for good when the model's training forwards return no loss.
 """
@@ -77,7 +78,7 @@ class ModelLoss:
             return
         self._forwards += 1
         loss = loss_in_output(out)
-        if loss is None:
+        if loss is None or not loss.requires_grad:  # a metric beside the logits is no loss
             return
         if self._first is None:
             self._first = loss
