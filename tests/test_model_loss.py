@@ -109,7 +109,7 @@ def test_the_hook_goes_once_the_loop_shows_the_loss_or_the_model_returns_none():
     _, loss = model(x, y)
     loss.backward()
     guard.step(loss * 2)  # the loop's loss wins (here: another scale than the model's)
-    assert guard.history[-1].loss == pytest.approx(2 * float(loss))
+    assert guard.history[-1].loss == pytest.approx(2 * float(loss.detach()))
     assert not guard._model_loss.armed
     guard.close()
 
