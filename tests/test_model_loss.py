@@ -163,3 +163,28 @@ def test_a_metric_returned_beside_the_logits_is_not_the_loss():
         opt.step()
     assert not any(s.loss_known for s in opt.guard.history)
     assert opt.guard._model_loss.gave_up
+
+
+def test_an_accelerate_loop_with_accumulation_needs_no_observe_loss():
+    accelerate = pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = SelfLoss()
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    opt = tg.GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, console=False)
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader([_batch(g, 1) for _ in range(160)], batch_size=8,
+                                         collate_fn=lambda b: (torch.cat([x for x, _ in b]),
+                                                               torch.cat([y for _, y in b])))
+    model, opt, loader = acc.prepare(model, opt, loader)
+    micro = []
+    for x, y in loader:
+        with acc.accumulate(model):
+            _, loss = model(x, y)
+            acc.backward(loss)
+            micro.append(float(loss.detach()))
+            opt.step()
+            opt.zero_grad()
+    h = list(opt.optimizer.guard.history)
+    assert len(h) == 10 and all(s.loss_known for s in h)
+    assert [s.loss for s in h] == pytest.approx([(a + b) / 2 for a, b in zip(micro[::2], micro[1::2])],
+                                                rel=1e-6)
