@@ -94,13 +94,13 @@ def range_test(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn,
                 break
             opt.step()
     opt.zero_grad(set_to_none=True)
-    sm = np.asarray(res.smoothed, dtype=float)
-    lrs = np.asarray(res.lrs[:len(sm)], dtype=float)
-    finite = np.isfinite(sm)
+    sm_arr = np.asarray(res.smoothed, dtype=float)
+    lrs = np.asarray(res.lrs[:len(sm_arr)], dtype=float)
+    finite = np.isfinite(sm_arr)
     if finite.any():
-        i_min = int(np.nanargmin(np.where(finite, sm, np.inf)))
+        i_min = int(np.nanargmin(np.where(finite, sm_arr, np.inf)))
         res.lr_min_loss = float(lrs[i_min])
         if i_min >= 2:
-            d = np.gradient(sm[:i_min + 1], np.log(lrs[:i_min + 1]))
+            d = np.gradient(sm_arr[:i_min + 1], np.log(lrs[:i_min + 1]))
             res.lr_steepest = float(lrs[int(np.argmin(d))])
     return res

@@ -64,16 +64,21 @@ def noise_scale(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
     if len(mbs) < 2:
         return None
     params = trainable(model)
-    gs = []
+    gs: list[list[torch.Tensor]] = []
     for b in mbs:
         loss = loss_of(model, loss_fn, b, device)
-        g = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         gs.append([gi.detach().double() if gi is not None else torch.zeros_like(p, dtype=torch.float64)
-                   for gi, p in zip(g, params)])
+                   for gi, p in zip(grads, params)])
     k = len(gs)
     bs = batch_size(mbs[0][0])
     small_sq = sum(float(sum((t * t).sum() for t in g)) for g in gs) / k
-    gbig = [sum(g[i] for g in gs) / k for i in range(len(params))]
+    gbig: list[torch.Tensor] = []
+    for i in range(len(params)):  # summed in order, as sum() did (typed: a tensor, not 0 + ...)
+        acc = gs[0][i]
+        for g in gs[1:]:
+            acc = acc + g[i]
+        gbig.append(acc / k)
     big_sq = float(sum((t * t).sum() for t in gbig))
     B_s, B_b = float(bs), float(bs * k)
     grad_sq = (B_b * big_sq - B_s * small_sq) / (B_b - B_s)
