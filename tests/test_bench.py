@@ -151,3 +151,8 @@ def test_zoo_compare_names_the_records_and_scores_that_changed(tmp_path):
     out = run("bench/zoo_compare.py", str(before), str(after))
     assert "s seed 1:\n    finding_steps: [51] -> [60]" in out and "s seed 0" not in out
     assert "1 differ" in out and "scores: unchanged" in out
+
+
+def test_metric_learning_trial_runs():
+    out = run("bench/metric_learning_trial.py", "--steps", "40", "--temps", "0.5")
+    assert out.count("losses of the bare and the guarded run identical") == 2, out

@@ -22,10 +22,10 @@ from trainguard.types import StepStats
 LN64 = math.log(64)
 
 
-def st(step, loss=1.0, grad=1.0, lr=None, opt_state=None, grads=None):
+def st(step, loss=1.0, grad=1.0, lr=None, opt_state=None, grads=None, optimizer=None):
     grads = grads if grads is not None else [grad, grad]
     return StepStats(step=step, loss=loss, grad_norm=grad, modules=["m0", "m1"][:len(grads)],
-                     grad_norms=grads, lr=lr, optimizer_state=opt_state)
+                     grad_norms=grads, lr=lr, optimizer_state=opt_state, optimizer=optimizer)
 
 
 def feed(det, losses, **kw):
@@ -186,6 +186,18 @@ def test_plateau_of_a_stuck_run_keeps_the_usual_advice():
     f = feed(PlateauDetector(), [2.3] + [2.2] * 200)
     assert f and f[0].severity == "info" and "cause" not in f[0].evidence
     assert "raise the learning rate" in f[0].remedies[0]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "rmsprop"])
+def test_plateau_never_tells_an_adaptive_optimizer_to_switch_to_adam(optimizer):
+    # a contrastive run with Adam whose loss settled at its floor was told "switch optimizer
+    # (SGD -> Adam)"; with SGD (or no optimizer known) the advice is as it was
+    f = feed(PlateauDetector(), [2.3] + [2.2] * 200, optimizer=optimizer)
+    assert f and f[0].remedies == PlateauDetector.ADAPTIVE_ADVICE
+    assert not any("Adam" in r for r in f[0].remedies)
+    assert any("converged" in r for r in f[0].remedies)
+    sgd = feed(PlateauDetector(), [2.3] + [2.2] * 200, optimizer="sgd")
+    assert "switch optimizer (SGD -> Adam)" in sgd[0].remedies[0]
 
 
 @pytest.mark.parametrize("ratio,first", [(0.02, "lower the learning rate"),

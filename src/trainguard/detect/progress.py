@@ -672,7 +672,7 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
             ur = self.ur_last
             if ur is None or self.ur_small < ur < self.ur_large:
                 return [Finding(kind="plateau", step=s.step, severity="info", message=msg,
-                                evidence=ev)]
+                                evidence=ev, remedies=self._usual_advice(s.optimizer))]
             ev["update_ratio"] = ur
             size = f"updates are {ur:.2g} of the weights' norm per step (usual: ~1e-3)"
             if ur >= self.ur_large:
@@ -687,6 +687,25 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
             return [Finding(kind="plateau", step=s.step, severity="info",
                             message=f"{msg}; {size}", evidence=ev, remedies=advice)]
         return []
+
+    #: the usual advice for a run whose optimizer adapts its steps itself (Adam, RMSprop,
+    #: Adagrad, Lion): the default's "switch optimizer (SGD -> Adam)" told an Adam run to
+    #: switch to Adam (a SimCLR-style contrastive run on digits, Adam 1e-3, temperature 0.5,
+    #: whose loss had settled at its floor, 3.9, was noted at step 1,311 with that advice)
+    ADAPTIVE_ADVICE = (
+        "raise the learning rate a notch if the loss sits above what the model should reach "
+        "(the LR range test, trainguard doctor, finds the range)",
+        "if the loss has converged: a plateau-driven schedule (ReduceLROnPlateau) lowers the "
+        "learning rate to refine it, or stop",
+        "check init and activations (see vanishing_gradient / dead_units)",
+    )
+
+    def _usual_advice(self, optimizer: str | None) -> tuple[str, ...]:
+        """The plain plateau's advice: the default one (:data:`trainguard.types.REMEDIES`),
+        or :data:`ADAPTIVE_ADVICE` for an adaptive optimizer."""
+        if optimizer in ("adam", "adamw", "rmsprop", "adagrad", "lion"):
+            return self.ADAPTIVE_ADVICE
+        return ()
 
     def _stall(self, stuck: int) -> tuple[str, dict[str, object]]:
         """The plateau's message and evidence."""
