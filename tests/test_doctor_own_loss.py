@@ -156,7 +156,9 @@ def test_a_lightning_module_is_diagnosed_from_its_training_step():
     import warnings
 
     lit = _lightning_module()
-    data, _, _ = _data()
+    # batches of 256: the probe is the first batch for both (a LightningModule's batches are
+    # never concatenated into a larger probe: see trainguard.doctor._common.Whole)
+    data, _, _ = _data(bs=256)
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         own = tg.doctor(lit, None, data, progress=False)
@@ -170,7 +172,36 @@ def test_a_lightning_module_is_diagnosed_from_its_training_step():
     weighted = _lightning_module(weighted=True)
     triples = [(x, y, torch.ones(len(y))) for x, y in data]
     rep = tg.doctor(weighted, None, triples, progress=False)
-    assert rep.kinds == own.kinds and rep.noise is not None and rep.noise.batch == 64
+    assert rep.kinds == own.kinds and rep.noise is not None and rep.noise.batch == 256
     res = tg.repair(lambda: _lightning_module(weighted=True), lambda p: torch.optim.SGD(p, lr=0.1),
                     None, triples, steps=100, max_trials=1, progress=False)
     assert res.trials[0].remedy == "act:relu+init:he" and res.metric < res.baseline_metric
+
+
+def test_a_lightning_module_that_keeps_state_between_steps_gets_its_own_batches():
+    # Lightning's LSTM demo carries its hidden state, sized by the batch, from one
+    # training_step to the next: a probe of 256 concatenated samples failed with "Expected
+    # hidden[0] size (4, 20, 512), got [4, 256, 512]"
+    L = pytest.importorskip("lightning")
+
+    class Stateful(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.rnn, self.head = nn.Embedding(16, 8), nn.GRU(8, 16, batch_first=True), nn.Linear(16, 16)
+            self.hidden: torch.Tensor | None = None
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = self.hidden.detach() if self.hidden is not None else None
+            out, self.hidden = self.rnn(self.emb(x), h)
+            return nn.functional.cross_entropy(self.head(out).reshape(-1, 16), y.reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    torch.manual_seed(0)
+    seq = torch.arange(20 * 8 * 12) % 16
+    data = [(seq[i * 160:(i + 1) * 160].reshape(20, 8), (seq[i * 160:(i + 1) * 160].reshape(20, 8) + 1) % 16)
+            for i in range(10)]
+    rep = tg.doctor(Stateful(), None, data, progress=False)
+    assert rep.noise is not None and rep.noise.batch == 20 and math.isfinite(rep.max_stable_lr)

@@ -33,8 +33,11 @@ class Kwargs(dict):  # type: ignore[type-arg]
 
 
 class Whole:
-    """A batch that is not an ``(x, y)`` pair, for a LightningModule's ``training_step``
-    (``loss_fn=None``): held as ``(Whole(batch), None)`` and handed over as it came."""
+    """A batch for a LightningModule's ``training_step`` (``loss_fn=None``): held as
+    ``(Whole(batch), None)`` and handed over as the DataLoader yielded it. Never concatenated
+    into a larger probe batch: a module that keeps state between steps (Lightning's LSTM demo
+    carries its hidden state, sized by the batch, from one ``training_step`` to the next)
+    failed with "Expected hidden[0] size (4, 20, 512), got [4, 256, 512]"."""
 
     def __init__(self, batch: Any) -> None:
         self.batch = batch
@@ -78,8 +81,10 @@ def check_loss_fn(loss_fn: Any) -> None:
 def as_batch(b: Any, i: int, loss_fn: LossFn, whole: bool = False) -> Batch:
     """One batch of the user's ``data`` as the doctor holds it: an ``(x, y)`` pair, or, when
     the model computes its own loss (``loss_fn=None``), a mapping of keyword arguments; with
-    ``whole`` (a LightningModule's ``training_step`` takes the batch) any other batch too."""
-    if whole and not isinstance(b, Mapping) and not (isinstance(b, (tuple, list)) and len(b) == 2):
+    ``whole`` (a LightningModule's ``training_step`` takes the batch) any batch, whole."""
+    if isinstance(b, tuple) and len(b) == 2 and isinstance(b[0], Whole):
+        return b  # held already (repair hands its batches to the doctor)
+    if whole:
         return Whole(b), None
     if isinstance(b, Mapping):
         if loss_fn is None:
@@ -273,14 +278,13 @@ def forward(model: nn.Module, batch: Batch, device: torch.device, dtype: torch.d
     ``dtype``) and the targets: ``model(x)``, ``model(x, y)`` with ``with_targets`` (a model
     that computes its own loss, as nanoGPT's and makemore's ``forward(idx, targets)``),
     ``model(**batch)`` for a mapping batch, or a LightningModule's ``training_step(batch, 0)``
-    with ``with_targets`` (and for a batch held whole)."""
+    for a batch held whole (:class:`Whole`)."""
     x, y = batch
     x = to_device(x, device, dtype)
-    if not isinstance(x, (Kwargs, Whole)):
+    if isinstance(x, Whole):
+        return _training_step(model, x.batch), None
+    if not isinstance(x, Kwargs):
         y = to_device(y, device, dtype if (isinstance(y, torch.Tensor) and y.is_floating_point()) else None)
-    if (with_targets or isinstance(x, Whole)) and has_training_step(model):
-        b = x.batch if isinstance(x, Whole) else (dict(x) if isinstance(x, Kwargs) else (x, y))
-        return _training_step(model, b), None
     if not (isinstance(x, Kwargs) or (with_targets and y is not None)):
         return model(x), y
     try:
