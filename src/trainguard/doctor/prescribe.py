@@ -240,6 +240,17 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                 add(f, f"lower the learning rate (now {lr:.3g}) or add warmup if units die during "
                     "training", [], "large early steps kill ReLU units (mechanisms §2.5, Z4 variant)",
                     f"lr:{(sug or lr / 10):.6g}" if sug and sug < lr else "")
+        elif k == "lr_too_high" and f.evidence.get("regime") == "not_quadratic" and lr:
+            # past the point where a quadratic top direction diverges, yet the trial steps
+            # improve: the curvature limit is not this run's (doctor._doctor.RELU_CATAPULT_FACTOR)
+            warm = ctx.get("warmup_steps")
+            add(f, f"keep the learning rate {lr:.3g} (its trial steps reduce the loss)"
+                + (f" with {warm} steps of linear warmup" if warm else "")
+                + (f"; if the loss spikes early, lower it toward {sug:.3g}" if sug and sug < lr else ""),
+                [], "the trial steps at this LR reduce the loss, so its sharpest direction does not "
+                "blow up as a quadratic one would (one through a softmax's logits has a bounded "
+                "loss: the Lightning demo Transformer's lies in its first attention projection); a "
+                "warmup lets the sharpness fall first (Gilmer 2022, mechanisms §3.4-3.5)", "")
         elif k in ("lr_too_high", "divergence", "nonfinite"):
             if sug and (lr is None or sug < lr):
                 warm = ctx.get("warmup_steps")
