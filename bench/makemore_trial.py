@@ -36,13 +36,12 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _patch import replace_once  # noqa: E402
+from _patch import editor  # noqa: E402
 
 TYPES = ("bigram", "mlp", "rnn", "gru", "bow", "transformer")
 
 
-def _sub(old: str, new: str, text: str) -> str:
-    return replace_once(old, new, text, "makemore_trial: makemore.py")
+_sub = editor("makemore_trial: makemore.py")
 
 
 def patch(src: str, guarded: bool) -> str:

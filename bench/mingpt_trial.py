@@ -29,13 +29,12 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _patch import replace_once  # noqa: E402
+from _patch import editor  # noqa: E402
 
 
 def patch(src: str) -> str:
     """adder.py with the GuardedOptimizer handed to minGPT's Trainer."""
-    def sub(old: str, new: str, text: str) -> str:
-        return replace_once(old, new, text, "mingpt_trial: projects/adder/adder.py")
+    sub = editor("mingpt_trial: projects/adder/adder.py")
     s = sub("    model = GPT(config.model)\n",
             "    model = GPT(config.model)\n"
             "    import trainguard as tg\n"

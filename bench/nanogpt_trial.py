@@ -32,7 +32,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _patch import replace_once  # noqa: E402
+from _patch import editor  # noqa: E402
 
 CONFIG = """out_dir = {out!r}
 eval_interval = {eval_interval}
@@ -61,8 +61,7 @@ compile = {compile}
 
 def patch(train: str) -> str:
     """nanoGPT's train.py with the Guard added as the README says."""
-    def sub(old: str, new: str, text: str) -> str:
-        return replace_once(old, new, text, "nanogpt_trial: train.py")
+    sub = editor("nanogpt_trial: train.py")
     s = sub("# wrap model into DDP container\n",
             "import trainguard as tg\n"
             "guard = tg.Guard(model, optimizer, scaler=scaler, clip=(grad_clip or None),\n"

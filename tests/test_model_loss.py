@@ -125,19 +125,23 @@ def test_the_hook_goes_once_the_loop_shows_the_loss_or_the_model_returns_none():
     assert not plain._forward_hooks or len(plain._forward_hooks) == 1  # the locate capture's
 
 
-def test_a_loss_that_turns_nan_in_the_model_is_the_steps_loss():
-    torch.manual_seed(0)
-    model = SelfLoss()
+def _trainer_steps(model: nn.Module, steps: int, loss_of, nan_at: int | None = None):
+    """A trainer that keeps the loss to itself (minGPT's): a GuardedOptimizer stepped bare."""
     opt = tg.GuardedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, console=False)
     g = torch.Generator().manual_seed(0)
-    for t in range(12):
+    for t in range(steps):
         x, y = _batch(g)
-        if t == 8:
+        if t == nan_at:
             x[0, 0] = math.nan
-        _, loss = model(x, y)
         opt.zero_grad()
-        loss.backward()
+        loss_of(model(x, y), y).backward()
         opt.step()
+    return opt
+
+
+def test_a_loss_that_turns_nan_in_the_model_is_the_steps_loss():
+    torch.manual_seed(0)
+    opt = _trainer_steps(SelfLoss(), 12, lambda out, y: out[1], nan_at=8)
     assert [a.step for a in opt.guard.actions if a.kind == "skip"] == [8]
     assert math.isnan(opt.guard.history[8].loss) and opt.guard.history[8].loss_known
 
@@ -152,15 +156,7 @@ class WithAccuracy(SelfLoss):
 
 def test_a_metric_returned_beside_the_logits_is_not_the_loss():
     torch.manual_seed(0)
-    model = WithAccuracy()
-    opt = tg.GuardedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, console=False)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        x, y = _batch(g)
-        logits, _acc = model(x, y)
-        opt.zero_grad()
-        nn.functional.cross_entropy(logits, y).backward()
-        opt.step()
+    opt = _trainer_steps(WithAccuracy(), 3, lambda out, y: nn.functional.cross_entropy(out[0], y))
     assert not any(s.loss_known for s in opt.guard.history)
     assert opt.guard._model_loss.gave_up
 
