@@ -245,16 +245,17 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
                                   ": the top direction diverges geometrically"),
                     severity="error", evidence=ev))
             else:
+                catapult = ratio <= RELU_CATAPULT_FACTOR
                 regime = ("catapult / edge-of-stability regime, usually benign (Lewkowycz 2020, "
-                          "Cohen 2021)" if ratio <= RELU_CATAPULT_FACTOR else
+                          "Cohen 2021)" if catapult else
                           "the loss is not quadratic along the top direction at this step size "
                           "(where it is, the top direction diverges geometrically past "
                           f"{RELU_CATAPULT_FACTOR:g}× the limit; Lewkowycz 2020)")
                 findings.append(Finding(
                     "lr_too_high", 0, f"lr {lr:.3g} is {ratio:.1f}× the curvature limit "
                     f"{max_stable:.3g}, but the trial steps still reduce the loss: {regime}",
-                    severity="info", evidence={**ev, "regime": "catapult"
-                                               if ratio <= RELU_CATAPULT_FACTOR else "not_quadratic"}))
+                    severity="info",
+                    evidence={**ev, "regime": "catapult" if catapult else "not_quadratic"}))
                 warmup = max(warmup, 100)
     if rt is not None and math.isfinite(rt.lr_diverge) and lr >= rt.lr_diverge and \
             not any(f.kind == "lr_too_high" and f.severity == "error" for f in findings):
