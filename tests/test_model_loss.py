@@ -184,3 +184,25 @@ def test_an_accelerate_loop_with_accumulation_needs_no_observe_loss():
     assert len(h) == 10 and all(s.loss_known for s in h)
     assert [s.loss for s in h] == pytest.approx([(a + b) / 2 for a, b in zip(micro[::2], micro[1::2])],
                                                 rel=1e-6)
+
+
+def test_the_hook_keeps_no_graph_alive_and_reads_the_loss_kind_once():
+    # a training forward with no backward after it (a side computation with grad on): the
+    # reader kept the first loss with its graph, and the activations with it, until the step
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = SelfLoss()
+    guard = tg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), console=False)
+    x, y = _batch(torch.Generator().manual_seed(0))
+    out = model(x, y)
+    ref = weakref.ref(out[1])
+    del out
+    gc.collect()
+    assert ref() is None
+    _, loss = model(x, y)
+    loss.backward()
+    guard.step()
+    assert guard._loss_kind[0] == "plain_cross_entropy"  # from the model's F.cross_entropy
+    assert guard._model_loss.kind_of is None and guard._model_loss.armed

@@ -58,6 +58,16 @@ def _chance_from_box(model: nn.Module, box: list, first_loss: float) -> float | 
     return chance_level(model, first_loss, kind=box[0])
 
 
+def graph_kind(loss: torch.Tensor) -> str | None:
+    """What a loss's autograd graph says it is (:func:`trainguard.stats.loss_kind`), with a
+    cross-entropy as ``F.cross_entropy`` returns it told apart (``"plain_cross_entropy"``: its
+    level is ln V even from a trained start)."""
+    kind = loss_kind(loss)
+    if kind == "cross_entropy" and plain_cross_entropy(loss):
+        kind = "plain_cross_entropy"
+    return kind
+
+
 def _release_hooks(sampler: Any, capture: Any, loopcheck: Any, model_loss: Any) -> None:
     sampler.disarm()
     loopcheck.remove()
@@ -346,7 +356,7 @@ class Guard(CoreView):
         self._closed = False
         self._observed: list[Any] = []  # losses shown by observe_loss since the last step
         #: the loss the model returns, read while the loop shows the Guard none (model_loss.py)
-        self._model_loss = ModelLoss(model)
+        self._model_loss = ModelLoss(model, kind_of=graph_kind)
         self._model_loss.arm()
         #: what the first loss's autograd graph says it is (stats.loss_kind), in a box shared
         #: with the deferred stepper; read until the chance level is decided, then never
@@ -654,8 +664,11 @@ class Guard(CoreView):
             if loss is not None or seen:
                 self._model_loss.remove()  # the loop shows the loss: no hook needed
             else:
-                seen, first = self._model_loss.take()  # the loss the model returned
-                self._note_loss_kind(first)
+                seen, kind = self._model_loss.take()  # the loss the model returned
+                if self._kind_wanted():
+                    self._loss_kind[0] = kind
+                if not self._kind_wanted():
+                    self._model_loss.kind_of = None  # decided: no more graph walks
         self._note_loss_kind(loss)
         if loss is not None or not seen:
             return loss
@@ -754,10 +767,11 @@ class Guard(CoreView):
         the loss function's few top nodes, at most once per step, usually once per run)."""
         if self.core.chance_option == "auto" and self._loss_kind[0] is None \
                 and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
-            kind = loss_kind(loss)
-            if kind == "cross_entropy" and plain_cross_entropy(loss):
-                kind = "plain_cross_entropy"  # its level is ln V even from a trained start
-            self._loss_kind[0] = kind
+            self._loss_kind[0] = graph_kind(loss)
+
+    def _kind_wanted(self) -> bool:
+        """The chance level is still to be decided from a loss's graph."""
+        return self.core.chance_option == "auto" and self._loss_kind[0] is None
 
     def _release_capture(self) -> None:
         if self._capture is not None:

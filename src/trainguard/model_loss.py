@@ -18,7 +18,7 @@ for good when the model's training forwards return no loss.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -48,12 +48,16 @@ def loss_in_output(out: Any) -> torch.Tensor | None:
 class ModelLoss:
     """The losses ``model`` returned in this step's training forwards (see the module)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module,
+                 kind_of: Callable[[torch.Tensor], str | None] | None = None) -> None:
         self.model = model
         self._handle: Any = None
         self._losses: list[torch.Tensor] = []
-        #: the step's first loss with its graph (what :func:`trainguard.stats.loss_kind` reads)
-        self._first: torch.Tensor | None = None
+        #: what the step's first loss's graph says it is, read in the forward by ``kind_of``
+        #: (the chance level's evidence): no graph is held until the step, which a forward
+        #: with no backward after it would have kept alive with its activations
+        self.kind_of = kind_of
+        self._kind: str | None = None
         self._forwards = 0   # training forwards with gradients seen this step
         self.gave_up = False  # the model's training forwards return no loss
 
@@ -71,7 +75,7 @@ class ModelLoss:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._losses, self._first, self._forwards = [], None, 0
+        self._losses, self._kind, self._forwards = [], None, 0
 
     def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:
         if not (module.training and torch.is_grad_enabled()) or replaying():
@@ -80,16 +84,16 @@ class ModelLoss:
         loss = loss_in_output(out)
         if loss is None or not loss.requires_grad:  # a metric beside the logits is no loss
             return
-        if self._first is None:
-            self._first = loss
+        if not self._losses and self.kind_of is not None:
+            self._kind = self.kind_of(loss)
         self._losses.append(loss.detach().reshape(()))
 
-    def take(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """This step's losses (detached) and the first with its graph; empties the step. A
-        step whose training forwards returned no loss removes the hook for good."""
-        losses, first = self._losses, self._first
+    def take(self) -> tuple[list[torch.Tensor], str | None]:
+        """This step's losses (detached) and what the first one's graph said it is; empties
+        the step. A step whose training forwards returned no loss removes the hook for good."""
+        losses, kind = self._losses, self._kind
         if self._forwards and not losses:
             self.gave_up = True
             self.remove()
-        self._losses, self._first, self._forwards = [], None, 0
-        return losses, first
+        self._losses, self._kind, self._forwards = [], None, 0
+        return losses, kind
