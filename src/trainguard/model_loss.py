@@ -11,7 +11,9 @@ gets no closure and no loss) left the Guard without the loss, and its loss-based
 a loss: the losses the model returns in training forwards with gradients (not evaluation
 passes, not a locate replay) are the step's, their mean when there are several (gradient
 accumulation), as :meth:`Guard.observe_loss` would take them; a scalar without a graph (an
-accuracy returned beside the logits) is not taken for the loss. The hook is removed at the
+accuracy returned beside the logits) is not taken for the loss. What the first one's graph
+says it is (a cross-entropy: the chance level) is read in the forward; no graph is kept until
+the step. The hook is removed at the
 first step whose loss the loop shows (``guard.step(loss)``, a closure, ``observe_loss``), and
 for good when the model's training forwards return no loss.
 """
