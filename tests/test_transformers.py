@@ -76,6 +76,35 @@ def test_healthy_run_is_the_bare_run(tmp_path, kw):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+class TokenSum(Tiny):
+    """A model that accepts loss keywords, as the library's language models do: the Trainer
+    hands it ``num_items_in_batch`` (the whole step's target count, over every accumulated
+    micro-batch) and it returns its micro-batch's summed loss divided by that count."""
+
+    def forward(self, x, labels=None, **kwargs):
+        logits = self.net(x)
+        n = kwargs.get("num_items_in_batch")
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum") / n
+        self.losses.append(float(loss.detach()))
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("gas", [1, 4])
+def test_a_loss_divided_by_the_steps_token_count_is_the_steps_loss(tmp_path, gas):
+    """With gradient accumulation the model's losses are shares of the step's loss (each
+    micro-batch's sum over the step's count): the Guard adds them up, seeing the loss the
+    Trainer logs (it saw their mean: 1/4 of it with four micro-batches)."""
+    cb = GuardCallback(console=False)
+    m = TokenSum()
+    tr = _train(tmp_path, m, callbacks=[cb], gradient_accumulation_steps=gas, max_steps=8,
+                logging_steps=1)
+    logged = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    seen = [s.loss for s in cb.guard.history]
+    assert len(seen) == len(logged) == 8
+    assert seen == pytest.approx(logged, rel=1e-3)
+    assert seen == pytest.approx([sum(m.losses[i:i + gas]) for i in range(0, 8 * gas, gas)])
+
+
 @pytest.mark.parametrize("use_trainer", [False, True])
 def test_nan_batch_is_skipped_and_the_scheduler_holds(tmp_path, use_trainer):
     m = Tiny(nan_at=12)

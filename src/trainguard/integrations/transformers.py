@@ -14,7 +14,13 @@ What a callback cannot reach, and how this module reaches it:
 - *The loss.* Callbacks receive neither the loss nor the gradient norm. The callback reads
   ``outputs.loss`` through a forward hook on the model (training forwards only; each
   micro-batch's loss as the model computed it, so gradient accumulation gives their mean), before
-  ``logging_nan_inf_filter`` replaces a NaN loss in the logs: a NaN is a finding here.
+  ``logging_nan_inf_filter`` replaces a NaN loss in the logs: a NaN is a finding here. A model
+  that accepts loss keywords (``**kwargs`` in ``forward``, as the library's language models do)
+  is handed ``num_items_in_batch``, the whole step's count of target tokens, and returns each
+  micro-batch's *summed* loss divided by it: those losses are then added up (times the number of
+  processes when ``average_tokens_across_devices`` counted the tokens of all of them, as the
+  Trainer does for its logs), so the Guard sees the step's mean token loss whatever
+  ``gradient_accumulation_steps`` is, the figure the Trainer logs.
 - *The update.* ``on_pre_optimizer_step`` cannot veto the step, so the callback wraps the step
   of the torch optimizer inside accelerate's ``AcceleratedOptimizer`` (the method accelerate
   calls, fp16 GradScaler path included). A skip leaves parameters, moments and step counters
@@ -92,6 +98,11 @@ class GuardCallback(TrainerCallback):
         self.options = guard_options
         self.guard: Guard | None = None
         self._losses: list[torch.Tensor] = []
+        #: the window's losses were divided by the step's whole token count (``num_items_in_batch``)
+        self._summed = False
+        #: what a loss divided by ``num_items_in_batch`` is multiplied by: the processes that
+        #: count went over (``average_tokens_across_devices``), as ``Trainer.compute_loss`` does
+        self._items_scale = 1
         self._go: bool | None = None
         self._hook: Any = None
         self._undo: list[Any] = []
@@ -112,7 +123,9 @@ class GuardCallback(TrainerCallback):
         self.guard = Guard(model, inner, scaler=getattr(optimizer, "scaler", None), **options)
         if state.global_step > 0:
             self._resume(args, state)
-        self._hook = model.register_forward_hook(self._capture)
+        world = int(getattr(args, "world_size", 1) or 1)
+        self._items_scale = world if getattr(args, "average_tokens_across_devices", False) else 1
+        self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
         if not self.observe:
             self._wrap(optimizer, inner)
 
@@ -145,17 +158,27 @@ class GuardCallback(TrainerCallback):
         text = json.dumps(encode(self.guard.state_dict()), allow_nan=False)
         atomic_write(os.path.join(folder, STATE_FILE), lambda fh: fh.write(text))
 
-    def _capture(self, module: Any, args: Any, out: Any) -> None:
+    def _capture(self, module: Any, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         # not the locate replay's forward: its loss joined the next step's window (a NaN
         # batch's replayed NaN made the next, healthy step a second non-finite finding)
         if module.training and torch.is_grad_enabled() and not replaying():
             loss = _loss_of(out)
             if loss is not None:
                 self._losses.append(loss)
+                if kwargs.get("num_items_in_batch") is not None:
+                    self._summed = True
 
     def _window_loss(self) -> torch.Tensor | None:
+        """The step's loss from its micro-batches' losses: their mean, or, when the model
+        divided each by the step's whole token count (``num_items_in_batch``), their sum (scaled
+        back to this process's share when the count spanned all processes)."""
         losses, self._losses = self._losses, []
-        return torch.stack(losses).mean() if losses else None
+        summed, self._summed = self._summed, False
+        if not losses:
+            return None
+        if summed:
+            return torch.stack(losses).sum() * self._items_scale
+        return torch.stack(losses).mean()
 
     def _wrap(self, accelerated: Any, inner: torch.optim.Optimizer) -> None:
         orig = getattr(accelerated, "_optimizer_original_step_method", None) or inner.step
