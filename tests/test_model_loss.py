@@ -99,6 +99,41 @@ def test_accumulated_micro_batches_give_their_mean():
         assert guard.history[-1].loss == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
+class ItemsLoss(SelfLoss):
+    """A Hugging Face language model's contract: handed ``num_items_in_batch`` (the whole
+    step's target count), it returns its micro-batch's summed loss divided by that count."""
+
+    def forward(self, x, targets=None, **kwargs):
+        logits = self.net(x)
+        n = kwargs.get("num_items_in_batch")
+        loss = nn.functional.cross_entropy(logits, targets, reduction="sum" if n else "mean")
+        return logits, (loss / n if n else loss)
+
+
+def test_micro_batches_divided_by_the_steps_item_count_give_their_sum():
+    """The losses of a step's forwards that were handed ``num_items_in_batch`` are shares of
+    the step's loss: their mean was a quarter of it over four micro-batches."""
+    torch.manual_seed(0)
+    model = ItemsLoss()
+    guard = tg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), console=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batches = [_batch(g, 8) for _ in range(4)]
+        total = sum(len(y) for _, y in batches)
+        shares = []
+        for x, y in batches:
+            _, loss = model(x, y, num_items_in_batch=total)
+            loss.backward()
+            shares.append(float(loss.detach()))
+        x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        with torch.no_grad():
+            whole = float(model(x, y)[1])  # the step's mean loss, in one batch
+        guard.step()
+        model.zero_grad(set_to_none=True)
+        assert guard.history[-1].loss == pytest.approx(sum(shares), rel=1e-6)
+        assert guard.history[-1].loss == pytest.approx(whole, rel=1e-5)
+
+
 def test_the_hook_goes_once_the_loop_shows_the_loss_or_the_model_returns_none():
     torch.manual_seed(0)
     model = SelfLoss()

@@ -660,11 +660,12 @@ class Guard(CoreView):
     def _loss_for_step(self, loss: Any) -> Any:
         self._check_loss(loss)
         seen, self._observed = self._observed, []
+        summed = False
         if self._model_loss.armed:
             if loss is not None or seen:
                 self._model_loss.remove()  # the loop shows the loss: no hook needed
             else:
-                seen, kind = self._model_loss.take()  # the loss the model returned
+                seen, kind, summed = self._model_loss.take()  # the loss the model returned
                 if self._kind_wanted():
                     self._loss_kind[0] = kind
                 if not self._kind_wanted():
@@ -675,8 +676,9 @@ class Guard(CoreView):
         if all(isinstance(v, float) for v in seen):
             return sum(seen) / len(seen)
         dev = self.probe.device
-        return torch.stack([v.to(dev, torch.float32) if isinstance(v, torch.Tensor)
-                            else torch.tensor(v, device=dev) for v in seen]).mean()
+        stacked = torch.stack([v.to(dev, torch.float32) if isinstance(v, torch.Tensor)
+                               else torch.tensor(v, device=dev) for v in seen])
+        return stacked.sum() if summed else stacked.mean()
 
     def _end_step(self, applied: bool) -> bool:
         # the gradients measured this step are the user's to free (zero_grad(set_to_none=True)):

@@ -10,8 +10,10 @@ gets no closure and no loss) left the Guard without the loss, and its loss-based
 :class:`ModelLoss` puts one forward hook on the model's root while the Guard has not been shown
 a loss: the losses the model returns in training forwards with gradients (not evaluation
 passes, not a locate replay) are the step's, their mean when there are several (gradient
-accumulation), as :meth:`Guard.observe_loss` would take them; a scalar without a graph (an
-accuracy returned beside the logits) is not taken for the loss. What the first one's graph
+accumulation), as :meth:`Guard.observe_loss` would take them, or their sum when the forwards
+were handed ``num_items_in_batch`` (a Hugging Face model divides each micro-batch's summed loss by
+the whole step's token count: their mean was 1/N of the step's loss over N micro-batches); a
+scalar without a graph (an accuracy returned beside the logits) is not taken for the loss. What the first one's graph
 says it is (a cross-entropy: the chance level) is read in the forward; no graph is kept until
 the step. The hook is removed at the
 first step whose loss the loop shows (``guard.step(loss)``, a closure, ``observe_loss``), and
@@ -61,6 +63,9 @@ class ModelLoss:
         self.kind_of = kind_of
         self._kind: str | None = None
         self._forwards = 0   # training forwards with gradients seen this step
+        #: this step's losses were divided by the step's whole item count (``num_items_in_batch``
+        #: handed to the forward): the step's loss is their sum
+        self.summed = False
         self.gave_up = False  # the model's training forwards return no loss
 
     @property
@@ -71,15 +76,16 @@ class ModelLoss:
         if self._handle is None and not self.gave_up:
             model = self.model
             self._handle = register_private(model, "_forward_hooks",
-                                            lambda: model.register_forward_hook(self._on_forward))
+                                            lambda: model.register_forward_hook(self._on_forward,
+                                                                                with_kwargs=True))
 
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._losses, self._kind, self._forwards = [], None, 0
+        self._losses, self._kind, self._forwards, self.summed = [], None, 0, False
 
-    def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> None:
         if not (module.training and torch.is_grad_enabled()) or replaying():
             return
         self._forwards += 1
@@ -89,13 +95,16 @@ class ModelLoss:
         if not self._losses and self.kind_of is not None:
             self._kind = self.kind_of(loss)
         self._losses.append(loss.detach().reshape(()))
+        if kwargs.get("num_items_in_batch") is not None:
+            self.summed = True
 
-    def take(self) -> tuple[list[torch.Tensor], str | None]:
-        """This step's losses (detached) and what the first one's graph said it is; empties
-        the step. A step whose training forwards returned no loss removes the hook for good."""
-        losses, kind = self._losses, self._kind
+    def take(self) -> tuple[list[torch.Tensor], str | None, bool]:
+        """This step's losses (detached), what the first one's graph said it is, and whether
+        they add up to the step's loss (``summed``) rather than average to it; empties the step.
+        A step whose training forwards returned no loss removes the hook for good."""
+        losses, kind, summed = self._losses, self._kind, self.summed
         if self._forwards and not losses:
             self.gave_up = True
             self.remove()
-        self._losses, self._kind, self._forwards = [], None, 0
-        return losses, kind
+        self._losses, self._kind, self._forwards, self.summed = [], None, 0, False
+        return losses, kind, summed
