@@ -72,7 +72,12 @@ def test_statistics_match_a_direct_computation(width):
     assert got["relu"]["second_moment"] == pytest.approx(q, rel=1e-5)
     _d, _ts, _ss, q = _expect(model.seen["gelu"])
     assert got["gelu"]["second_moment"] == pytest.approx(q, rel=1e-5)
-    assert got["gelu"]["dead_fraction"] is None and got["gelu"]["saturated_fraction"] is None
+    # GELU's dead units: every output in its flat tail [-0.00331, 0] (here: a ReLU unit dead
+    # before it gives GELU(0) = 0 on every row)
+    g = model.seen["gelu"].double()
+    gd = float(((g >= -0.00331) & (g <= 0)).all(dim=0).double().mean())
+    assert got["gelu"]["dead_fraction"] == pytest.approx(gd, abs=1e-6) and gd == pytest.approx(d)
+    assert got["gelu"]["saturated_fraction"] is None
 
 
 def test_float64_outputs():

@@ -48,11 +48,67 @@ def unit_dim(t: torch.Tensor) -> int:
 _DEAD_KINDS = ("relu", "relu6")
 _SAT_KINDS = {"sigmoid": 0.5, "hardsigmoid": 0.5, "tanh": 0.0, "hardtanh": 0.0}  # -> centre
 
-def _activation_parts(kind: str, out: torch.Tensor) -> tuple[list[torch.Tensor], "_Layout"]:
+#: a unit of a smooth ReLU-like activation is dead when its slope is below this share of the
+#: linear part's on every row: the flat negative tail, where ELU, SELU, CELU, softplus, SiLU,
+#: GELU and Mish pass under 1% of the gradient a ReLU's live side passes (a ReLU's dead side
+#: passes none). Measured on a DDPM denoiser (SiLU MLP, Adam at 30x its working LR,
+#: ``python bench/diffusion_trial.py``): its last SiLU layer went from 0% to 94-99% of its
+#: units below x = -5 on every row within 120 steps and the loss sat at 1.0 (the network
+#: predicting zero noise) for the remaining 2,800 steps.
+DEAD_SLOPE = 0.01
+#: the output interval (lo, hi) of those dead tails at the default parameters; a unit is dead
+#: when all its outputs lie in it. ELU/CELU (alpha=1): slope e^x < 1% iff x < ln 0.01, output
+#: alpha * (0.01 / alpha - 1) = 0.01 - alpha (ELU), alpha * (0.01 - 1) (CELU); SELU: the same
+#: with lambda = 1.0507 and alpha = 1.6733, lambda * (0.01 - alpha); softplus (beta=1): slope
+#: sigmoid(beta * x) < 1% iff output < ln(100/99) / beta; SiLU and Mish (slope below 1% for
+#: x < -6.26, output x * sigmoid(x) >= -0.01193) and GELU (x < -3.07, output >= -0.00331): their
+#: tails rise back to 0 from below, so a unit is dead when every output lies in [lo, 0]. The
+#: same interval holds a unit whose pre-activation sits within 0.024 (SiLU, Mish) or 0.007
+#: (GELU) of 0 on every row, alive there: only a unit with all-zero weights and bias does that.
+#: Leaky ReLU and PReLU keep a fixed negative slope (the remedy for dying units): never dead.
+DEAD_TAILS: dict[str, tuple[float, float]] = {
+    "elu": (-math.inf, 0.01 - 1.0), "celu": (-math.inf, -0.99),
+    "selu": (-math.inf, 1.0507009873554805 * (0.01 - 1.6732632423543772)),
+    "softplus": (-math.inf, math.log(100 / 99)),
+    "silu": (-0.01193, 0.0), "mish": (-0.01193, 0.0), "gelu": (-0.00331, 0.0),
+}
+
+
+def dead_interval(kind: str, module: Any = None) -> tuple[float, float] | None:
+    """The output interval in which a unit of this activation is dead on every row (ReLU
+    families: (-inf, 0]; the smooth ones: :data:`DEAD_TAILS`, with ELU's and CELU's ``alpha``
+    and softplus's ``beta`` read from ``module`` when given), or None (no dead state)."""
+    if kind in _DEAD_KINDS:
+        return (-math.inf, 0.0)
+    tail = DEAD_TAILS.get(kind)
+    if tail is None or module is None:
+        return tail
+    if kind == "elu":
+        return (-math.inf, 0.01 - float(getattr(module, "alpha", 1.0)))
+    if kind == "celu":
+        return (-math.inf, -0.99 * float(getattr(module, "alpha", 1.0)))
+    if kind == "softplus":
+        return (-math.inf, math.log(100 / 99) / float(getattr(module, "beta", 1.0)))
+    return tail
+
+
+def dead_units(o: torch.Tensor, d: int, interval: tuple[float, float]) -> torch.Tensor:
+    """Per unit (dimension ``d`` of ``o``): all its outputs lie in ``interval`` (a bool tensor):
+    the unit is dead on the whole batch (:func:`dead_interval`)."""
+    lo, hi = interval
+    dims = [i for i in range(o.dim()) if i != d]
+    if lo == -math.inf:
+        return o.amax(dim=dims) <= hi
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    return (o - mid).abs().amax(dim=dims) <= half
+
+def _activation_parts(kind: str, out: torch.Tensor, dead: tuple[float, float] | None = None
+                      ) -> tuple[list[torch.Tensor], "_Layout"]:
     """The device scalars one activation's statistics are made of, and how the host turns
     them into [dead_fraction, saturated_fraction, second_moment, units] (:class:`_Layout`).
-    Counts and a sum of squares are computed on the device — a count of units whose maximum
-    is <= 0 (ReLU families), a count of saturated elements (sigmoid, tanh families), the sum of
+    Counts and a sum of squares are computed on the device — a count of units dead on every
+    row (``dead``, the interval of :func:`dead_interval`: ReLU families' maximum <= 0, smooth
+    ReLU-likes in their flat tail), a count of saturated elements (sigmoid, tanh families), the sum of
     squares accumulated in fp32 (fp64 for float64 outputs) — and divided on the host, so a
     module costs 2-5 small device ops on a sampled step and no constant tensors (issue #15:
     the 13 ops and three ``torch.tensor`` constants per module it used to take were most of
@@ -66,16 +122,16 @@ def _activation_parts(kind: str, out: torch.Tensor) -> tuple[list[torch.Tensor],
     units = o.shape[d]
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
     parts: list[torch.Tensor] = []
-    dead = kind in _DEAD_KINDS
-    if dead:
-        parts.append((o.amax(dim=[i for i in range(o.dim()) if i != d]) <= 0).sum())
+    interval = dead
+    if interval is not None:
+        parts.append(dead_units(o, d, interval).sum())
     sat = kind in _SAT_KINDS
     if sat and _SAT_KINDS[kind]:  # sigmoid families: centred on 0.5
         parts.append(((o < 0.01) | (o > 0.99)).sum())
     elif sat:
         parts.append((o.abs() > 0.99).sum())
     parts.append(torch.linalg.vector_norm(o, dtype=acc).square())
-    return parts, _Layout(dead, sat, units, o.numel())
+    return parts, _Layout(interval is not None, sat, units, o.numel())
 
 
 #: the activations read in a batch (below): tanh and sigmoid, whose outputs autograd keeps
@@ -237,8 +293,26 @@ class _SoftmaxSpy(torch.overrides.TorchFunctionMode):
         else:
             kind = _FUNCTIONAL_KINDS.get(func)
             if kind is not None and isinstance(out, torch.Tensor):
-                self.sampler._functional(kind, func, args[0], out)
+                self.sampler._functional(kind, func, args[0], out,
+                                         functional_dead_interval(kind, args, kwargs))
         return out
+
+
+class _Params:
+    """A functional activation's parameters as :func:`dead_interval` reads them off a module."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def functional_dead_interval(kind: str, args: tuple, kwargs: dict) -> tuple[float, float] | None:
+    """:func:`dead_interval` for a functional call: ``F.elu(x, alpha)``, ``F.celu(x, alpha)``,
+    ``F.softplus(x, beta)`` (the second argument or the keyword)."""
+    name = {"elu": "alpha", "celu": "alpha", "softplus": "beta"}.get(kind)
+    if name is None:
+        return dead_interval(kind)
+    v = kwargs.get(name, args[1] if len(args) > 1 else None)
+    return dead_interval(kind, _Params(**{name: v}) if isinstance(v, (int, float)) else None)
 
 
 _stack_len = getattr(torch._C, "_len_torch_function_stack", None)
@@ -376,7 +450,7 @@ class ActivationSampler:
             return register_private(mod, "_forward_pre_hooks",
                                     lambda: mod.register_forward_pre_hook(fn))
         for name, mod, kind in self.targets:
-            self._handles.append(post(mod, self._hook(name, kind)))
+            self._handles.append(post(mod, self._hook(name, kind, dead_interval(kind, mod))))
         for name, mod in self.recurrent:
             self._handles.append(pre(mod, self._through_time(name, mod)))
         self._handles.append(register_private(
@@ -385,15 +459,17 @@ class ActivationSampler:
         self._handles.append(register_private(
             self.model, "_forward_hooks", lambda: self.model.register_forward_hook(self._exit_spy)))
 
-    def _hook(self, name: str, kind: str) -> Callable:
+    def _hook(self, name: str, kind: str, dead: tuple[float, float] | None) -> Callable:
         def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor) and name not in self.results and torch.is_grad_enabled():
-                self._record(name, kind, out)
+                self._record(name, kind, out, dead)
         return hook
 
-    def _record(self, key: str, kind: str, out: torch.Tensor) -> None:
+    def _record(self, key: str, kind: str, out: torch.Tensor,
+                dead: tuple[float, float] | None = None) -> None:
         """One activation's statistics: small ones held for the batched read at
-        :meth:`collect` (:data:`BATCH_NUMEL`), the others read now."""
+        :meth:`collect` (:data:`BATCH_NUMEL`), the others read now (``dead``: the interval of
+        :func:`dead_interval`)."""
         o = out.detach()
         n = o.numel()
         size = n * o.element_size()
@@ -406,7 +482,7 @@ class ActivationSampler:
                                                       o.shape[unit_dim(o)], n))
             return
         with self._outside_spy():
-            got, lay = _activation_parts(kind, o)
+            got, lay = _activation_parts(kind, o, dead)
         self.results[key] = (kind, got, lay)
 
     def _read_pending(self) -> None:
@@ -456,7 +532,8 @@ class ActivationSampler:
         if self._stack:
             self._stack.pop()
 
-    def _functional(self, kind: str, func: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _functional(self, kind: str, func: Any, x: torch.Tensor, out: torch.Tensor,
+                    dead: tuple[float, float] | None = None) -> None:
         """An activation called as a function: named after the module whose output it was
         applied to (``fc1.relu`` for ``torch.relu(self.fc1(x))``), else after the module whose
         forward called it. Calls made inside an activation module's own forward (``nn.ReLU``
@@ -471,7 +548,7 @@ class ActivationSampler:
         while key in self.results:
             n += 1
             key = f"{base}.{name}{n}"
-        self._record(key, kind, out)
+        self._record(key, kind, out, dead)
         self._seen = True
 
     def _enter_spy(self, _mod: nn.Module, _inp: Any) -> None:

@@ -1,6 +1,9 @@
 """Dead and saturated units, from activation statistics gathered on sampled steps.
 
-Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample of the batch):
+Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample of the batch;
+smooth ReLU-likes, ELU, SELU, CELU, softplus, SiLU, GELU, Mish, whose output lies in their flat
+negative tail, where the slope is under 1% of the linear part's, on every sample: the same
+rules, see ``trainguard.stats.DEAD_TAILS``):
   * any layer with ``dead_fraction >= full`` = 0.99: a fully dead layer passes no gradient,
     the unambiguous signal of research/mechanisms.md §2.5 (Lu et al. 2019: >90% of width-2
     depth-10 ReLU nets are born dead);
@@ -35,6 +38,10 @@ from ..types import Finding, StepStats
 from .base import Detector, check_positive
 
 RELU_KINDS = {"relu", "relu6"}
+#: smooth ReLU-likes whose flat negative tail passes under 1% of the gradient
+#: (``trainguard.stats.DEAD_TAILS``): a unit there on every row is dead as a ReLU's is
+SMOOTH_KINDS = {"elu", "selu", "celu", "softplus", "silu", "gelu", "mish"}
+DEAD_KINDS = RELU_KINDS | SMOOTH_KINDS
 SATURATING_KINDS = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 
 
@@ -79,7 +86,7 @@ class DeadUnitsDetector(Detector):
             return []
         dead_layers = []
         for name, a in s.activations.items():
-            if a.get("kind") not in RELU_KINDS or a.get("dead_fraction") is None:
+            if a.get("kind") not in DEAD_KINDS or a.get("dead_fraction") is None:
                 continue
             frac = float(a["dead_fraction"])
             first = self.first_seen.setdefault(name, frac)
@@ -87,14 +94,14 @@ class DeadUnitsDetector(Detector):
             few = isinstance(rows, int) and rows < self.min_rows
             if frac >= self.full or (not few and frac - first >= self.rise
                                      and frac >= self.level):
-                dead_layers.append((name, frac, first, a.get("units", 0)))
+                dead_layers.append((name, frac, first, a.get("units", 0), a.get("kind")))
             else:
                 self.alive_at[name] = s.step
         new = [d for d in dead_layers if d[0] not in self.reported]
         if not new:
             return []
         self.reported.extend(d[0] for d in new)
-        name, frac, first, units = new[0]
+        name, frac, first, units, kind = new[0]
         born = frac >= self.full and first >= self.full
         ev: dict = {"layers": {d[0]: {"dead_fraction": d[1], "first": d[2], "units": d[3]}
                                for d in new},
@@ -108,6 +115,19 @@ class DeadUnitsDetector(Detector):
             how = (f"was {first:.0%} dead at the first probe"
                    + (f", alive at step {ev['healthy_step']}" if alive else "")
                    + ": killed during training")
+        if kind in SMOOTH_KINDS:
+            ev["activation"] = kind
+            return [Finding(
+                kind="dead_units", step=s.step, where=name,
+                locations=tuple(d[0] for d in new),
+                message=(f"{frac:.0%} of the {units} units of {name} ({kind}) sit in its flat "
+                         f"negative tail on every sample ({how}); under 1% of the gradient flows "
+                         "through them"),
+                evidence=ev,
+                remedies=("lower the learning rate or add warmup",
+                          "add normalisation (LayerNorm/BatchNorm) before the activation",
+                          "check the init; keep the pre-activations near unit scale"),
+            )]
         return [Finding(
             kind="dead_units", step=s.step, where=name,
             locations=tuple(d[0] for d in new),

@@ -6,7 +6,8 @@ forward-call order:
 
 * ``q``        activation second moment mean(h²) of the layer output;
 * ``grad_rms`` RMS of the back-propagated gradient ∂L/∂h at the layer output (tensor hook);
-* ``dead``     fraction of units that are ≤ 0 for every sample of the probe batch (ReLU kinds);
+* ``dead``     fraction of units that are ≤ 0 for every sample of the probe batch (ReLU kinds;
+               smooth ReLU-likes: in their flat negative tail, ``stats.DEAD_TAILS``);
 * ``saturated`` fraction of outputs in the flat region (sigmoid: h<0.01 or h>0.99; tanh: |h|>0.99);
 * ``gain``     Jacobian gain of the layer, Hutchinson estimate sqrt(E‖Jᵀv‖²/n_in / (‖v‖²/n_out))
   with v ~ N(0, I): 1 for a per-unit isometry, the per-layer χ of mean-field theory (§2.10).
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stats import _FUNCTIONAL_KINDS, activation_kind, unit_dim
+from ..stats import (_FUNCTIONAL_KINDS, activation_kind, dead_interval, dead_units,
+                     functional_dead_interval, unit_dim)
 from ..types import Finding
 from ._common import Batch, LossFn, loss_of
 
@@ -118,8 +120,18 @@ class _FunctionalSpy(torch.overrides.TorchFunctionMode):
         kind = _FUNCTIONAL_KINDS.get(func)
         if (kind is not None and args and isinstance(args[0], torch.Tensor)
                 and isinstance(out, torch.Tensor) and torch.is_grad_enabled()):
-            self.on_call(kind, func, args[0], out)
+            self.on_call(kind, func, args[0], out,
+                         functional_dead_interval(kind, args, kwargs or {}))
         return out
+
+
+def _dead_family(layers: list["LayerVerdict"]) -> str:
+    """"ReLU" when every dead layer is a ReLU one, else the activations named (a smooth one's
+    units are dead in its flat tail, see :data:`trainguard.stats.DEAD_TAILS`)."""
+    kinds = sorted({lv.kind for lv in layers})
+    if set(kinds) <= {"relu", "relu6"}:
+        return "ReLU"
+    return "/".join(kinds)
 
 
 def _dead_of(lv: Any) -> float:
@@ -165,13 +177,15 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
         return hook
 
     def record(name: str, kind: str, mod: nn.Module | None, out: torch.Tensor,
-               x: torch.Tensor | None, functional: bool = False) -> None:
+               x: torch.Tensor | None, functional: bool = False,
+               tail: tuple[float, float] | None = None) -> None:
         """One layer's output (and input, for the Jacobian gain); its gradient when it comes."""
         k = counts.get(name, 0)
         counts[name] = k + 1
         rec = {"name": name if k == 0 else f"{name}[{k}]", "kind": kind, "mod": mod, "out": out,
                "inp": x if x is not None and x.requires_grad else None, "grad": None,
-               "functional": functional}
+               "functional": functional,
+               "tail": tail if functional else dead_interval(kind, mod)}
         if out.requires_grad:
             def ghook(g: torch.Tensor, rec: dict[str, Any] = rec) -> None:
                 rec["grad"] = g.detach()
@@ -187,14 +201,15 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
             hook(m, inp, out)
         return both
 
-    def functional(kind: str, func: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+    def functional(kind: str, func: Any, x: torch.Tensor, out: torch.Tensor,
+                   tail: tuple[float, float] | None) -> None:
         """An activation called as a function in forward (issue #13): a layer of its own,
         named after the module whose output it was applied to (``fc1.relu``)."""
         if out.dim() < 2 or not out.is_floating_point():
             return
         base = produced.get(id(x), "(root)")
         fname = getattr(func, "__name__", kind).rstrip("_")
-        record(f"{base}.{fname}", kind, None, out, x, functional=True)
+        record(f"{base}.{fname}", kind, None, out, x, functional=True, tail=tail)
 
     for name, m, kind in targets:
         handles.append(m.register_forward_hook(make_named(name, make_hook(name, m, kind))))
@@ -222,7 +237,8 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
         reduce_dims = [i for i in range(o.dim()) if i != d]
         kind = rec["kind"]
         q = float(o.square().mean())
-        dead = float((o.amax(dim=reduce_dims) <= 0).float().mean()) if kind in ("relu", "relu6") else math.nan
+        tail = rec["tail"]
+        dead = float(dead_units(o, d, tail).float().mean()) if tail is not None else math.nan
         if kind in ("sigmoid", "hardsigmoid"):
             sat = float(((o < 0.01) | (o > 0.99)).float().mean())
         elif kind in ("tanh", "hardtanh"):
@@ -446,7 +462,7 @@ def findings_from(layers: list[LayerVerdict], model: nn.Module) -> list[Finding]
         widths = sorted({lv.init.units for lv in dead if lv.init})
         fs.append(Finding(
             "dead_units", 0,
-            f"{len(dead)} ReLU layer(s) dead on the whole probe batch"
+            f"{len(dead)} {_dead_family(dead)} layer(s) dead on the whole probe batch"
             + (f" ({len(full)} 100 % dead: the network output is constant past them)" if full else "")
             + (f"; layer widths {widths}" if widths else ""),
             where=dead[0].name, locations=tuple(lv.name for lv in dead), severity="error",

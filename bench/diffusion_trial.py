@@ -1,0 +1,115 @@
+"""The Guard on a denoising diffusion model (DDPM, Ho et al. 2020): the loss is the MSE of the
+noise predicted at a timestep drawn at random per sample, so it is noisy and heavy-tailed from
+step to step (a batch of small timesteps is hard, a batch of large ones easy) and falls slowly.
+
+    python bench/diffusion_trial.py [--steps 3000] [--seeds 0,1] [--lrs 1e-3,3e-2] [--data digits,roll]
+
+Data: sklearn's digits (1,797 8x8 images scaled to [-1, 1]) or a 2-D swiss roll
+(``make_swiss_roll``, the classic diffusion tutorial). Denoiser: an MLP of the noisy sample and a
+sinusoidal embedding of t (SiLU, as diffusion models use), linear beta schedule 1e-4..0.02 over
+T=1000, Adam, batch 128. Each run once bare and once guarded (``guard.step(loss)`` for
+``optimizer.step()``) from the same seed. Printed per run: whether the two runs' losses are
+identical, the mean loss of the first and last 200 steps, and the Guard's findings and actions.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _tree import use_tree  # noqa: E402
+
+use_tree()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import trainguard as tg  # noqa: E402
+
+T = 1000
+
+
+def data(name: str) -> torch.Tensor:
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        X = load_digits().data / 8.0 - 1.0
+    else:
+        from sklearn.datasets import make_swiss_roll
+        X = make_swiss_roll(4000, noise=0.5, random_state=0)[0][:, [0, 2]] / 5.0
+    return torch.tensor(X, dtype=torch.float32)
+
+
+class Denoiser(nn.Module):
+    def __init__(self, dim: int, width: int = 256) -> None:
+        super().__init__()
+        self.emb = 64
+        self.net = nn.Sequential(nn.Linear(dim + self.emb, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        half = self.emb // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+        a = t.float()[:, None] * freqs[None]
+        return self.net(torch.cat([x, a.sin(), a.cos()], 1))
+
+
+def run(name: str, seed: int, steps: int, lr: float, guarded: bool):
+    X = data(name)
+    torch.manual_seed(seed)
+    model = Denoiser(X.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    guard = tg.Guard(model, opt, console=False) if guarded else None
+    betas = torch.linspace(1e-4, 0.02, T)
+    abar = torch.cumprod(1 - betas, 0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x0 = X[torch.randint(0, len(X), (128,), generator=g)]
+        t = torch.randint(0, T, (128,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t][:, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = nn.functional.mse_loss(model(xt, t), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+    return losses, guard
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--lrs", default="1e-3,3e-2")
+    ap.add_argument("--data", default="digits,roll")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    for name in a.data.split(","):
+        for lr in (float(v) for v in a.lrs.split(",")):
+            for seed in (int(v) for v in a.seeds.split(",")):
+                bare, _ = run(name, seed, a.steps, lr, False)
+                seen, guard = run(name, seed, a.steps, lr, True)
+                assert guard is not None
+                k = min(200, a.steps)
+                mean = lambda v: sum(v) / len(v)  # noqa: E731
+                print(f"{name} lr {lr:g} seed {seed}: identical {bare == seen}; bare "
+                      f"{mean(bare[:k]):.4f} -> {mean(bare[-k:]):.4f}, guarded "
+                      f"{mean(seen[:k]):.4f} -> {mean(seen[-k:]):.4f}")
+                for f in guard.findings:
+                    print(f"   finding {f.kind} at {f.step} ({f.severity}): {f.message}")
+                acts = {}
+                for act in guard.actions:
+                    acts.setdefault(act.kind, []).append(act.step)
+                for kind, at in acts.items():
+                    print(f"   action {kind} x{len(at)}: steps {at[:8]}{' ...' if len(at) > 8 else ''}")
+
+
+if __name__ == "__main__":
+    main()

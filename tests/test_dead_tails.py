@@ -1,0 +1,149 @@
+"""Dead units of smooth ReLU-likes (ELU, SELU, CELU, softplus, SiLU, GELU, Mish): a unit whose
+pre-activation sits in the activation's flat negative tail on every row, where its slope is
+under 1% of the linear part's (``stats.DEAD_TAILS``), is dead as a ReLU unit at 0 is. A DDPM
+denoiser (SiLU MLP) at 30x its working Adam LR killed its last SiLU layer and sat at loss 1.0,
+predicting zero noise, with no finding but a late plateau (``bench/diffusion_trial.py``)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import trainguard as tg
+from trainguard import stats
+from trainguard.detect import DeadUnitsDetector
+from trainguard.types import StepStats
+
+torch.set_num_threads(1)
+
+ACTIVATIONS = [
+    ("elu", nn.ELU(), 1.0), ("elu", nn.ELU(alpha=2.0), 1.0), ("selu", nn.SELU(), 1.0507009873554805),
+    ("celu", nn.CELU(alpha=0.5), 1.0), ("softplus", nn.Softplus(beta=2.0), 1.0),
+    ("silu", nn.SiLU(), 1.0), ("gelu", nn.GELU(), 1.0), ("gelu", nn.GELU(approximate="tanh"), 1.0),
+    ("mish", nn.Mish(), 1.0),
+]
+
+
+@pytest.mark.parametrize("kind,act,slope", ACTIVATIONS, ids=lambda v: repr(v) if isinstance(v, nn.Module) else None)
+def test_a_unit_is_dead_exactly_where_its_slope_is_under_one_percent_on_every_row(kind, act, slope):
+    """Units whose pre-activations are centred from -12 to +3 (64 rows each): the interval
+    test on the outputs agrees with autograd's slope on every unit not within a whisker of
+    the 1% boundary. (A SiLU/GELU/Mish unit held within 0.024 of x = 0 on every row would read
+    dead too: not drawn here, see ``DEAD_TAILS``.)"""
+    assert stats.activation_kind(act) == kind
+    g = torch.Generator().manual_seed(0)
+    centres = torch.linspace(-12, 3, 301, dtype=torch.float64)
+    x = (centres[None, :] + 0.3 * torch.randn(64, 301, generator=g, dtype=torch.float64))
+    x = x.requires_grad_()
+    out = act(x)
+    grad, = torch.autograd.grad(out.sum(), x)
+    ratio = grad.abs() / slope
+    truth = (ratio < stats.DEAD_SLOPE).all(dim=0)
+    clear = (ratio < 0.009).all(dim=0) | (ratio > 0.011).any(dim=0)
+    got = stats.dead_units(out.detach().float(), 1, stats.dead_interval(kind, act))
+    assert truth.any() and (~truth).any()
+    assert torch.equal(got[clear], truth[clear])
+
+
+def test_leaky_relu_is_never_dead():
+    assert stats.dead_interval("leaky_relu", nn.LeakyReLU()) is None
+    assert stats.dead_interval("prelu", nn.PReLU()) is None
+
+
+class Tail(nn.Module):
+    """Four activations, two as modules and two as functions with non-default parameters;
+    units 0-3 of each pushed deep into the negative tail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.silu, self.elu = nn.SiLU(), nn.ELU(alpha=2.0)
+        with torch.no_grad():
+            self.fc.bias[:4] = -40.0
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.silu(h) + self.elu(h) + F.elu(h, 3.0) + F.softplus(h, beta=2.0)
+
+
+def test_the_sampled_probe_counts_dead_tails_of_modules_and_functions():
+    torch.manual_seed(0)
+    model = Tail()
+    sampler = stats.ActivationSampler(model)
+    sampler.arm()
+    model(torch.randn(64, 8)).sum().backward()
+    sampled = sampler.collect()
+    read = sampled.unpack(sampled.values.double().numpy())
+    dead = {name: four[0] for name, (_kind, four) in read.items() if not math.isnan(four[0])}
+    assert dead == {"silu": 4 / 16, "elu": 4 / 16, "fc.elu": 4 / 16, "fc.softplus": 4 / 16}, read
+
+
+def _stats(step: int, frac: float) -> StepStats:
+    s = StepStats(step=step, loss=1.0, grad_norm=1.0)
+    s.activations = {"net.5": {"kind": "silu", "dead_fraction": frac, "saturated_fraction": None,
+                               "second_moment": 0.1, "units": 256, "rows": 128}}
+    return s
+
+
+def test_a_smooth_layer_killed_in_training_is_named_with_its_activation():
+    det = DeadUnitsDetector()
+    assert det.update(_stats(0, 0.0)) == []
+    assert det.update(_stats(50, 0.3)) == []
+    f, = det.update(_stats(100, 0.9))
+    assert f.kind == "dead_units" and f.where == "net.5"
+    assert f.evidence["cause"] == "killed" and f.evidence["healthy_step"] == 50
+    assert f.evidence["activation"] == "silu"
+    assert "flat negative tail" in f.message and "silu" in f.message
+    assert any("normalisation" in r for r in f.remedies)
+
+
+class Denoiser(nn.Module):
+    """A DDPM noise predictor: MLP of the noisy digit and a sinusoidal embedding of t (SiLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64 + 64, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(),
+                                 nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, 64))
+
+    def forward(self, x, t):
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(32) / 32)
+        a = t.float()[:, None] * freqs[None]
+        return self.net(torch.cat([x, a.sin(), a.cos()], 1))
+
+
+def _ddpm(guarded: bool, steps: int = 300) -> tuple[list[float], tg.Guard | None]:
+    from sklearn.datasets import load_digits
+    X = torch.tensor(load_digits().data / 8.0 - 1.0, dtype=torch.float32)
+    torch.manual_seed(1)
+    model = Denoiser()
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)  # 30x the working 1e-3
+    guard = tg.Guard(model, opt, console=False) if guarded else None
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x0 = X[torch.randint(0, len(X), (128,), generator=g)]
+        t = torch.randint(0, 1000, (128,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t][:, None]
+        loss = F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        guard.step(loss) if guard is not None else opt.step()
+    return losses, guard
+
+
+def test_a_diffusion_model_whose_silu_layer_dies_is_rolled_back_with_a_lower_lr():
+    bare, _ = _ddpm(False)
+    seen, guard = _ddpm(True)
+    assert guard is not None
+    assert sum(bare[-100:]) / 100 > 0.95  # predicting zero noise: MSE = Var(eps) = 1
+    f = next(f for f in guard.findings if f.kind == "dead_units")
+    assert f.evidence["activation"] == "silu" and f.evidence["cause"] == "killed"
+    kinds = {(a.kind, a.step) for a in guard.actions}
+    assert ("rollback", f.step) in kinds and ("lr_backoff", f.step) in kinds
+    assert sum(seen[-100:]) / 100 < 0.6
