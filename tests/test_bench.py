@@ -156,3 +156,12 @@ def test_zoo_compare_names_the_records_and_scores_that_changed(tmp_path):
 def test_metric_learning_trial_runs():
     out = run("bench/metric_learning_trial.py", "--steps", "40", "--temps", "0.5")
     assert out.count("losses of the bare and the guarded run identical") == 2, out
+
+
+def test_diffusion_trial_runs():
+    out = run("bench/diffusion_trial.py", "--steps", "30", "--seeds", "0", "--lrs", "1e-3",
+              "--data", "roll")
+    assert "roll lr 0.001 seed 0: identical True" in out, out
+    out = run("bench/diffusion_trial.py", "--observe", "--steps", "30", "--seeds", "0",
+              "--lrs", "1e-3", "--data", "roll")
+    assert "(bare, observed)" in out, out

@@ -2,8 +2,10 @@
 
 Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample of the batch;
 smooth ReLU-likes, ELU, SELU, CELU, softplus, SiLU, GELU, Mish, whose output lies in their flat
-negative tail, where the slope is under 1% of the linear part's, on every sample: the same
-rules, see ``trainguard.stats.DEAD_TAILS``):
+negative tail, where the slope is under 1% of the linear part's, on every sample, see
+``trainguard.stats.DEAD_TAILS``; the rise rule's level for them is ``smooth_level`` = 0.9,
+since their tail still passes a little gradient, which Adam rescales, and a layer can come back
+from 87% in it):
   * any layer with ``dead_fraction >= full`` = 0.99: a fully dead layer passes no gradient,
     the unambiguous signal of research/mechanisms.md §2.5 (Lu et al. 2019: >90% of width-2
     depth-10 ReLU nets are born dead);
@@ -51,12 +53,22 @@ class DeadUnitsDetector(Detector):
     _state = ("first_seen", "reported", "alive_at", "killed")
 
     def __init__(self, full: float = 0.99, rise: float = 0.4, level: float = 0.6,
-                 min_rows: int = 32) -> None:
-        for name, v in (("full", full), ("rise", rise), ("level", level)):
+                 min_rows: int = 32, smooth_level: float = 0.9) -> None:
+        for name, v in (("full", full), ("rise", rise), ("level", level),
+                        ("smooth_level", smooth_level)):
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         check_positive("min_rows", min_rows, integer=True)
         self.full, self.rise, self.level = full, rise, level
+        #: the rise rule's level for the smooth ReLU-likes (SMOOTH_KINDS): their flat tail
+        #: still passes up to 1% of the gradient, which Adam rescales, so a layer can come back
+        #: from it. Measured on DDPM denoisers (SiLU MLPs, ``python bench/diffusion_trial.py``
+        #: and its module docstring): layers that came back with the loss unharmed peaked at
+        #: 71% and 87% in the tail (two swiss-roll runs at Adam 1e-2, back under 40% within
+        #: 100-400 steps), while every run whose loss sat at 1.0, the net predicting zero
+        #: noise, had its last layer at 91-98% by the second probe after the kill (digits at
+        #: Adam 3e-2). The ReLU ``level`` of 0.6 rolled the two healthy runs back.
+        self.smooth_level = smooth_level
         #: the rise rule (units killed, not a whole layer) needs the units seen on at least
         #: ``min_rows`` = 32 rows (samples x positions; the probe reports them as ``rows``):
         #: a unit is counted dead when it is silent on every row of the batch, and units grow
@@ -92,10 +104,13 @@ class DeadUnitsDetector(Detector):
             first = self.first_seen.setdefault(name, frac)
             rows = a.get("rows")
             few = isinstance(rows, int) and rows < self.min_rows
-            if frac >= self.full or (not few and frac - first >= self.rise
-                                     and frac >= self.level):
+            bar = self.smooth_level if a.get("kind") in SMOOTH_KINDS else self.level
+            if frac >= self.full or (not few and frac - first >= self.rise and frac >= bar):
                 dead_layers.append((name, frac, first, a.get("units", 0), a.get("kind")))
-            else:
+            elif bar == self.level or frac < self.level:
+                # a smooth layer between ``level`` and its own bar is not reported, and not the
+                # healthy state a rollback returns to either (a layer 84% in its tail, restored,
+                # went on dying: rollbacks to it cut the LR to 0.08x with the loss still at 1)
                 self.alive_at[name] = s.step
         new = [d for d in dead_layers if d[0] not in self.reported]
         if not new:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..stats import (_FUNCTIONAL_KINDS, activation_kind, dead_interval, dead_units,
                      functional_dead_interval, unit_dim)
+from ..detect.units import SMOOTH_KINDS
 from ..types import Finding
 from ._common import Batch, LossFn, loss_of
 
@@ -57,6 +58,10 @@ SATURATED_FRACTION = 0.5
 #: not flagged.
 DEAD_RISE = 0.2
 DEAD_AFTER = 0.5
+#: DEAD_AFTER for the smooth ReLU-likes (ELU, SiLU, GELU, ...), whose flat tail passes up to 1%
+#: of the gradient: a layer can come back from 87% in it (the Guard's
+#: ``DeadUnitsDetector.smooth_level``, where the measurement is)
+DEAD_AFTER_SMOOTH = 0.9
 
 _SKIP = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
 
@@ -385,7 +390,8 @@ def verdicts(init: list[LayerStats], after: list[LayerStats] | None) -> list[Lay
             flags.append("saturated")
         if math.isfinite(s.dead):
             d_after = a.dead if a is not None and math.isfinite(a.dead) else s.dead
-            if s.dead >= 1.0 or d_after >= 1.0 or (d_after - s.dead >= DEAD_RISE and d_after >= DEAD_AFTER):
+            bar = DEAD_AFTER_SMOOTH if s.kind in SMOOTH_KINDS else DEAD_AFTER
+            if s.dead >= 1.0 or d_after >= 1.0 or (d_after - s.dead >= DEAD_RISE and d_after >= bar):
                 flags.append("dead")
         order = ("dead", "saturated", "exploding", "vanishing", "collapsing")
         verdict = next((f for f in order if f in flags), "healthy")
