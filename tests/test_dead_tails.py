@@ -159,3 +159,25 @@ def test_a_diffusion_model_whose_silu_layer_dies_is_rolled_back_with_a_lower_lr(
     kinds = {(a.kind, a.step) for a in guard.actions}
     assert ("rollback", f.step) in kinds and ("lr_backoff", f.step) in kinds
     assert sum(seen[-100:]) / 100 < 0.6
+
+
+def test_the_doctor_prescribes_a_lower_lr_for_a_dead_smooth_layer_not_an_activation_swap():
+    from trainguard.doctor.prescribe import prescribe
+    from trainguard.types import Finding
+    model = Denoiser()
+    f = Finding("dead_units", 0, "1 silu layer(s) dead on the whole probe batch", where="net.5",
+                locations=("net.5",), severity="error",
+                evidence={"dead_fraction": {"net.5": 0.95}, "activations": ["silu"],
+                          "widths": [256], "fully_dead": []})
+    got = prescribe([f], model, {"lr": 0.03, "suggested_lr": 0.001})
+    actions = [p.action for p in got]
+    assert actions[0].startswith("lower the learning rate (now 0.03)"), actions
+    assert got[0].remedy == "lr:0.001"
+    assert any("LayerNorm" in a for a in actions)
+    assert not any("ReLU" in a or "ELU" in a for a in actions), actions
+    relu = Finding("dead_units", 0, "1 ReLU layer(s) dead", where="net.1", locations=("net.1",),
+                   severity="error", evidence={"dead_fraction": {"net.1": 1.0},
+                                               "activations": ["relu"], "widths": [8],
+                                               "fully_dead": ["net.1"]})
+    relu_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert any("LeakyReLU" in p.action for p in prescribe([relu], relu_model, {"lr": 0.1}))

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from ..detect.units import SMOOTH_KINDS
 from ..stats import activation_kind
 from ..types import Finding
 
@@ -208,6 +209,19 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                     "(torch.nn.utils.clip_grad_norm_; or let trainguard.Guard clip adaptively)", [],
                     "Pascanu 2013: a threshold at the running average norm; 0.5–10× still converges "
                     "(mechanisms §2.4)", "")
+        elif k == "dead_units" and set(f.evidence.get("activations") or ["relu"]) <= SMOOTH_KINDS:
+            # smooth units in their flat tail: pushed there by large steps (a DDPM denoiser's
+            # SiLU layer at 30x its Adam LR, bench/diffusion_trial.py); nothing to swap
+            if lr:
+                add(f, f"lower the learning rate (now {lr:.3g}) or add warmup: large steps pushed "
+                    "these units' pre-activations deep into the activation's flat negative tail",
+                    f.locations, "a DDPM denoiser whose last SiLU layer died at Adam 3e-2 trains "
+                    "at 1e-3 and 1e-2 (python bench/diffusion_trial.py)",
+                    f"lr:{(sug or lr / 10):.6g}" if sug and sug < lr else "", bonus=0.5)
+            if not _has_norm(model):
+                add(f, "add nn.LayerNorm before each hidden activation", f.locations,
+                    "re-centres and rescales the pre-activations every step, so no unit can sit "
+                    "far out in the tail (mechanisms §2.7)", "norm:layernorm", bonus=0.2)
         elif k == "dead_units":
             names = [n for v in relu_acts.values() for n in v]
             widths = f.evidence.get("widths") or []

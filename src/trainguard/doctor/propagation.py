@@ -473,6 +473,7 @@ def findings_from(layers: list[LayerVerdict], model: nn.Module) -> list[Finding]
             + (f"; layer widths {widths}" if widths else ""),
             where=dead[0].name, locations=tuple(lv.name for lv in dead), severity="error",
             evidence={"dead_fraction": {lv.name: _dead_of(lv) for lv in dead},
+                      "activations": sorted({lv.kind for lv in dead}),
                       "widths": widths, "fully_dead": [lv.name for lv in full]}))
     sat = where_all("saturated")
     if sat:
