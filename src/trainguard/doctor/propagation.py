@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..detect.units import SMOOTH_KINDS
 from ..stats import (_FUNCTIONAL_KINDS, activation_kind, dead_interval, dead_units,
                      functional_dead_interval, unit_dim)
-from ..detect.units import SMOOTH_KINDS
 from ..types import Finding
 from ._common import Batch, LossFn, loss_of
 
