@@ -1,7 +1,7 @@
 """Dead and saturated units, from activation statistics gathered on sampled steps.
 
 Dead (ReLU-family modules whose output is exactly 0 for a unit on every sample of the batch;
-smooth ReLU-likes, ELU, SELU, CELU, softplus, SiLU, GELU, Mish, whose output lies in their flat
+smooth ReLU-likes, ELU, SELU, CELU, SiLU, GELU, Mish, whose output lies in their flat
 negative tail, where the slope is under 1% of the linear part's, on every sample, see
 ``trainguard.stats.DEAD_TAILS``; the rise rule's level for them is ``smooth_level`` = 0.9,
 since their tail still passes a little gradient, which Adam rescales, and a layer can come back
@@ -42,7 +42,7 @@ from .base import Detector, check_positive
 RELU_KINDS = {"relu", "relu6"}
 #: smooth ReLU-likes whose flat negative tail passes under 1% of the gradient
 #: (``trainguard.stats.DEAD_TAILS``): a unit there on every row is dead as a ReLU's is
-SMOOTH_KINDS = {"elu", "selu", "celu", "softplus", "silu", "gelu", "mish"}
+SMOOTH_KINDS = {"elu", "selu", "celu", "silu", "gelu", "mish"}
 DEAD_KINDS = RELU_KINDS | SMOOTH_KINDS
 SATURATING_KINDS = {"sigmoid", "tanh", "hardtanh", "hardsigmoid"}
 
