@@ -260,6 +260,10 @@ class Restructurer:
         self._plateau: Finding | None = None  # the last plain plateau reported
         self._explosion: int | None = None  # the step of the last gradient explosion
         self._collapse: Finding | None = None  # the plateau recognised as a collapse
+        #: the initialisation an earlier repair of this run chose (``init:he``, ...): a restart
+        #: re-initialises with it, not with PyTorch's defaults it replaced
+        self._init: str | None = None
+        self._init_before: str | None = None  # what undo puts back
 
     def pick(self, findings: list[Finding]) -> Finding | None:
         """The structural finding to act on this step, if any: dead units first (they cause the
@@ -321,8 +325,10 @@ class Restructurer:
         self.undo = (deepcopy_model(self.model), copy.deepcopy(self.optimizer.state_dict()))
         self._last = remedy
         self._lr_before = self.lr.state_dict() if self.lr is not None else None
+        self._init_before = self._init
         own = {"optim:eps": self._eps, "precision:master": self._master,
-               "optim:weight_decay": self._weight_decay, "restart:lr": self._restart,
+               "optim:weight_decay": self._weight_decay,
+               "restart:lr": lambda: self._restart(batch),
                "cell:gru": lambda: self._cell(f)}.get(remedy)
         if own is not None:  # remedies of their own (not apply_remedy's activation/init changes)
             change = own()
@@ -336,9 +342,11 @@ class Restructurer:
         changes, _over = apply_remedy(self.model, "+".join(parts),
                                       batch=(batch, None) if batch is not None else None)
         self.model.train(was_training)
-        if any(p.startswith("init:") for p in parts):
+        inits = [p for p in parts if p.startswith("init:")]
+        if inits:
             # the moments and step counts describe weights that no longer exist
             self.optimizer.state.clear()
+            self._init = inits[-1]
         self.tried[self.key(f)] = self.tried.get(self.key(f), 0) + 1
         self.changes += 1
         return changes
@@ -369,10 +377,14 @@ class Restructurer:
         return ("Adam eps lowered to 1e-3 x the RMS of sqrt(v_hat): " + "; ".join(out)) if out else ""
 
     @torch.no_grad()
-    def _restart(self) -> str:
+    def _restart(self, batch: Any = None) -> str:
         """Start again from PyTorch's default initialisation at ``RESTART_LR`` of the learning
         rate (see the module docstring): every module with ``reset_parameters``, the optimizer
-        state cleared; parameters outside such modules keep their values."""
+        state cleared; parameters outside such modules keep their values. When an earlier repair
+        of this run chose the initialisation (He init with ReLU in place of a deep sigmoid
+        stack's), the weight layers get that one again: PyTorch's default undid it, and a
+        10-layer ReLU stack restarted at the default init sat at chance for good (the digits run
+        of tests/test_structural_repair.py, on a machine where it collapsed after the repair)."""
         n = 0
         for m in self.model.modules():
             reset = getattr(m, "reset_parameters", None)
@@ -380,13 +392,21 @@ class Restructurer:
                 reset()
                 n += 1
         self.optimizer.state.clear()
+        init = ""
+        if self._init is not None:
+            from ..doctor.repair import apply_remedy
+            how = self._init if self._init != "init:lsuv" or batch is not None else "init:orthogonal"
+            was_training = self.model.training
+            apply_remedy(self.model, how, batch=(batch, None) if batch is not None else None)
+            self.model.train(was_training)
+            init = f", then {how} as this run's earlier repair chose"
         self._plateau = self._explosion = None  # what they described is gone
         lr = ""
         if self.lr is not None:
             before, after = self.lr.backoff(RESTART_LR, recover=False)
             lr = f"; learning-rate scale {before:g} -> {after:g} (kept)"
         return (f"collapsed onto a plateau beside a gradient explosion: {n} modules re-initialised "
-                f"(PyTorch defaults), optimizer state cleared{lr}")
+                f"(PyTorch defaults{init}), optimizer state cleared{lr}")
 
     @torch.no_grad()
     def _cell(self, f: Finding) -> str:
@@ -489,5 +509,6 @@ class Restructurer:
             ex.measure.mastered = set()
         if self._last == "restart:lr" and self.lr is not None and self._lr_before is not None:
             self.lr.load_state_dict(self._lr_before)
+        self._init = self._init_before
         self.undo = None
         return True
