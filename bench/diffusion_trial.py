@@ -67,39 +67,16 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, a.sin(), a.cos()], 1))
 
 
-def run(name: str, seed: int, steps: int, lr: float, guarded: bool):
+def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bool = False):
+    """One run: bare, guarded (``guard.step(loss)``), or ``observed`` (the bare run with a
+    monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``). Returns the
+    losses and the Guard (None when bare)."""
     X = data(name)
     torch.manual_seed(seed)
     model = Denoiser(X.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    guard = tg.Guard(model, opt, console=False) if guarded else None
-    betas = torch.linspace(1e-4, 0.02, T)
-    abar = torch.cumprod(1 - betas, 0)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
-        x0 = X[torch.randint(0, len(X), (128,), generator=g)]
-        t = torch.randint(0, T, (128,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t][:, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = nn.functional.mse_loss(model(xt, t), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        if guard is not None:
-            guard.step(loss)
-        else:
-            opt.step()
-    return losses, guard
-
-
-def observe(name: str, seed: int, steps: int, lr: float) -> None:
-    X = data(name)
-    torch.manual_seed(seed)
-    model = Denoiser(X.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    guard = tg.Guard(model, opt, console=False, keep_records=steps + 1)
+    guard = (tg.Guard(model, opt, console=False, keep_records=steps + 1) if observed else
+             tg.Guard(model, opt, console=False) if guarded else None)
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -112,8 +89,18 @@ def observe(name: str, seed: int, steps: int, lr: float) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         losses.append(float(loss.detach()))
-        guard.observe(loss)
-        opt.step()
+        if guard is None or observed:
+            if guard is not None:
+                guard.observe(loss)
+            opt.step()
+        else:
+            guard.step(loss)
+    return losses, guard
+
+
+def observe(name: str, seed: int, steps: int, lr: float) -> None:
+    losses, guard = run(name, seed, steps, lr, False, observed=True)
+    assert guard is not None
     print(f"{name} lr {lr:g} seed {seed} (bare, observed): last 100 steps {sum(losses[-100:]) / 100:.4f}")
     for s in guard.history:
         dead = {n: a["dead_fraction"] for n, a in (s.activations or {}).items()
