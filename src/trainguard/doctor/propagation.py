@@ -239,7 +239,6 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
         o = rec["out"].detach().float()
         d = unit_dim(o)
         units = int(o.shape[d])
-        reduce_dims = [i for i in range(o.dim()) if i != d]
         kind = rec["kind"]
         q = float(o.square().mean())
         tail = rec["tail"]
