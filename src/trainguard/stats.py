@@ -51,13 +51,13 @@ _SAT_KINDS = {"sigmoid": 0.5, "hardsigmoid": 0.5, "tanh": 0.0, "hardtanh": 0.0} 
 #: a unit of a smooth ReLU-like activation is dead when its slope is below this share of the
 #: linear part's on every row: the flat negative tail, where ELU, SELU, CELU, SiLU, GELU and
 #: Mish pass under 1% of the gradient a ReLU's live side passes (a ReLU's dead side passes
-#: none). Softplus is left out: it is mostly a positivity transform on an output (a predicted
-#: standard deviation, ``softplus(raw) + eps``), whose units sit in that tail whenever the
-#: model is confident (a Gaussian-NLL head on targets with noise 0.003 had 75% of its units
-#: there after 8,000 healthy steps), not a hidden layer that died. Measured on a DDPM denoiser (SiLU MLP, Adam at 30x its working LR,
-#: ``python bench/diffusion_trial.py``): its last SiLU layer went from 0% to 94-99% of its
-#: units below x = -5 on every row within 120 steps and the loss sat at 1.0 (the network
-#: predicting zero noise) for the remaining 2,800 steps.
+#: none). Measured on DDPM denoisers (SiLU MLPs, Adam at 30x their working LR,
+#: ``python bench/diffusion_trial.py --observe``): the last SiLU layer went from 0% to 91-98%
+#: of its units in that tail by the second probe after the kill, and the loss sat at 1.0 (the
+#: network predicting zero noise) for the remaining 2,800 steps. Softplus is left out: it is
+#: mostly a positivity transform on an output (a predicted standard deviation,
+#: ``softplus(raw) + eps``), and a confident model's standard deviation below 0.01 puts its
+#: pre-activation in that tail (softplus(x) < 0.01 iff x < -4.6), a good fit, not a dead layer.
 DEAD_SLOPE = 0.01
 #: the output interval (lo, hi) of those dead tails at the default parameters; a unit is dead
 #: when all its outputs lie in it. ELU/CELU (alpha=1): slope e^x < 1% iff x < ln 0.01, output
@@ -75,20 +75,15 @@ DEAD_TAILS: dict[str, tuple[float, float]] = {
 }
 
 
-def dead_interval(kind: str, module: Any = None) -> tuple[float, float] | None:
+def dead_interval(kind: str, alpha: Any = None) -> tuple[float, float] | None:
     """The output interval in which a unit of this activation is dead on every row (ReLU
     families: (-inf, 0]; the smooth ones: :data:`DEAD_TAILS`, with ELU's and CELU's ``alpha``
-    read from ``module`` when given), or None (no dead state)."""
+    when given: a module's attribute, a functional call's argument), or None (no dead state)."""
     if kind in _DEAD_KINDS:
         return (-math.inf, 0.0)
-    tail = DEAD_TAILS.get(kind)
-    if tail is None or module is None:
-        return tail
-    if kind == "elu":
-        return (-math.inf, 0.01 - float(getattr(module, "alpha", 1.0)))
-    if kind == "celu":
-        return (-math.inf, -0.99 * float(getattr(module, "alpha", 1.0)))
-    return tail
+    if kind in ("elu", "celu") and isinstance(alpha, (int, float)) and alpha > 0:
+        return (-math.inf, 0.01 - alpha if kind == "elu" else -0.99 * alpha)
+    return DEAD_TAILS.get(kind)
 
 
 def dead_units(o: torch.Tensor, d: int, interval: tuple[float, float]) -> torch.Tensor:
@@ -100,6 +95,7 @@ def dead_units(o: torch.Tensor, d: int, interval: tuple[float, float]) -> torch.
         return o.amax(dim=dims) <= hi
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     return (o - mid).abs().amax(dim=dims) <= half
+
 
 def _activation_parts(kind: str, out: torch.Tensor, dead: tuple[float, float] | None = None
                       ) -> tuple[list[torch.Tensor], "_Layout"]:
@@ -121,16 +117,15 @@ def _activation_parts(kind: str, out: torch.Tensor, dead: tuple[float, float] | 
     units = o.shape[d]
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
     parts: list[torch.Tensor] = []
-    interval = dead
-    if interval is not None:
-        parts.append(dead_units(o, d, interval).sum())
+    if dead is not None:
+        parts.append(dead_units(o, d, dead).sum())
     sat = kind in _SAT_KINDS
     if sat and _SAT_KINDS[kind]:  # sigmoid families: centred on 0.5
         parts.append(((o < 0.01) | (o > 0.99)).sum())
     elif sat:
         parts.append((o.abs() > 0.99).sum())
     parts.append(torch.linalg.vector_norm(o, dtype=acc).square())
-    return parts, _Layout(interval is not None, sat, units, o.numel())
+    return parts, _Layout(dead is not None, sat, units, o.numel())
 
 
 #: the activations read in a batch (below): tanh and sigmoid, whose outputs autograd keeps
@@ -297,21 +292,10 @@ class _SoftmaxSpy(torch.overrides.TorchFunctionMode):
         return out
 
 
-class _Params:
-    """A functional activation's parameters as :func:`dead_interval` reads them off a module."""
-
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-
-
 def functional_dead_interval(kind: str, args: tuple, kwargs: dict) -> tuple[float, float] | None:
     """:func:`dead_interval` for a functional call: ``F.elu(x, alpha)``, ``F.celu(x, alpha)``
     (the second argument or the keyword)."""
-    name = {"elu": "alpha", "celu": "alpha"}.get(kind)
-    if name is None:
-        return dead_interval(kind)
-    v = kwargs.get(name, args[1] if len(args) > 1 else None)
-    return dead_interval(kind, _Params(**{name: v}) if isinstance(v, (int, float)) else None)
+    return dead_interval(kind, kwargs.get("alpha", args[1] if len(args) > 1 else None))
 
 
 _stack_len = getattr(torch._C, "_len_torch_function_stack", None)
@@ -449,7 +433,8 @@ class ActivationSampler:
             return register_private(mod, "_forward_pre_hooks",
                                     lambda: mod.register_forward_pre_hook(fn))
         for name, mod, kind in self.targets:
-            self._handles.append(post(mod, self._hook(name, kind, dead_interval(kind, mod))))
+            self._handles.append(post(mod, self._hook(
+                name, kind, dead_interval(kind, getattr(mod, "alpha", None)))))
         for name, mod in self.recurrent:
             self._handles.append(pre(mod, self._through_time(name, mod)))
         self._handles.append(register_private(

@@ -190,7 +190,7 @@ def measure(model: nn.Module, loss_fn: LossFn, batch: Batch, device: torch.devic
         rec = {"name": name if k == 0 else f"{name}[{k}]", "kind": kind, "mod": mod, "out": out,
                "inp": x if x is not None and x.requires_grad else None, "grad": None,
                "functional": functional,
-               "tail": tail if functional else dead_interval(kind, mod)}
+               "tail": tail if functional else dead_interval(kind, getattr(mod, "alpha", None))}
         if out.requires_grad:
             def ghook(g: torch.Tensor, rec: dict[str, Any] = rec) -> None:
                 rec["grad"] = g.detach()
