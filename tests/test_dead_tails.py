@@ -58,7 +58,7 @@ def test_leaky_relu_and_softplus_are_never_dead():
 
 class Tail(nn.Module):
     """Four activations, two as modules and two as functions with non-default parameters;
-    units 0-3 of each pushed deep into the negative tail."""
+    units 0-3 of each pushed deep into the negative tail (softplus never counts as dead)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -107,7 +107,7 @@ class DeadUnitsDetector(Detector):
             bar = self.smooth_level if a.get("kind") in SMOOTH_KINDS else self.level
             if frac >= self.full or (not few and frac - first >= self.rise and frac >= bar):
                 dead_layers.append((name, frac, first, a.get("units", 0), a.get("kind")))
-            elif bar == self.level or frac < self.level:
+            elif a.get("kind") not in SMOOTH_KINDS or frac < self.level:
                 # a smooth layer between ``level`` and its own bar is not reported, and not the
                 # healthy state a rollback returns to either (a layer 84% in its tail, restored,
                 # went on dying: rollbacks to it cut the LR to 0.08x with the loss still at 1)
