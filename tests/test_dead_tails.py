@@ -184,3 +184,23 @@ def test_the_doctor_prescribes_a_lower_lr_for_a_dead_smooth_layer_not_an_activat
                                                "fully_dead": ["net.1"]})
     relu_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     assert any("LeakyReLU" in p.action for p in prescribe([relu], relu_model, {"lr": 0.1}))
+
+
+def test_the_doctor_names_a_silu_layer_born_in_its_tail():
+    """A SiLU MLP whose first layer's biases start at -40: the doctor's propagation pass calls
+    the layer dead with the Guard's definition, and prescribes no ReLU swap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-40.0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(32, 16, generator=g), torch.randint(0, 3, (32,), generator=g))
+               for _ in range(4)]
+    rep = tg.doctor(model, F.cross_entropy, batches, torch.optim.Adam(model.parameters(), 1e-3),
+                    steps=2, lr_range=False, precision=False, noise=False, progress=False)
+    f = next(f for f in rep.findings if f.kind == "dead_units")
+    assert f.evidence["activations"] == ["silu"] and "silu layer(s) dead" in f.message
+    assert f.evidence["dead_fraction"]["1"] == 1.0
+    remedies = [p.remedy for p in rep.prescriptions]  # init:he may come under another finding
+    assert "init:he" in remedies and "norm:layernorm" in remedies, remedies
+    assert not any("ReLU" in p.action for p in rep.prescriptions), [p.action for p in rep.prescriptions]

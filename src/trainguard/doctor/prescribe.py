@@ -222,6 +222,9 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                 add(f, "add nn.LayerNorm before each hidden activation", f.locations,
                     "re-centres and rescales the pre-activations every step, so no unit can sit "
                     "far out in the tail (mechanisms §2.7)", "norm:layernorm", bonus=0.2)
+            add(f, f"re-initialise the {len(lins)} weight layers with He init (biases zero) if "
+                "the units start in the tail", lins, "pre-activations of unit scale at the start "
+                "(He 2015, mechanisms §2.2)", "init:he")
         elif k == "dead_units":
             names = [n for v in relu_acts.values() for n in v]
             widths = f.evidence.get("widths") or []
