@@ -88,13 +88,13 @@ def dead_interval(kind: str, alpha: Any = None) -> tuple[float, float] | None:
 
 def dead_units(o: torch.Tensor, d: int, interval: tuple[float, float]) -> torch.Tensor:
     """Per unit (dimension ``d`` of ``o``): all its outputs lie in ``interval`` (a bool tensor):
-    the unit is dead on the whole batch (:func:`dead_interval`)."""
+    the unit is dead on the whole batch (:func:`dead_interval`). Reductions only: no temporary
+    the size of ``o`` (a GPT's MLP activation on a sampled step is tens of MB)."""
     lo, hi = interval
     dims = [i for i in range(o.dim()) if i != d]
     if lo == -math.inf:
         return o.amax(dim=dims) <= hi
-    mid, half = (lo + hi) / 2, (hi - lo) / 2
-    return (o - mid).abs().amax(dim=dims) <= half
+    return (o.amax(dim=dims) <= hi) & (o.amin(dim=dims) >= lo)
 
 
 def _activation_parts(kind: str, out: torch.Tensor, dead: tuple[float, float] | None = None
