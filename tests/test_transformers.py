@@ -252,3 +252,26 @@ def test_a_resume_without_the_guards_state_says_so(tmp_path):
     tr.train(resume_from_checkpoint=True)
     assert "resumed_without_guard_state" in events
     assert cb.guard.step_count == 2  # its own steps: it starts afresh
+
+
+def test_a_real_language_model_with_accumulation_is_judged_at_its_own_scale(tmp_path):
+    """A tiny GPT-2 under the Trainer with gradient_accumulation_steps=4: its forward takes
+    loss keywords, so each micro-batch's loss is a quarter share. The Guard saw a quarter of the
+    logged loss, and no chance level; now the logged losses and ln 256."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=256, n_positions=32)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 256, (32,), generator=g)
+    data = []
+    for _ in range(128):
+        ids = (base + torch.randint(0, 3, (32,), generator=g)).clamp(max=255)
+        data.append({"input_ids": ids, "labels": ids.clone()})
+    cb = GuardCallback(console=False)
+    args = _args(tmp_path, max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                 learning_rate=1e-3, logging_steps=1, lr_scheduler_type="constant")
+    tr = transformers.Trainer(model=transformers.GPT2LMHeadModel(cfg), args=args,
+                              train_dataset=data, callbacks=[cb])
+    tr.train()
+    logged = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    assert [s.loss for s in cb.guard.history] == pytest.approx(logged, rel=1e-3)
+    assert cb.guard.core.chance_loss == pytest.approx(math.log(256))
