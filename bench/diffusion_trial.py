@@ -67,16 +67,16 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, a.sin(), a.cos()], 1))
 
 
-def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bool = False):
+def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bool = False,
+        probes: list | None = None):
     """One run: bare, guarded (``guard.step(loss)``), or ``observed`` (the bare run with a
-    monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``). Returns the
-    losses and the Guard (None when bare)."""
+    monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``; its sampled steps'
+    records are appended to ``probes``). Returns the losses and the Guard (None when bare)."""
     X = data(name)
     torch.manual_seed(seed)
     model = Denoiser(X.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    guard = (tg.Guard(model, opt, console=False, keep_records=steps + 1) if observed else
-             tg.Guard(model, opt, console=False) if guarded else None)
+    guard = (tg.Guard(model, opt, console=False) if observed or guarded else None)
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -92,6 +92,8 @@ def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bo
         if guard is None or observed:
             if guard is not None:
                 guard.observe(loss)
+                if probes is not None and guard.history[-1].activations:
+                    probes.append(guard.history[-1])
             opt.step()
         else:
             guard.step(loss)
@@ -99,10 +101,11 @@ def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bo
 
 
 def observe(name: str, seed: int, steps: int, lr: float) -> None:
-    losses, guard = run(name, seed, steps, lr, False, observed=True)
+    probes: list = []
+    losses, guard = run(name, seed, steps, lr, False, observed=True, probes=probes)
     assert guard is not None
     print(f"{name} lr {lr:g} seed {seed} (bare, observed): last 100 steps {sum(losses[-100:]) / 100:.4f}")
-    for s in guard.history:
+    for s in probes:
         dead = {n: a["dead_fraction"] for n, a in (s.activations or {}).items()
                 if a.get("dead_fraction") is not None}
         if dead and max(dead.values()) >= 0.5:
