@@ -51,10 +51,10 @@ _SAT_KINDS = {"sigmoid": 0.5, "hardsigmoid": 0.5, "tanh": 0.0, "hardtanh": 0.0} 
 #: a unit of a smooth ReLU-like activation is dead when its slope is below this share of the
 #: linear part's on every row: the flat negative tail, where ELU, SELU, CELU, SiLU, GELU and
 #: Mish pass under 1% of the gradient a ReLU's live side passes (a ReLU's dead side passes
-#: none). Measured on DDPM denoisers (SiLU MLPs, Adam at 30x their working LR,
-#: ``python bench/diffusion_trial.py --observe``): the last SiLU layer went from 0% to 91-98%
-#: of its units in that tail by the second probe after the kill, and the loss sat at 1.0 (the
-#: network predicting zero noise) for the remaining 2,800 steps. Softplus is left out: it is
+#: none). Measured on DDPM denoisers (SiLU MLPs, Adam at 10-30x their working LR,
+#: ``python bench/diffusion_trial.py --observe``): in every run whose loss then sat at 1.0 for
+#: good (the network predicting zero noise) the last SiLU layer was 92-100% in that tail at
+#: the first probe after the kill. Softplus is left out: it is
 #: mostly a positivity transform on an output (a predicted standard deviation,
 #: ``softplus(raw) + eps``), and a confident model's standard deviation below 0.01 puts its
 #: pre-activation in that tail (softplus(x) < 0.01 iff x < -4.6), a good fit, not a dead layer.

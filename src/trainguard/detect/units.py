@@ -66,8 +66,9 @@ class DeadUnitsDetector(Detector):
         #: and its module docstring): layers that came back with the loss unharmed peaked at
         #: 71% and 87% in the tail (two swiss-roll runs at Adam 1e-2, back under 40% within
         #: 100-400 steps), while every run whose loss sat at 1.0, the net predicting zero
-        #: noise, had its last layer at 91-98% by the second probe after the kill (digits at
-        #: Adam 3e-2). The ReLU ``level`` of 0.6 rolled the two healthy runs back.
+        #: noise, had its last layer at 92-100% at the first probe after the kill (digits at
+        #: Adam 3e-2, swiss roll at 1e-2). The ReLU ``level`` of 0.6 rolled the two healthy
+        #: runs back.
         self.smooth_level = smooth_level
         #: the rise rule (units killed, not a whole layer) needs the units seen on at least
         #: ``min_rows`` = 32 rows (samples x positions; the probe reports them as ``rows``):
