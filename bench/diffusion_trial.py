@@ -68,16 +68,17 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, a.sin(), a.cos()], 1))
 
 
-def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bool = False,
+def run(name: str, seed: int, steps: int, lr: float, mode: str = "bare",
         probes: list | None = None):
-    """One run: bare, guarded (``guard.step(loss)``), or ``observed`` (the bare run with a
-    monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``; its sampled steps'
-    records are appended to ``probes``). Returns the losses and the Guard (None when bare)."""
+    """One run, ``mode`` ``"bare"``, ``"guarded"`` (``guard.step(loss)``) or ``"observed"`` (the
+    bare run with a monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``; its
+    sampled steps' records are appended to ``probes``). Returns the losses and the Guard (None
+    when bare)."""
     X = data(name)
     torch.manual_seed(seed)
     model = Denoiser(X.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    guard = (tg.Guard(model, opt, console=False) if observed or guarded else None)
+    guard = None if mode == "bare" else tg.Guard(model, opt, console=False)
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -90,20 +91,20 @@ def run(name: str, seed: int, steps: int, lr: float, guarded: bool, observed: bo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         losses.append(float(loss.detach()))
-        if guard is None or observed:
-            if guard is not None:
-                guard.observe(loss)
-                if probes is not None and guard.history[-1].activations:
-                    probes.append(guard.history[-1])
-            opt.step()
-        else:
+        if guard is not None and mode == "guarded":
             guard.step(loss)
+            continue
+        if guard is not None:  # observed
+            guard.observe(loss)
+            if probes is not None and guard.history[-1].activations:
+                probes.append(guard.history[-1])
+        opt.step()
     return losses, guard
 
 
 def observe(name: str, seed: int, steps: int, lr: float) -> None:
     probes: list = []
-    losses, guard = run(name, seed, steps, lr, False, observed=True, probes=probes)
+    losses, guard = run(name, seed, steps, lr, "observed", probes)
     assert guard is not None
     print(f"{name} lr {lr:g} seed {seed} (bare, observed): last 100 steps {sum(losses[-100:]) / 100:.4f}")
     for s in probes:
@@ -130,8 +131,8 @@ def main() -> None:
                 if a.observe:
                     observe(name, seed, a.steps, lr)
                     continue
-                bare, _ = run(name, seed, a.steps, lr, False)
-                seen, guard = run(name, seed, a.steps, lr, True)
+                bare, _ = run(name, seed, a.steps, lr)
+                seen, guard = run(name, seed, a.steps, lr, "guarded")
                 assert guard is not None
                 k = min(200, a.steps)
                 mean = lambda v: sum(v) / len(v)  # noqa: E731
@@ -140,7 +141,7 @@ def main() -> None:
                       f"{mean(seen[:k]):.4f} -> {mean(seen[-k:]):.4f}")
                 for f in guard.findings:
                     print(f"   finding {f.kind} at {f.step} ({f.severity}): {f.message}")
-                acts = {}
+                acts: dict[str, list[int]] = {}
                 for act in guard.actions:
                     acts.setdefault(act.kind, []).append(act.step)
                 for kind, at in acts.items():
