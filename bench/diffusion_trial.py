@@ -13,6 +13,15 @@ identical, the mean loss of the first and last 200 steps, and the Guard's findin
 
     python bench/diffusion_trial.py --observe [--seeds 0,1,2,3] [--lrs 1e-2,3e-2]
 
+    python bench/diffusion_trial.py --doctor [--seeds 0,1,2,3] [--lrs 1e-2,3e-2] [--data digits]
+
+``--doctor``: ``tg.doctor`` on each run's model and first 16 batches (the timestep packed as
+the last input column), its trial steps' peak and the LR and warm-up it suggests, then the bare
+run at the LR beside a bare run at the suggestion (linear warm-up). What the doctor's
+transient blow-up rule was checked on (2026-11-29, digits, seeds 0-3): at Adam 3e-2 the trial
+peaks 12-74x its first loss (before the rule: "healthy", suggested 3e-2), now a warning and
+1e-2 with 2,000 warm-up steps; 1e-2 and 1e-3 are left alone.
+
 ``--observe``: the bare runs only, with a monitor-only Guard (``guard.observe(loss)`` before
 ``optimizer.step()``: it measures and reports, never acts, so the run is the bare one); printed
 per run: the last 100 steps' mean loss, each SiLU layer's share of units in the flat tail at
@@ -68,38 +77,85 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, a.sin(), a.cos()], 1))
 
 
-def run(name: str, seed: int, steps: int, lr: float, mode: str = "bare",
-        probes: list | None = None):
-    """One run, ``mode`` ``"bare"``, ``"guarded"`` (``guard.step(loss)``) or ``"observed"`` (the
-    bare run with a monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``; its
-    sampled steps' records are appended to ``probes``). Returns the losses and the Guard (None
-    when bare)."""
-    X = data(name)
-    torch.manual_seed(seed)
-    model = Denoiser(X.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    guard = None if mode == "bare" else tg.Guard(model, opt, console=False)
+def batches(X: torch.Tensor, g: torch.Generator):
+    """The run's batches: (noisy samples, timesteps, the noise to predict)."""
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(steps):
+    while True:
         x0 = X[torch.randint(0, len(X), (128,), generator=g)]
         t = torch.randint(0, T, (128,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = abar[t][:, None]
-        loss = nn.functional.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps)
+        yield a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+
+
+def run(name: str, seed: int, steps: int, lr: float, mode: str = "bare",
+        probes: list | None = None, warmup: int = 0):
+    """One run, ``mode`` ``"bare"``, ``"guarded"`` (``guard.step(loss)``) or ``"observed"`` (the
+    bare run with a monitor-only Guard: ``guard.observe(loss)`` before ``optimizer.step()``; its
+    sampled steps' records are appended to ``probes``); ``warmup``: steps of linear warm-up to
+    ``lr``. Returns the losses and the Guard (None when bare)."""
+    X = data(name)
+    torch.manual_seed(seed)
+    model = Denoiser(X.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup))
+             if warmup > 0 else None)
+    guard = None if mode == "bare" else tg.Guard(model, opt, console=False)
+    losses = []
+    for _, (xt, t, eps) in zip(range(steps), batches(X, torch.Generator().manual_seed(seed))):
+        loss = nn.functional.mse_loss(model(xt, t), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         losses.append(float(loss.detach()))
         if guard is not None and mode == "guarded":
             guard.step(loss)
-            continue
-        if guard is not None:  # observed
-            guard.observe(loss)
-            if probes is not None and guard.history[-1].activations:
-                probes.append(guard.history[-1])
-        opt.step()
+        else:
+            if guard is not None:  # observed
+                guard.observe(loss)
+                if probes is not None and guard.history[-1].activations:
+                    probes.append(guard.history[-1])
+            opt.step()
+        if sched is not None:
+            sched.step()
     return losses, guard
+
+
+class Packed(nn.Module):
+    """The denoiser with the timestep packed as the last input column: ``model(x)`` for the
+    doctor, which calls ``loss_fn(model(x), y)``."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner(z[:, :-1], z[:, -1].long())
+
+
+def diagnose(name: str, seed: int, steps: int, lr: float) -> None:
+    """``tg.doctor`` on the run's model and its first 16 batches at ``lr``, then the bare run
+    at ``lr`` beside the run at the doctor's suggested LR and warm-up."""
+    X = data(name)
+    torch.manual_seed(seed)
+    model = Packed(Denoiser(X.shape[1]))
+    first = [(torch.cat([xt, t[:, None].float()], 1), eps)
+             for _, (xt, t, eps) in zip(range(16), batches(X, torch.Generator().manual_seed(seed)))]
+    rep = tg.doctor(model, nn.functional.mse_loss, first,
+                    torch.optim.Adam(model.parameters(), lr=lr), precision=False, noise=False,
+                    progress=False)
+    trial = rep.trial_losses
+    k = min(200, steps)
+    bare, _ = run(name, seed, steps, lr)
+    line = (f"{name} lr {lr:g} seed {seed}: trial peak {max(trial) / trial[0]:.1f}x its first "
+            f"loss; suggested lr {rep.suggested_lr:.3g}, warmup {rep.warmup_steps}; last {k} "
+            f"steps: bare {sum(bare[-k:]) / k:.4f}")
+    if rep.suggested_lr != lr or rep.warmup_steps:
+        at, _ = run(name, seed, steps, rep.suggested_lr, warmup=rep.warmup_steps)
+        line += f", at the suggestion {sum(at[-k:]) / k:.4f}"
+    print(line)
+    for f in rep.findings:
+        if f.severity != "info":
+            print(f"   [{f.severity}] {f.kind}: {f.message}")
 
 
 def observe(name: str, seed: int, steps: int, lr: float) -> None:
@@ -123,13 +179,15 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-3,3e-2")
     ap.add_argument("--data", default="digits,roll")
     ap.add_argument("--observe", action="store_true", help="bare runs, monitor-only Guard")
+    ap.add_argument("--doctor", action="store_true",
+                    help="the doctor's verdict, then bare runs at the LR and at its suggestion")
     a = ap.parse_args()
     torch.set_num_threads(1)
     for name in a.data.split(","):
         for lr in (float(v) for v in a.lrs.split(",")):
             for seed in (int(v) for v in a.seeds.split(",")):
-                if a.observe:
-                    observe(name, seed, a.steps, lr)
+                if a.observe or a.doctor:
+                    (observe if a.observe else diagnose)(name, seed, a.steps, lr)
                     continue
                 bare, _ = run(name, seed, a.steps, lr)
                 seen, guard = run(name, seed, a.steps, lr, "guarded")

@@ -268,6 +268,20 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                 "blow up as a quadratic one would (one through a softmax's logits has a bounded "
                 "loss: the Lightning demo Transformer's lies in its first attention projection); a "
                 "warmup lets the sharpness fall first (Gilmer 2022, mechanisms §3.4-3.5)", "")
+        elif k == "lr_too_high" and f.evidence.get("trigger") == "trial_blowup" and sug and lr \
+                and sug < lr:
+            # the trial steps blew up and came back (doctor._doctor.CALM_TRIES)
+            warm = ctx.get("warmup_steps")
+            calm = f.evidence.get("calm_lr")
+            add(f, f"set the learning rate to {sug:.3g} (now {lr:.3g})"
+                + (f" with {warm} steps of linear warmup" if warm else ""), [],
+                "the trial steps at this LR blew up before the loss came back"
+                + (f"; at {calm:.3g} they did not" if calm is not None and math.isfinite(calm)
+                   else "")
+                + "; a blow-up in the first updates can leave a model stuck (a diffusion "
+                "denoiser that collapses to predicting zero noise), and Adam's preconditioned "
+                "limit, measured after them, does not show it",
+                f"lr:{sug:.6g}", bonus=0.5)
         elif k in ("lr_too_high", "divergence", "nonfinite"):
             if sug and (lr is None or sug < lr):
                 warm = ctx.get("warmup_steps")

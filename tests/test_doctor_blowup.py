@@ -1,0 +1,104 @@
+"""The doctor's trial steps that blow up and come back (an adaptive optimizer): a DDPM denoiser
+at Adam 3e-2 went 1.01 -> 24.97 -> 1.19 in its 20 trial steps and was called healthy, though
+3 of 4 seeds trained at that LR collapse to predicting zero noise; at 1e-2 the trial is calm
+(``doctor._doctor.CALM_TRIES``)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import trainguard as tg
+from trainguard.doctor._doctor import _blowup
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("losses,expect", [
+    ([1.0, 1.02, 5.19, 7.03, 24.97, 3.47, 1.19], (24.97, 4)),  # up 25x and back
+    ([1.0, 0.9, 0.8, 0.7, 0.6], None),                         # a descent
+    ([1.0, 2.0, 3.9, 1.5, 1.0], None),                         # below 4x its start
+    ([1.0, 2.0, 9.0, 12.0, 30.0], None),                       # still up: the divergence rule's
+    ([1.0, 9.0, math.inf, 1.0, 1.0], None),                    # not finite: the divergence rule's
+    ([1.0, 9.0, 1.0], None),                                   # too few
+])
+def test_a_transient_blowup_is_a_peak_above_4x_the_first_loss_that_came_back(losses, expect):
+    assert _blowup(losses) == expect
+
+
+class Denoiser(nn.Module):
+    """A DDPM noise predictor on 8x8 digits: MLP of the noisy image and a sinusoidal embedding
+    of the timestep, packed as the last input column (SiLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64 + 64, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(),
+                                 nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, 64))
+
+    def forward(self, z):
+        x, t = z[:, :-1], z[:, -1]
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(32) / 32)
+        a = t[:, None] * freqs[None]
+        return self.net(torch.cat([x, a.sin(), a.cos()], 1))
+
+
+def _batches(n: int = 16):
+    from sklearn.datasets import load_digits
+    X = torch.tensor(load_digits().data / 8.0 - 1.0, dtype=torch.float32)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x0 = X[torch.randint(0, len(X), (128,), generator=g)]
+        t = torch.randint(0, 1000, (128,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = abar[t][:, None]
+        out.append((torch.cat([a.sqrt() * x0 + (1 - a).sqrt() * eps, t[:, None].float()], 1), eps))
+    return out
+
+
+def _doctor(lr: float):
+    torch.manual_seed(1)
+    model = Denoiser()
+    return tg.doctor(model, F.mse_loss, _batches(), torch.optim.Adam(model.parameters(), lr=lr),
+                     lr_range=False, precision=False, noise=False, progress=False)
+
+
+def test_a_denoiser_whose_first_adam_steps_blow_up_is_told_to_lower_its_lr():
+    rep = _doctor(0.03)
+    f = next(f for f in rep.findings if f.kind == "lr_too_high")
+    assert f.severity == "warning" and f.evidence["trigger"] == "trial_blowup"
+    assert f.evidence["peak"] > 4 * f.evidence["first_loss"] > 0
+    assert f.evidence["calm_lr"] == pytest.approx(0.01)
+    assert f.evidence["tried"][0][1] <= 4.0
+    assert not rep.healthy
+    assert rep.suggested_lr == pytest.approx(0.01)
+    first = rep.prescriptions[0]
+    assert first.action.startswith("set the learning rate to 0.01 (now 0.03)"), first.action
+    assert first.remedy == "lr:0.01"
+    assert "blew up" in first.expected
+
+
+def test_a_denoiser_at_its_working_lr_is_left_alone():
+    rep = _doctor(1e-3)
+    assert not any(f.kind == "lr_too_high" for f in rep.findings), rep.findings
+    assert rep.suggested_lr == pytest.approx(1e-3)
+    assert max(rep.trial_losses) < 4 * rep.trial_losses[0]
+
+
+def test_sgd_whose_trial_catapults_is_left_to_the_curvature_limit():
+    """(S)GD's rise and fall is the catapult (benign between 2/λ and ~4/λ): the zoo's
+    ``curvature_catapult`` rises 52x in its trial steps and converges; no trial_blowup."""
+    import itertools
+
+    import trainguard.zoo.scenarios  # noqa: F401
+    from trainguard.zoo import REGISTRY
+    st = REGISTRY["curvature_catapult"].build(0)
+    data = list(itertools.islice(st.batches(), 32))
+    rep = tg.doctor(st.model, st.loss_fn, data, st.optimizer, lr_range=False, precision=False,
+                    noise=False, progress=False)
+    assert max(rep.trial_losses) > 4 * rep.trial_losses[0]
+    assert not any(f.evidence.get("trigger") == "trial_blowup" for f in rep.findings)
