@@ -165,3 +165,7 @@ def test_diffusion_trial_runs():
     out = run("bench/diffusion_trial.py", "--observe", "--steps", "30", "--seeds", "0",
               "--lrs", "1e-3", "--data", "roll")
     assert "(bare, observed)" in out, out
+    out = run("bench/diffusion_trial.py", "--doctor", "--steps", "30", "--seeds", "1",
+              "--lrs", "3e-2", "--data", "digits")
+    assert "suggested lr 0.01, warmup 2000" in out, out
+    assert "[warning] lr_too_high" in out, out
