@@ -275,3 +275,34 @@ def test_a_real_language_model_with_accumulation_is_judged_at_its_own_scale(tmp_
     logged = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert [s.loss for s in cb.guard.history] == pytest.approx(logged, rel=1e-3)
     assert cb.guard.core.chance_loss == pytest.approx(math.log(256))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_under_torchrun_the_guard_sees_the_loss_the_trainer_logs(accumulation, tmp_path):
+    """Two processes (gloo), a model handed ``num_items_in_batch``: the Trainer multiplies each
+    share by the number of processes (``average_tokens_across_devices``, the default), and so
+    does the adapter; without it the Guard saw half the loss, and no chance level."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).parent / "dist" / "hf_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={port}", str(worker), str(tmp_path),
+           str(accumulation)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["world"] == 2 and r["average"] is True
+        assert len(r["logged"]) == 6
+        assert r["guard"] == pytest.approx(r["logged"], rel=1e-5)
+        assert r["chance"] == pytest.approx(math.log(256))
+        assert r["findings"] == []
