@@ -129,22 +129,29 @@ class Denoiser(nn.Module):
         return self.net(torch.cat([x, a.sin(), a.cos()], 1))
 
 
-def _ddpm(guarded: bool, steps: int = 300) -> tuple[list[float], tg.Guard | None]:
+def ddpm_batches(seed: int = 1):
+    """Batches of 128 noisy digits, their timesteps and the noise to predict (linear betas
+    1e-4..0.02 over T = 1000), drawn from one generator."""
     from sklearn.datasets import load_digits
     X = torch.tensor(load_digits().data / 8.0 - 1.0, dtype=torch.float32)
-    torch.manual_seed(1)
-    model = Denoiser()
-    opt = torch.optim.Adam(model.parameters(), lr=0.03)  # 30x the working 1e-3
-    guard = tg.Guard(model, opt, console=False) if guarded else None
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
-    g = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(steps):
+    g = torch.Generator().manual_seed(seed)
+    while True:
         x0 = X[torch.randint(0, len(X), (128,), generator=g)]
         t = torch.randint(0, 1000, (128,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a = abar[t][:, None]
-        loss = F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps)
+        yield a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+
+
+def _ddpm(guarded: bool, steps: int = 300) -> tuple[list[float], tg.Guard | None]:
+    torch.manual_seed(1)
+    model = Denoiser()
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)  # 30x the working 1e-3
+    guard = tg.Guard(model, opt, console=False) if guarded else None
+    losses = []
+    for _, (xt, t, eps) in zip(range(steps), ddpm_batches()):
+        loss = F.mse_loss(model(xt, t), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         losses.append(float(loss.detach()))

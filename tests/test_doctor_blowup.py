@@ -14,6 +14,8 @@ from torch.nn import functional as F
 import trainguard as tg
 from trainguard.doctor._doctor import _blowup
 
+from test_dead_tails import Denoiser, ddpm_batches  # the DDPM denoiser and its batches
+
 torch.set_num_threads(1)
 
 
@@ -29,40 +31,25 @@ def test_a_transient_blowup_is_a_peak_above_4x_the_first_loss_that_came_back(los
     assert _blowup(losses) == expect
 
 
-class Denoiser(nn.Module):
-    """A DDPM noise predictor on 8x8 digits: MLP of the noisy image and a sinusoidal embedding
-    of the timestep, packed as the last input column (SiLU)."""
+class Packed(nn.Module):
+    """The DDPM denoiser with the timestep packed as the last input column: ``model(x)``."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64 + 64, 256), nn.SiLU(), nn.Linear(256, 256), nn.SiLU(),
-                                 nn.Linear(256, 256), nn.SiLU(), nn.Linear(256, 64))
+        self.inner = Denoiser()
 
     def forward(self, z):
-        x, t = z[:, :-1], z[:, -1]
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(32) / 32)
-        a = t[:, None] * freqs[None]
-        return self.net(torch.cat([x, a.sin(), a.cos()], 1))
+        return self.inner(z[:, :-1], z[:, -1])
 
 
 def _batches(n: int = 16):
-    from sklearn.datasets import load_digits
-    X = torch.tensor(load_digits().data / 8.0 - 1.0, dtype=torch.float32)
-    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        x0 = X[torch.randint(0, len(X), (128,), generator=g)]
-        t = torch.randint(0, 1000, (128,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t][:, None]
-        out.append((torch.cat([a.sqrt() * x0 + (1 - a).sqrt() * eps, t[:, None].float()], 1), eps))
-    return out
+    return [(torch.cat([xt, t[:, None].float()], 1), eps)
+            for _, (xt, t, eps) in zip(range(n), ddpm_batches())]
 
 
 def _doctor(lr: float):
     torch.manual_seed(1)
-    model = Denoiser()
+    model = Packed()
     return tg.doctor(model, F.mse_loss, _batches(), torch.optim.Adam(model.parameters(), lr=lr),
                      lr_range=False, precision=False, noise=False, progress=False)
 

@@ -58,8 +58,8 @@ DIVERGE_FACTOR = 4.0
 #: ``DIVERGE_FACTOR`` times the first loss, the last below it) are run again from the same start
 #: at the LR divided by ``RAISE_STEP`` = 3, one notch of the half-decade grid at a time, at most
 #: ``CALM_TRIES`` = 3 times (down to 1/27: past the "1/10 of it" the Guard's divergence advice
-#: gives); the first LR whose trial stays below ``DIVERGE_FACTOR`` times its first loss caps the
-#: suggestion. Measured on a DDPM denoiser (``bench/diffusion_trial.py``'s SiLU MLP on digits,
+#: gives); the first LR whose trial stays within ``DIVERGE_FACTOR`` times its first loss caps the
+#: suggestion (the lowest tried when none does). Measured on a DDPM denoiser (``bench/diffusion_trial.py``'s SiLU MLP on digits,
 #: Adam 3e-2): its trial losses went 1.01 -> 24.97 at step 6 -> 1.19, the doctor called it
 #: healthy, and 3 of 4 seeds collapsed to predicting zero noise (loss 1.00 after 3,000 steps)
 #: where 1e-2 trains on all four. Adam's curvature limit is measured after the trial steps
@@ -414,7 +414,7 @@ def _calm_lr(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn:
         m = clone_model(model)
         freeze_dropout(m)
         o = clone_optimizer(optimizer, model, m)
-        set_lr(o, [lr_of_group(g) * f for g in o.param_groups])
+        set_lr(o, [_group_lr(g) * f for g in o.param_groups])
         torch.manual_seed(seed)
         ls = train_steps(m, o, loss_fn, batches, steps, device)
         del m, o
@@ -426,6 +426,7 @@ def _calm_lr(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn:
     return math.nan, tried
 
 
-def lr_of_group(g: dict) -> float:
+def _group_lr(g: dict) -> float:
+    """A parameter group's learning rate as a float (a tensor LR too)."""
     lr = g["lr"]
     return float(lr.item() if isinstance(lr, torch.Tensor) else lr)

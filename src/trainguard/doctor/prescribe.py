@@ -279,8 +279,8 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                 + (f"; at {calm:.3g} they did not" if calm is not None and math.isfinite(calm)
                    else "")
                 + "; a blow-up in the first updates can leave a model stuck (a diffusion "
-                "denoiser that collapses to predicting zero noise), and Adam's preconditioned "
-                "limit, measured after them, does not show it",
+                "denoiser that collapses to predicting zero noise), and the preconditioned "
+                "curvature limit, measured after them, does not show it",
                 f"lr:{sug:.6g}", bonus=0.5)
         elif k in ("lr_too_high", "divergence", "nonfinite"):
             if sug and (lr is None or sug < lr):
