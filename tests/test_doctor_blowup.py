@@ -1,5 +1,5 @@
 """The doctor's trial steps that blow up and come back (an adaptive optimizer): a DDPM denoiser
-at Adam 3e-2 went 1.01 -> 24.97 -> 1.19 in its 20 trial steps and was called healthy, though
+at Adam 3e-2 went 1.01 -> 24.96 -> 1.19 in its 20 trial steps and was called healthy, though
 3 of 4 seeds trained at that LR collapse to predicting zero noise; at 1e-2 the trial is calm
 (``doctor._doctor.CALM_TRIES``)."""
 from __future__ import annotations

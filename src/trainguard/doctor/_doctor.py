@@ -60,7 +60,7 @@ DIVERGE_FACTOR = 4.0
 #: ``CALM_TRIES`` = 3 times (down to 1/27: past the "1/10 of it" the Guard's divergence advice
 #: gives); the first LR whose trial stays within ``DIVERGE_FACTOR`` times its first loss caps the
 #: suggestion (the lowest tried when none does). Measured on a DDPM denoiser (``bench/diffusion_trial.py``'s SiLU MLP on digits,
-#: Adam 3e-2): its trial losses went 1.01 -> 24.97 at step 6 -> 1.19, the doctor called it
+#: Adam 3e-2, seed 1): its trial losses went 1.01 -> 24.96 at trial step 5 -> 1.19, the doctor called it
 #: healthy, and 3 of 4 seeds collapsed to predicting zero noise (loss 1.00 after 3,000 steps)
 #: where 1e-2 trains on all four. Adam's curvature limit is measured after the trial steps
 #: (its preconditioner needs them), on the weights the blow-up left, so it cannot see this. (S)GD
