@@ -13,14 +13,15 @@ identical, the mean loss of the first and last 200 steps, and the Guard's findin
 
     python bench/diffusion_trial.py --observe [--seeds 0,1,2,3] [--lrs 1e-2,3e-2]
 
-    python bench/diffusion_trial.py --doctor [--seeds 0,1,2,3] [--lrs 1e-2,3e-2] [--data digits]
+    python bench/diffusion_trial.py --doctor [--seeds 0,1,2,3] [--lrs 1e-2,3e-2] [--data digits] [--src OLD/src]
 
 ``--doctor``: ``tg.doctor`` on each run's model and first 16 batches (the timestep packed as
 the last input column), its trial steps' peak and the LR and warm-up it suggests, then the bare
 run at the LR beside a bare run at the suggestion (linear warm-up). What the doctor's
 transient blow-up rule was checked on (2026-11-29, digits, seeds 0-3): at Adam 3e-2 the trial
 peaks 12-74x its first loss (before the rule: "healthy", suggested 3e-2), now a warning and
-1e-2 with 2,000 warm-up steps; 1e-2 and 1e-3 are left alone.
+1e-2 with 2,000 warm-up steps; at 2e-2 (peaks 1.7-4.0x) seed 1 was told to raise the LR to
+6e-2, where it collapses; 1e-2 and 1e-3 are left alone.
 
 ``--observe``: the bare runs only, with a monitor-only Guard (``guard.observe(loss)`` before
 ``optimizer.step()``: it measures and reports, never acts, so the run is the bare one); printed
@@ -179,6 +180,7 @@ def main() -> None:
     ap.add_argument("--lrs", default="1e-3,3e-2")
     ap.add_argument("--data", default="digits,roll")
     ap.add_argument("--observe", action="store_true", help="bare runs, monitor-only Guard")
+    ap.add_argument("--src", default=None, help="run another tree's trainguard (its src/)")
     ap.add_argument("--doctor", action="store_true",
                     help="the doctor's verdict, then bare runs at the LR and at its suggestion")
     a = ap.parse_args()

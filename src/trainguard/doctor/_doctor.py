@@ -54,19 +54,33 @@ RAISE_STEP = 3.0
 #: Trial losses: the run diverges in the first steps when the loss rises above this multiple
 #: of its initial value (the range test's 4× rule, §3.6) or becomes non-finite.
 DIVERGE_FACTOR = 4.0
-#: An adaptive optimizer's trial steps that blow up and come back (the peak above
-#: ``DIVERGE_FACTOR`` times the first loss, the last below it) are run again from the same start
-#: at the LR divided by ``RAISE_STEP`` = 3, one notch of the half-decade grid at a time, at most
-#: ``CALM_TRIES`` = 3 times (down to 1/27: past the "1/10 of it" the Guard's divergence advice
-#: gives); the first LR whose trial stays within ``DIVERGE_FACTOR`` times its first loss caps the
-#: suggestion (the lowest tried when none does). Measured on a DDPM denoiser (``bench/diffusion_trial.py``'s SiLU MLP on digits,
-#: Adam 3e-2, seed 1): its trial losses went 1.01 -> 24.96 at trial step 5 -> 1.19, the doctor called it
-#: healthy, and 3 of 4 seeds collapsed to predicting zero noise (loss 1.00 after 3,000 steps)
-#: where 1e-2 trains on all four. Adam's curvature limit is measured after the trial steps
-#: (its preconditioner needs them), on the weights the blow-up left, so it cannot see this. (S)GD
-#: is left to the curvature limit: a rise and fall there is the catapult, benign between 2/λ and
-#: ~4/λ (Lewkowycz 2020; the zoo's ``curvature_catapult`` rises 52x at trial step 5 and converges)
+#: An adaptive optimizer's trial steps blow up when their loss rises above ``BLOWUP_FACTOR`` =
+#: 2.5 times the first (and, for a transient blow-up, comes back below ``DIVERGE_FACTOR`` times
+#: it by the last step). Such a trial is run again from the same start at the LR divided by
+#: ``RAISE_STEP`` = 3, one notch of the half-decade grid at a time, at most ``CALM_TRIES`` = 3
+#: times (down to 1/27: past the "1/10 of it" the Guard's divergence advice gives); the first LR
+#: whose trial stays within ``BLOWUP_FACTOR`` caps the suggestion (the lowest tried when none
+#: does); a trial that diverged (``DIVERGE_FACTOR``) is retried the same way. Measured on a DDPM
+#: denoiser (``bench/diffusion_trial.py``'s SiLU MLP on digits, Adam 3e-2, seed 1): its trial
+#: losses went 1.01 -> 24.96 at trial step 5 -> 1.19, the doctor called it healthy, and 3 of 4
+#: seeds collapsed to predicting zero noise (loss 1.00 after 3,000 steps) where 1e-2 trains on
+#: all four; at Adam 2e-2 its trial rose 3.6x and came back, and the limit measured after it
+#: (66) made the doctor suggest raising the LR to 6e-2. Adam's curvature limit is measured
+#: after the trial steps (its preconditioner needs them), on the weights a blow-up left, so it
+#: cannot see one. 2.5: the zoo's healthy trials peak at most 1.36x their first loss (any
+#: optimizer; ``healthy_mlp_regressor``), ``adam_stale_second_moment`` 1.97x; LR faults 2.77x
+#: (nanoGPT at 100x its LR), 3.07x (the zoo's GPT at 100x), 3.6x and more (the DDPM). (S)GD is
+#: left to the curvature limit, measured before its trial steps: a rise and fall there is the
+#: catapult, benign between 2/λ and ~4/λ (Lewkowycz 2020; the zoo's ``curvature_catapult``
+#: rises 52x at trial step 5 and converges)
+BLOWUP_FACTOR = 2.5
 CALM_TRIES = 3
+#: The suggestion raises an LR far below the measured room only when its trial steps were calm:
+#: their loss never above ``RAISE_CALM`` = 1.5 times the first (the zoo's healthy trials peak at
+#: most 1.36x; every raise the zoo gets comes from a trial that peaked at 1.01x or less). A
+#: trial that rose says nothing of the room above the LR, least of all through a curvature
+#: limit measured after it
+RAISE_CALM = 1.5
 #: Adam epsilon trap: fraction of coordinates with √v̂ < ε above which ε dominates the update
 #: (mechanisms §1 row 10; heuristic 50 %).
 EPS_FRACTION = 0.5
@@ -168,10 +182,10 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
             peak, at = blowup
             calm_lr, tried = _calm_lr(model, optimizer, loss_fn, batches, steps, device, seed, lr)
             l0 = losses[0]
-            msg = (f"the trial loss rose from {l0:.4g} to {peak:.4g} ({peak / l0:.0f}x) at trial "
+            msg = (f"the trial loss rose from {l0:.4g} to {peak:.4g} ({peak / l0:.1f}x) at trial "
                    f"step {at} before falling back to {losses[-1]:.4g}: the first updates at lr "
                    f"{lr:.3g} blow up")
-            msg += (f"; at lr {calm_lr:.3g} the trial steps stay below {DIVERGE_FACTOR:g}x their "
+            msg += (f"; at lr {calm_lr:.3g} the trial steps stay within {BLOWUP_FACTOR:g}x their "
                     "first loss" if math.isfinite(calm_lr) else
                     f"; they blew up at every lower LR tried, down to {tried[-1][0]:.3g}")
             findings.append(Finding(
@@ -180,6 +194,17 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
                           "peak_step": at, "last_loss": losses[-1],
                           "calm_lr": calm_lr if math.isfinite(calm_lr) else None,
                           "tried": [[a, b] for a, b in tried], "losses": losses[:50]}))
+            if not math.isfinite(calm_lr):
+                calm_lr = tried[-1][0]
+        trial_diverged = next((f for f in findings if f.kind == "divergence"), None)
+        if pre and trial_diverged is not None and losses and losses[0] > 0:
+            # the limit is measured after the trial steps, on the weights they wrecked (a small
+            # transformer at Adam 0.3: "limit 580", and the LR raised 3x beside the divergence):
+            # the calm trial search gives the cap instead
+            calm_lr, tried = _calm_lr(model, optimizer, loss_fn, batches, steps, device, seed, lr)
+            trial_diverged.evidence.update(
+                calm_lr=calm_lr if math.isfinite(calm_lr) else None,
+                tried=[[a, b] for a, b in tried])
             if not math.isfinite(calm_lr):
                 calm_lr = tried[-1][0]
         # Adam epsilon trap
@@ -258,9 +283,17 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     # LR 3x" next to its dead_units finding)
     blocking = next((f for f in findings if f.severity == "error"
                      and f.kind in ("dead_units", "vanishing_gradient", "saturation")), None)
+    # nor beside a trial that diverged: what was measured after it, on wrecked weights, says
+    # nothing of the room above the LR (a small transformer at Adam 0.3 was told to raise it 3x)
+    diverged = any(f.kind in ("divergence", "nonfinite") for f in findings)
+    calm_trial = not diverged and (len(losses) < 2 or losses[0] <= 0
+                                    or max(losses) <= RAISE_CALM * losses[0])
+    too_low = (math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR and calm_trial
+               and rt is not None)
     if math.isfinite(lr_cap) and lr > lr_cap:
         suggested = lr_cap
-    elif math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR and blocking is None:
+    elif math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR and blocking is None \
+            and calm_trial:
         suggested = lr * RAISE_STEP
     else:
         suggested = lr
@@ -293,14 +326,24 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
                     severity="info",
                     evidence={**ev, "regime": "catapult" if catapult else "not_quadratic"}))
                 warmup = max(warmup, 100)
+        elif curv.preconditioned and ratio > 1 and not diverged and not any(
+                f.kind == "lr_too_high" for f in findings):
+            # not an error: an adaptive optimizer's preconditioned sharpness settles at its limit
+            # while it trains (Cohen 2022); but a suggestion below the LR needs its reason
+            findings.append(Finding(
+                "lr_too_high", 0, f"lr {lr:.3g} is {ratio:.1f}× {kind}'s preconditioned curvature "
+                f"limit {max_stable:.3g} = {curv.threshold:.3g}/λ_max (λ_max {curv.lambda_max:.4g}, "
+                "measured after the trial steps): adaptive optimizers often train above the "
+                "limit measured early, at the edge of stability, but a run far above it can "
+                f"stall; the suggested LR, {suggested:.3g}, stays below it",
+                severity="info", evidence={**ev, "regime": "preconditioned"}))
     if rt is not None and math.isfinite(rt.lr_diverge) and lr >= rt.lr_diverge and \
             not any(f.kind == "lr_too_high" and f.severity == "error" for f in findings):
         findings.append(Finding(
             "lr_too_high", 0, f"lr {lr:.3g} is above the LR range test's divergence point "
             f"{rt.lr_diverge:.3g}", severity="error",
             evidence={"lr": lr, "lr_diverge": rt.lr_diverge, "max_stable_lr": max_stable}))
-    if (rt is not None and math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR
-            and blocking is not None):
+    if too_low and blocking is not None:
         findings.append(Finding("lr_too_low", 0, f"lr {lr:.3g} is far below the largest LR the "
                                 f"measurements call safe ({lr_cap:.3g}), but it is kept: "
                                 f"{blocking.kind} must be fixed first (a higher LR does not "
@@ -308,7 +351,7 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
                                 severity="info", evidence={"lr": lr, "suggested_lr": suggested,
                                                            "lr_cap": lr_cap,
                                                            "blocked_by": blocking.kind}))
-    elif rt is not None and math.isfinite(lr_cap) and lr < lr_cap / LR_TOO_LOW_FACTOR:
+    elif too_low:
         findings.append(Finding("lr_too_low", 0, f"lr {lr:.3g} is over {LR_TOO_LOW_FACTOR:.0f}× below "
                                 f"the largest LR the measurements call safe ({lr_cap:.3g}); "
                                 f"raise it a notch at a time ({RAISE_STEP:g}x: "
@@ -389,14 +432,13 @@ def _improving(losses: list[float]) -> bool:
 
 
 def _blowup(losses: list[float]) -> tuple[float, int] | None:
-    """(peak, its trial step) when the trial losses rose above :data:`DIVERGE_FACTOR` times the
-    first one and came back below it by the last (a transient blow-up); None otherwise (also
-    when the last is still above: that is the divergence rule's)."""
+    """(peak, its trial step) when the trial losses rose above :data:`BLOWUP_FACTOR` times the
+    first one and the last is back below :data:`DIVERGE_FACTOR` times it (a transient blow-up);
+    None otherwise (a last loss still above is the divergence rule's)."""
     if len(losses) <= 3 or not all(math.isfinite(v) for v in losses) or losses[0] <= 0:
         return None
-    bar = DIVERGE_FACTOR * losses[0]
     peak = max(losses)
-    if peak <= bar or losses[-1] > bar:
+    if peak <= BLOWUP_FACTOR * losses[0] or losses[-1] > DIVERGE_FACTOR * losses[0]:
         return None
     return peak, losses.index(peak)
 
@@ -406,7 +448,7 @@ def _calm_lr(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn:
              ) -> tuple[float, list[tuple[float, float]]]:
     """The trial steps again, from the same start, batches and seed, at the LR (every group's)
     divided by :data:`RAISE_STEP` up to :data:`CALM_TRIES` times: the first LR whose peak loss
-    stays within :data:`DIVERGE_FACTOR` times its first loss (NaN when none does), and each
+    stays within :data:`BLOWUP_FACTOR` times its first loss (NaN when none does), and each
     LR tried with its peak over its first loss."""
     tried: list[tuple[float, float]] = []
     for k in range(1, CALM_TRIES + 1):
@@ -421,7 +463,7 @@ def _calm_lr(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn:
         finite = bool(ls) and all(math.isfinite(v) for v in ls)
         ratio = max(ls) / ls[0] if finite and ls[0] > 0 else math.inf
         tried.append((lr * f, ratio))
-        if ratio <= DIVERGE_FACTOR:
+        if ratio <= BLOWUP_FACTOR:
             return lr * f, tried
     return math.nan, tried
 

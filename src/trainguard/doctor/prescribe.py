@@ -268,6 +268,18 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                 "blow up as a quadratic one would (one through a softmax's logits has a bounded "
                 "loss: the Lightning demo Transformer's lies in its first attention projection); a "
                 "warmup lets the sharpness fall first (Gilmer 2022, mechanisms §3.4-3.5)", "")
+        elif k == "lr_too_high" and f.evidence.get("regime") == "preconditioned" and lr:
+            # above an adaptive optimizer's preconditioned limit, trial steps calm (an info)
+            warm = ctx.get("warmup_steps")
+            add(f, (f"if the loss stalls or spikes, lower the learning rate toward {sug:.3g} "
+                    f"(now {lr:.3g})" if sug and sug < lr else
+                    f"watch the loss: lr {lr:.3g} is above the preconditioned curvature limit")
+                + (f"; a {warm}-step linear warmup lets the preconditioner settle first"
+                   if warm else ""), [],
+                "an adaptive optimizer's preconditioned sharpness settles at (2+2β1)/((1-β1)η) "
+                "while it trains (Cohen 2022, mechanisms §3.1), so the limit measured early does "
+                "not bind; far above it a run can stall: nanoGPT at 100x its LR stalled at a loss "
+                "of 3.2 where its own LR reaches 2.2 (the Guard's plateau note)", "")
         elif k == "lr_too_high" and f.evidence.get("trigger") == "trial_blowup" and sug and lr \
                 and sug < lr:
             # the trial steps blew up and came back (doctor._doctor.CALM_TRIES)
@@ -285,11 +297,17 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
         elif k in ("lr_too_high", "divergence", "nonfinite"):
             if sug and (lr is None or sug < lr):
                 warm = ctx.get("warmup_steps")
+                calm = f.evidence.get("calm_lr") if "tried" in f.evidence else math.nan
                 add(f, f"set the learning rate to {sug:.3g} (now {lr:.3g})"
                     + (f" with {warm} steps of linear warmup" if warm else ""), [],
-                    f"below the curvature limit {ctx.get('max_stable_lr', math.nan):.3g} for "
-                    f"{ctx.get('optimizer')} (η·λ_max < 2 for GD, 38/η for Adam; Cohen 2021/2022, "
-                    "mechanisms §3.1) and below the range test's divergence point (Smith 2017, §3.6)",
+                    (f"the trial steps at {calm:.3g} stay within 4x their first loss (an "
+                     "adaptive optimizer's curvature limit is measured after the trial steps, "
+                     "here on the weights they wrecked)" if calm is not None and math.isfinite(calm)
+                     else "the trial steps diverged at every lower LR tried too: look for a "
+                     "structural cause" if calm is None else
+                     f"below the curvature limit {ctx.get('max_stable_lr', math.nan):.3g} for "
+                     f"{ctx.get('optimizer')} (η·λ_max < 2 for GD, 38/η for Adam; Cohen 2021/2022, "
+                     "mechanisms §3.1) and below the range test's divergence point (Smith 2017, §3.6)"),
                     f"lr:{sug:.6g}", bonus=0.5)
             clip = ctx.get("clip_norm")
             if clip:
