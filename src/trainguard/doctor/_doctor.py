@@ -176,37 +176,31 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
                     f"at lr {lr:.3g}", severity="error",
                     evidence={"losses": losses[:50], "lr": lr}))
         calm_lr = math.nan
-        blowup = _blowup(losses) if pre and not any(
-            f.kind == "divergence" for f in findings) else None
-        if blowup is not None:
-            peak, at = blowup
-            calm_lr, tried = _calm_lr(model, optimizer, loss_fn, batches, steps, device, seed, lr)
-            l0 = losses[0]
-            msg = (f"the trial loss rose from {l0:.4g} to {peak:.4g} ({peak / l0:.1f}x) at trial "
-                   f"step {at} before falling back to {losses[-1]:.4g}: the first updates at lr "
-                   f"{lr:.3g} blow up")
-            msg += (f"; at lr {calm_lr:.3g} the trial steps stay within {BLOWUP_FACTOR:g}x their "
-                    "first loss" if math.isfinite(calm_lr) else
-                    f"; they blew up at every lower LR tried, down to {tried[-1][0]:.3g}")
-            findings.append(Finding(
-                "lr_too_high", len(losses), msg, severity="warning",
-                evidence={"trigger": "trial_blowup", "lr": lr, "first_loss": l0, "peak": peak,
-                          "peak_step": at, "last_loss": losses[-1],
-                          "calm_lr": calm_lr if math.isfinite(calm_lr) else None,
-                          "tried": [[a, b] for a, b in tried], "losses": losses[:50]}))
-            if not math.isfinite(calm_lr):
-                calm_lr = tried[-1][0]
         trial_diverged = next((f for f in findings if f.kind == "divergence"), None)
-        if pre and trial_diverged is not None and losses and losses[0] > 0:
-            # the limit is measured after the trial steps, on the weights they wrecked (a small
-            # transformer at Adam 0.3: "limit 580", and the LR raised 3x beside the divergence):
-            # the calm trial search gives the cap instead
-            calm_lr, tried = _calm_lr(model, optimizer, loss_fn, batches, steps, device, seed, lr)
-            trial_diverged.evidence.update(
-                calm_lr=calm_lr if math.isfinite(calm_lr) else None,
-                tried=[[a, b] for a, b in tried])
-            if not math.isfinite(calm_lr):
-                calm_lr = tried[-1][0]
+        blowup = _blowup(losses) if pre and trial_diverged is None else None
+        if pre and (blowup is not None or trial_diverged is not None) and losses[0] > 0:
+            # Adam's limit is measured after the trial steps, on the weights a blow-up left: the
+            # first LR whose trial stays calm caps the suggestion instead (CALM_TRIES)
+            calm, tried = _calm_lr(model, optimizer, loss_fn, batches, steps, device, seed, lr)
+            found = {"calm_lr": calm if math.isfinite(calm) else None,
+                     "tried": [[a, b] for a, b in tried]}
+            if blowup is not None:
+                peak, at = blowup
+                l0 = losses[0]
+                msg = (f"the trial loss rose from {l0:.4g} to {peak:.4g} ({peak / l0:.1f}x) at "
+                       f"trial step {at} before falling back to {losses[-1]:.4g}: the first "
+                       f"updates at lr {lr:.3g} blow up")
+                msg += (f"; at lr {calm:.3g} the trial steps stay within {BLOWUP_FACTOR:g}x their "
+                        "first loss" if math.isfinite(calm) else
+                        f"; they blew up at every lower LR tried, down to {tried[-1][0]:.3g}")
+                findings.append(Finding(
+                    "lr_too_high", len(losses), msg, severity="warning",
+                    evidence={"trigger": "trial_blowup", "lr": lr, "first_loss": l0,
+                              "peak": peak, "peak_step": at, "last_loss": losses[-1], **found,
+                              "losses": losses[:50]}))
+            elif trial_diverged is not None:
+                trial_diverged.evidence.update(found)
+            calm_lr = calm if math.isfinite(calm) else tried[-1][0]
         # Adam epsilon trap
         if pre and optimizer is not None:
             tot, small = 0, 0
@@ -303,7 +297,6 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
         ev = {"lr": lr, "max_stable_lr": max_stable, "lambda_max": curv.lambda_max,
               "eta_lambda": lr * curv.lambda_max, "threshold": curv.threshold,
               "preconditioned": curv.preconditioned}
-        diverged = any(f.kind in ("divergence", "nonfinite") for f in findings)
         improving = _improving(losses)
         if not curv.preconditioned and ratio > 1:
             if diverged or (ratio > CATAPULT_FACTOR and not improving):
