@@ -1,5 +1,5 @@
 """Schedules whose learning rate or loss weight moves by design, trained as bare and never
-reported: warm restarts (the LR jumps back up 3,000x at every restart, and the loss with it:
+reported: warm restarts (the LR jumps back up 2,200x at every restart, and the loss with it:
 0.16 -> 0.24 around step 150), a cyclic LR between 1e-4 and 0.3, and a VAE whose KL weight
 is annealed from 0 to 1 over its first 300 steps (the objective changes under the loss)."""
 from __future__ import annotations
