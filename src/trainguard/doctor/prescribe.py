@@ -271,9 +271,9 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
         elif k == "lr_too_high" and f.evidence.get("regime") == "preconditioned" and lr:
             # above an adaptive optimizer's preconditioned limit, trial steps calm (an info)
             warm = ctx.get("warmup_steps")
-            add(f, (f"if the loss stalls or spikes, lower the learning rate toward {sug:.3g} "
-                    f"(now {lr:.3g})" if sug and sug < lr else
-                    f"watch the loss: lr {lr:.3g} is above the preconditioned curvature limit")
+            # (the suggestion is at most half that limit, so below the LR)
+            add(f, f"if the loss stalls or spikes, lower the learning rate toward {sug:.3g} "
+                f"(now {lr:.3g})"
                 + (f"; a {warm}-step linear warmup lets the preconditioner settle first"
                    if warm else ""), [],
                 "an adaptive optimizer's preconditioned sharpness settles at (2+2β1)/((1-β1)η) "
@@ -297,18 +297,9 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
         elif k in ("lr_too_high", "divergence", "nonfinite"):
             if sug and (lr is None or sug < lr):
                 warm = ctx.get("warmup_steps")
-                calm = f.evidence.get("calm_lr") if "tried" in f.evidence else math.nan
                 add(f, f"set the learning rate to {sug:.3g} (now {lr:.3g})"
                     + (f" with {warm} steps of linear warmup" if warm else ""), [],
-                    (f"the trial steps at {calm:.3g} stay within 4x their first loss (an "
-                     "adaptive optimizer's curvature limit is measured after the trial steps, "
-                     "here on the weights they wrecked)" if calm is not None and math.isfinite(calm)
-                     else "the trial steps diverged at every lower LR tried too: look for a "
-                     "structural cause" if calm is None else
-                     f"below the curvature limit {ctx.get('max_stable_lr', math.nan):.3g} for "
-                     f"{ctx.get('optimizer')} (η·λ_max < 2 for GD, 38/η for Adam; Cohen 2021/2022, "
-                     "mechanisms §3.1) and below the range test's divergence point (Smith 2017, §3.6)"),
-                    f"lr:{sug:.6g}", bonus=0.5)
+                    _why_lower(f, ctx), f"lr:{sug:.6g}", bonus=0.5)
             clip = ctx.get("clip_norm")
             if clip:
                 add(f, f"clip the gradient norm at {clip:.3g} (average norm of the trial steps)", [],
@@ -354,3 +345,20 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
 def _cls(kind: str) -> str:
     return {"sigmoid": "Sigmoid", "tanh": "Tanh", "hardtanh": "Hardtanh",
             "hardsigmoid": "Hardsigmoid"}.get(kind, kind)
+
+
+def _why_lower(f: Finding, ctx: dict[str, Any]) -> str:
+    """Why the suggested LR is lower: the calm trial an adaptive optimizer's diverged trial was
+    retried at (its evidence ``tried``: each LR with its peak over its first loss), or the
+    curvature limit and the range test."""
+    tried = f.evidence.get("tried")
+    if tried:
+        if f.evidence.get("calm_lr") is None:
+            return ("the trial steps diverged at every lower LR tried too, down to "
+                    f"{tried[-1][0]:.3g}: look for a structural cause")
+        return (f"the trial steps at {tried[-1][0]:.3g} peak at {tried[-1][1]:.1f}x their first "
+                "loss (an adaptive optimizer's curvature limit is measured after the trial steps, "
+                "here on the weights they wrecked)")
+    return (f"below the curvature limit {ctx.get('max_stable_lr', math.nan):.3g} for "
+            f"{ctx.get('optimizer')} (η·λ_max < 2 for GD, 38/η for Adam; Cohen 2021/2022, "
+            "mechanisms §3.1) and below the range test's divergence point (Smith 2017, §3.6)")
