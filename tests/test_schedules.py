@@ -12,22 +12,12 @@ from torch.nn import functional as F
 
 import trainguard as tg
 
+from test_loss_changed import VAE  # an MLP VAE of digits: (reconstruction, mu, logvar)
+
 torch.set_num_threads(1)
 _X, _Y = load_digits(return_X_y=True)
 X = torch.tensor(_X / 16.0, dtype=torch.float32)
 Y = torch.tensor(_Y)
-
-
-class VAE(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
-        self.dec = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 64))
-
-    def forward(self, x):
-        h = self.enc(x)
-        mu, logvar = h[:, :8], h[:, 8:]
-        return self.dec(mu + torch.randn_like(mu) * (0.5 * logvar).exp()), mu, logvar
 
 
 def _run(case: str, guarded: bool, steps: int = 600):
