@@ -148,7 +148,8 @@ def diagnose(name: str, seed: int, steps: int, lr: float) -> None:
     k = min(200, steps)
     bare, _ = run(name, seed, steps, lr)
     line = (f"{name} lr {lr:g} seed {seed}: trial peak {max(trial) / trial[0]:.1f}x its first "
-            f"loss; suggested lr {rep.suggested_lr:.3g}, warmup {rep.warmup_steps}; last {k} "
+            f"loss; limit {rep.max_stable_lr:.3g}; suggested lr {rep.suggested_lr:.3g}, warmup "
+            f"{rep.warmup_steps}; last {k} "
             f"steps: bare {sum(bare[-k:]) / k:.4f}")
     if rep.suggested_lr != lr or rep.warmup_steps:
         at, _ = run(name, seed, steps, rep.suggested_lr, warmup=rep.warmup_steps)

@@ -12,7 +12,8 @@ Columns: the working LR, the suggestion and their ratio, the limit printed besid
 fault is not the LR - a dead layer, a vanishing sigmoid stack - the LR cannot fix it, only
 must not make it worse). Scenarios whose pathology is the LR itself (the ``lr_*`` and
 ``curvature_*`` ones, whose "working LR" is the too-high one) are judged by the criterion.
-Also checked: the suggestion is never above the curvature limit printed beside it.
+Also checked: the suggestion is never above the curvature limit printed beside it. Each JSON
+row also gives ``trial_peak``, the doctor's trial steps' highest loss over their first.
 """
 from __future__ import annotations
 
@@ -89,7 +90,15 @@ def one(name: str, seed: int) -> dict:
             "doctor_seconds": round(t_doc, 1),
             "range_diverge": rt.lr_diverge if rt is not None else None,
             "range_min_loss": rt.lr_min_loss if rt is not None else None,
-            "range_improved": rt.improved if rt is not None else None})
+            "range_improved": rt.improved if rt is not None else None,
+            # the trial steps' highest loss over their first (doctor._doctor.BLOWUP_FACTOR)
+            "trial_peak": _peak(rep.trial_losses)})
+
+
+def _peak(losses: list[float]) -> float | None:
+    if not losses or not math.isfinite(losses[0]) or losses[0] <= 0:
+        return None
+    return round(max(losses) / losses[0], 3)
 
 
 def judge(r: dict) -> dict:

@@ -67,9 +67,10 @@ DIVERGE_FACTOR = 4.0
 #: all four; at Adam 2e-2 its trial rose 3.6x and came back, and the limit measured after it
 #: (66) made the doctor suggest raising the LR to 6e-2. Adam's curvature limit is measured
 #: after the trial steps (its preconditioner needs them), on the weights a blow-up left, so it
-#: cannot see one. 2.5: the zoo's healthy trials peak at most 1.36x their first loss (any
-#: optimizer; ``healthy_mlp_regressor``), ``adam_stale_second_moment`` 1.97x; LR faults 2.77x
-#: (nanoGPT at 100x its LR), 3.07x (the zoo's GPT at 100x), 3.6x and more (the DDPM). (S)GD is
+#: cannot see one. 2.5: the zoo's healthy trials peak at most 1.36x their first loss
+#: (``healthy_mlp_regressor``; the SGD catapult below aside), ``adam_stale_second_moment`` 1.97x;
+#: LR faults 2.77x (nanoGPT at 100x its LR), 3.07x (the zoo's GPT at 100x), 3.6x and more (the
+#: DDPM); ``python bench/doctor_lr.py`` gives each zoo model's ``trial_peak``. (S)GD is
 #: left to the curvature limit, measured before its trial steps: a rise and fall there is the
 #: catapult, benign between 2/λ and ~4/λ (Lewkowycz 2020; the zoo's ``curvature_catapult``
 #: rises 52x at trial step 5 and converges)
@@ -77,7 +78,8 @@ BLOWUP_FACTOR = 2.5
 CALM_TRIES = 3
 #: The suggestion raises an LR far below the measured room only when its trial steps were calm:
 #: their loss never above ``RAISE_CALM`` = 1.5 times the first (the zoo's healthy trials peak at
-#: most 1.36x; every raise the zoo gets comes from a trial that peaked at 1.01x or less). A
+#: most 1.36x but for the SGD catapult, whose LR is lowered; every raise the zoo gets comes from
+#: a trial that peaked at 1.01x or less). A
 #: trial that rose says nothing of the room above the LR, least of all through a curvature
 #: limit measured after it
 RAISE_CALM = 1.5
