@@ -2,8 +2,10 @@
 rule: ``python bench/calibrate_detectors.py [--steps 1500] [--seeds 2] [--zoo] [--resumed] [--noise]``.
 
 Streams: the digits MLP (64-128-10, ReLU) with SGD lr 0.05 / SGD momentum 0.9 lr 0.02 /
-Adam lr 1e-3, at batch 4, 8 and 32, for ``--steps`` steps and ``--seeds`` seeds (the streams
-the log-space spike rules of detect/spikes.py were calibrated on). ``--zoo`` adds every
+Adam lr 1e-3, at batch 4, 8 and 32 (``--batches 1,2`` for others; momentum below batch 4 takes
+lr 0.02 x batch / 8: at 0.02 its weights blow up, a true failure), for ``--steps`` steps and
+``--seeds`` seeds (the streams the log-space spike rules of detect/spikes.py were calibrated
+on). ``--zoo`` adds every
 healthy zoo scenario (trainguard/zoo/scenarios/healthy_*.py, curvature controls).
 ``--resumed`` adds runs that start from a trained model, as a user resumes with a fresh Guard:
 the digits MLP trained ``--steps`` steps bare (Adam batch 32, momentum batch 32, SGD batch 8),
@@ -53,7 +55,7 @@ def record(model, opt, batches, steps, loss_fn=nn.functional.cross_entropy):
     return stream, g.chance_loss
 
 
-def digits_streams(steps: int, seeds: int):
+def digits_streams(steps: int, seeds: int, batches: tuple[int, ...] = (4, 8, 32)):
     from trainguard.zoo.scenarios._common_a import digits, minibatches, mlp
     xtr, ytr, _, _ = digits()
     opts = {"sgd": lambda p: torch.optim.SGD(p, lr=0.05),
@@ -61,11 +63,16 @@ def digits_streams(steps: int, seeds: int):
             "adam": lambda p: torch.optim.Adam(p, lr=1e-3)}
     for seed in range(seeds):
         for name, make in opts.items():
-            for batch in (4, 8, 32):
+            for batch in batches:
                 torch.manual_seed(seed)
                 m = mlp([64, 128, 10])
+                opt = make(m.parameters())
+                if name == "momentum" and batch < 4:
+                    # 0.02 at batch 1-2 is a real failure (the weights blow up: losses of 1e23
+                    # by step 10,000, found by the divergence rules): the LR scaled with the batch
+                    opt.param_groups[0]["lr"] = 0.02 * batch / 8
                 yield (f"digits-{name}-b{batch}-s{seed}",
-                       record(m, make(m.parameters()), minibatches(xtr, ytr, batch, seed), steps))
+                       record(m, opt, minibatches(xtr, ytr, batch, seed), steps))
 
 
 def zoo_streams(seeds: int):
@@ -171,13 +178,16 @@ def main() -> None:
     ap.add_argument("--zoo", action="store_true")
     ap.add_argument("--resumed", action="store_true",
                     help="only the runs that start from a trained model")
+    ap.add_argument("--batches", default="4,8,32",
+                    help="the digits MLP's batch sizes, comma-separated (default 4,8,32)")
     ap.add_argument("--noise", action="store_true",
                     help="print each stream's start noise (first 20 losses, log space)")
     a = ap.parse_args()
     if a.resumed:
         streams = list(resumed_streams(a.steps, a.seeds))
     else:
-        streams = list(digits_streams(a.steps, a.seeds))
+        batches = tuple(int(b) for b in a.batches.split(","))
+        streams = list(digits_streams(a.steps, a.seeds, batches))
     if a.zoo:
         streams += list(zoo_streams(a.seeds))
     if a.noise:

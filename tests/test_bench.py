@@ -169,3 +169,9 @@ def test_diffusion_trial_runs():
               "--lrs", "3e-2", "--data", "digits")
     assert "suggested lr 0.01, warmup 2000" in out, out
     assert "[warning] lr_too_high" in out, out
+
+
+def test_small_batch_runs():
+    out = run("bench/small_batch.py", "--steps", "60", "--seeds", "0", "--batches", "1")
+    assert out.count("bit for bit bare") == 3, out
+    assert "3 runs of 60 steps: the Guard acted on 0, halted 0" in out, out

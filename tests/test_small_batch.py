@@ -82,3 +82,131 @@ def test_a_lucky_batch_is_not_where_a_blow_up_started():
     for t in range(2000, 2010):
         out += d.update(StepStats(step=t, loss=1e-2 * 10 ** (t - 2000), grad_norm=1.0))
     assert [f for f in out if f.evidence.get("trigger") == "fast"]
+
+
+def digits_batch1(steps: int, guarded: bool, seed: int = 0) -> tuple[nn.Module, tg.Guard | None]:
+    """The textbook loop: one example per step, momentum SGD (no mistake in it: bare, it
+    reaches ~95-98% training accuracy)."""
+    d = load_digits()
+    X = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    Y = torch.tensor(d.target)
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.SGD(m.parameters(), 0.01, momentum=0.9)
+    guard = tg.Guard(m, opt, console=False) if guarded else None
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(X), (1,), generator=gen)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(X[idx]), Y[idx])
+        loss.backward()
+        if guard is not None:
+            guard.step(loss)
+        else:
+            opt.step()
+    return m, guard
+
+
+def test_one_example_per_step_with_momentum_trains_as_bare():
+    # Its single-example losses span 0 (an underflow, 6-8% of the steps) to ~5 once it has
+    # converged: hard examples were taken for runaway blow-ups (two or three in a row after a
+    # confident one: "the loss grew 1.6e+04x in 2 steps"), for raw-value spikes (the zeros
+    # sent the spike rule to the raw values), and a burst of them for a stall; the rollbacks
+    # and LR cuts that answered them halted this run at step 4,452 (seed 1)
+    m, g = digits_batch1(2500, guarded=True)
+    bare, _ = digits_batch1(2500, guarded=False)
+    assert g is not None
+    assert not [f for f in g.findings if f.severe], g.findings
+    assert not g.actions
+    for p, q in zip(m.parameters(), bare.parameters()):
+        assert torch.equal(p, q)
+    g.close()
+
+
+def test_hard_examples_in_a_heavy_tailed_stream_are_no_blow_up():
+    # a converged batch-1 classifier: log-losses spread ~2.5 nats a step, some underflow to
+    # 0, and now and then a hard example (2-5) after a confident one
+    rng = np.random.default_rng(1)
+    d = DivergenceDetector()
+    out = []
+    for t in range(3000):
+        v = float(np.exp(rng.normal(np.log(1e-3), 2.5)))
+        if t % 53 == 7:
+            v = 0.0
+        if t % 89 in (20, 21):
+            v = 1e-4 if t % 89 == 20 else 0.05
+        if t % 89 == 22:
+            v = 3.0 + (t % 3)
+        out += d.update(StepStats(step=t, loss=v, grad_norm=1.0))
+    assert not [f for f in out if f.evidence.get("trigger") == "fast"]
+    # the same blow-up from a settled level (noise 0.3) is found
+    d = DivergenceDetector()
+    out = []
+    for t in range(200):
+        v = float(np.exp(rng.normal(np.log(1e-3), 0.3)))
+        if t in (180, 181):
+            v = 1e-4 if t == 180 else 0.05
+        if t == 182:
+            v = 3.0
+        out += d.update(StepStats(step=t, loss=v, grad_norm=1.0))
+    assert [f for f in out if f.evidence.get("trigger") == "fast"]
+
+
+def test_a_loss_that_underflows_to_zero_keeps_the_log_space_spike_rule():
+    from trainguard.detect import LossSpikeDetector
+    rng = np.random.default_rng(2)
+    d = LossSpikeDetector()
+    out = []
+    for t in range(2000):
+        v = 0.0 if t % 13 == 0 else float(np.exp(np.log(1e-3) + 2.5 * np.clip(rng.normal(), -3, 3)))
+        if t % 211 == 100:
+            v = 2.0  # a hard example: 2,000x the median, 3 sigmas in log space
+        out += d.update(StepStats(step=t, loss=v, grad_norm=1.0))
+    assert not out  # with the zeros on the raw values: z = 9-22, a spike each time
+    assert d._log_moments() is not None
+    # a real spike among zeros is still one: 1e7x the median of a narrow stream
+    d = LossSpikeDetector()
+    out = []
+    for t in range(200):
+        v = 0.0 if t % 13 == 0 else float(np.exp(rng.normal(np.log(1e-3), 0.3)))
+        out += d.update(StepStats(step=t, loss=v if t != 150 else 5.0, grad_norm=1.0))
+    assert [f.step for f in out] == [150]
+
+
+def test_after_a_rollback_the_early_rules_need_the_start_scale():
+    from trainguard.detect import GradExplosionDetector, LossSpikeDetector
+    g, sp = GradExplosionDetector(), LossSpikeDetector()
+    for t in range(100):
+        g.update(StepStats(step=t, loss=1.0, grad_norm=2.8 * (1 + 0.1 * (t % 3))))
+        sp.update(StepStats(step=t, loss=2.3 * (1 + 0.1 * (t % 3)), grad_norm=1.0))
+    g.reset()
+    sp.reset()
+    # the restored weights: a confident example first, then ordinary ones below the start scale
+    out = g.update(StepStats(step=100, loss=1.0, grad_norm=6e-7))
+    out += g.update(StepStats(step=101, loss=1.0, grad_norm=4e-4))
+    out += g.update(StepStats(step=102, loss=1.0, grad_norm=0.6))
+    out += sp.update(StepStats(step=100, loss=1e-7, grad_norm=1.0))
+    out += sp.update(StepStats(step=101, loss=0.5, grad_norm=1.0))
+    assert not out
+    # a real explosion after the rollback is still one
+    assert g.update(StepStats(step=103, loss=1.0, grad_norm=500.0))
+    assert sp.update(StepStats(step=102, loss=1e7, grad_norm=1.0))
+
+
+def test_a_burst_of_hard_examples_is_no_stall():
+    from trainguard.detect import PlateauDetector
+    rng = np.random.default_rng(3)
+    d = PlateauDetector()
+    out = []
+    for t in range(3000):
+        v = 2.3 * float(np.exp(-t / 100)) + float(np.exp(rng.normal(np.log(1e-3), 2.0)))
+        if t > 1000 and t % 400 == 0:
+            v = 5.0
+        if t > 1000 and t % 400 in (1, 2, 3, 5):
+            v = 3.5  # momentum mispredicts the next few
+        out += d.update(StepStats(step=t, loss=v, grad_norm=1.0))
+    assert not out
+    # a loss that stays up is a stall
+    for t in range(3000, 3400):
+        out += d.update(StepStats(step=t, loss=2.0 + 0.1 * float(rng.normal()), grad_norm=1.0))
+    assert [f.kind for f in out] == ["plateau"]

@@ -212,9 +212,10 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
         #: blow-up began (and the decision core can tell a loss that moved at those weights,
         #: the data or the loss changed, from weights that went bad: DecisionCore.rolled_back)
         self.window_steps: deque[int] = deque(maxlen=fast_window)
-        #: the losses that left the window last (as many), the level the loss held before it
-        #: (:meth:`_typical`)
-        self.older: deque[float] = deque(maxlen=fast_window)
+        #: the losses that left the window last (up to NOISE_STEPS): the last ``fast_window``
+        #: of them are the level the loss held before it (:meth:`_typical`), all of them the
+        #: batch-to-batch noise a blow-up must rise beyond (:meth:`_beyond_batch_noise`)
+        self.older: deque[float] = deque(maxlen=max(NOISE_STEPS, fast_window))
         self.lastp: deque[float] = deque(maxlen=patience)
         #: the last NOISE_STEPS losses, whose noise the give-back rule weighs (kept across
         #: rollbacks: the noise is the data's)
@@ -296,7 +297,8 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
         if (len(rc) == self.fast_steps + 1 and rc[0] > 0 and rc[-1] / rc[0] >= self.fast_factor
                 and (self.first_loss is None or rc[-1] > self.first_loss)
                 and all(b > a for a, b in zip(rc, list(rc)[1:]))
-                and self._typical(rc[0], len(self.window) - len(rc))):
+                and self._typical(rc[0], len(self.window) - len(rc))
+                and self._beyond_batch_noise(rc[-1], len(self.window) - len(rc))):
             r = list(rc)
             out.append(self._finding(s, f"the loss grew {r[-1] / r[0]:.1e}x in {self.fast_steps} "
                                         f"steps ({r[0]:.3g} -> {r[-1]:.3g}): exponential blow-up",
@@ -311,7 +313,8 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
             if (lo > 0 and win[-1] >= self.fast_factor * lo
                     and win[-2] >= math.sqrt(self.fast_factor) * lo
                     and (self.first_loss is None or win[-1] > self.first_loss)
-                    and self._typical(lo, list(win).index(lo))):
+                    and self._typical(lo, list(win).index(lo))
+                    and self._beyond_batch_noise(win[-1], list(win).index(lo))):
                 w = list(win)
                 i = w.index(lo)
                 out.append(self._finding(
@@ -361,10 +364,46 @@ class DivergenceDetector(_StartNoise, ChanceAware, Detector):
     def _typical(self, lo: float, i: int) -> bool:
         """``lo``, the window's ``i``-th loss, is within :data:`TYPICAL` of the median of the
         losses up to it (True with fewer than 3 of them: after a rollback or at the start)."""
-        before = list(self.older) + list(islice(self.window, i + 1))
+        older = self.older
+        before = list(islice(older, max(len(older) - self.fast_window, 0), None)) + list(
+            islice(self.window, i + 1))
         if len(before) < 3:
             return True
         return _median(before) <= self.TYPICAL * lo
+
+    #: a blow-up's peak must stand above the median of the losses before its low point by more
+    #: than ``BLOWUP_NOISE`` = 6 times their batch-to-batch noise (:func:`start_noise`: log
+    #: space, robust to a trend), when at least 20 of them are known (up to the last
+    #: NOISE_STEPS that left the window and the window's up to the low point; fewer, after a
+    #: rollback or at the start: the test passes). At batch 1-2 a converged classifier's
+    #: single-example losses span 1e-5 to ~5 from one step to the next, so two or three hard
+    #: examples after a confident one rise 1e4x "in a few steps" with nothing wrong: digits MLP
+    #: (64-128-10; SGD 0.05, momentum 0.9 at 0.01, Adam 1e-3; batch 1 and 2; 3 seeds, 10,000
+    #: steps; python bench/calibrate_detectors.py --batches 1,2 --steps 10000) had 140 such
+    #: findings, their peaks 1.3-3.6 noises above the median before them; the momentum run at
+    #: batch 1 was halted at step 4,452 after 8 rollbacks. A blow-up from a settled level
+    #: stands far above it: 17-40 noises in the zoo's (curvature_gd_past_limit, the exploding
+    #: RNN; the noise of their first losses, which already rise); a settled batch-32 loss has a
+    #: noise of ~0.1-0.3, against the 9.2 nats of a 1e4x rise. A real blow-up within a noise
+    #: this large is left to the rules that do not read single steps (above chance, gives back
+    #: its progress, the slow rule) and to the non-finite rule
+    BLOWUP_NOISE = 6.0
+
+    def _beyond_batch_noise(self, peak: float, i: int) -> bool:
+        """``peak`` stands above the losses before the window's ``i``-th (a blow-up's low
+        point) by more than :data:`BLOWUP_NOISE` times their batch-to-batch noise (True when
+        fewer than 20 positive ones are known or one is negative; a loss of exactly 0, an
+        underflow, is left out)."""
+        before = list(self.older) + list(islice(self.window, i + 1))
+        if peak <= 0 or min(before, default=-1.0) < 0:
+            return True
+        before = [v for v in before if v > 0]  # a confident example's loss underflows to 0
+        if len(before) < 20:
+            return True
+        sigma = start_noise(before)
+        if sigma is None:
+            return True
+        return math.log(peak / _median(before)) > self.BLOWUP_NOISE * sigma
 
     #: a 9-loss median given back must rise above the best by more than ``MEDIAN_NOISE`` = 12
     #: times the noise of such a median at the present level (in log space: 1.2533 x the
@@ -541,7 +580,30 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
     kind = "plateau"
     _state = ("ema", "best", "best_step", "initial", "seen", "reported", "lr_seen",
               "lr_rise_at", "jump_at", "ur_streak", "ur_last", "recent", "start", "noted_at",
-              "pending")
+              "pending", "level")
+
+    #: a stall must hold the loss's level, not one moment of the smoothed loss: the median of
+    #: the last ``LEVEL_STEPS`` = 25 losses must stand where the smoothed loss must (above
+    #: ``progress`` x the start and the chance level). At batch 1 the smoothed loss (EMA 0.9)
+    #: of a converged classifier is lifted above half its start by a few hard examples in a
+    #: row (momentum SGD after a hard example mispredicts the next few), while its best is a
+    #: lucky quiet stretch that is never beaten again: a digits MLP at batch 1 under momentum
+    #: SGD was told "the loss has not improved by 1% in 770 steps and stays at 1.576 (started
+    #: at 2.408); it collapsed right after a loss spike", and rolled back with its LR cut 10x
+    #: (a scratch run). The 25-loss medians of 3,000-10,000-step digits runs at batch 1-2
+    #: (SGD, momentum, Adam) peak at 0.13-0.52 of the first loss after step 300, a stall
+    #: stays above 0.5 on most of its steps (the zoo's stalls and LR ruins: python -m
+    #: trainguard.cli zoo, before and after)
+    LEVEL_STEPS = 25
+
+    def _level_stalled(self) -> bool:
+        """The median of the last :data:`LEVEL_STEPS` losses stands above ``progress`` x the
+        start (and the chance level); True with fewer than 5 losses."""
+        if len(self.level) < 5:
+            return True
+        m = _median(self.level)
+        return (m > self.progress * self.initial  # type: ignore[operator]
+                and (self.chance is None or m > self.progress * self.chance))
 
     #: a plateau without a cause (severity "info") is noted again only once the smoothed loss
     #: has fallen to ``RENOTE`` = 0.7 of the level of the last such note (30% lower: a new
@@ -600,6 +662,8 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
         self.lr_rise_at = -10**9
         self.jump_at = -10**9
         self.recent: deque[float] = deque(maxlen=5)
+        #: the last LEVEL_STEPS losses (:meth:`_level_stalled`)
+        self.level: deque[float] = deque(maxlen=self.LEVEL_STEPS)
         self.start: list[float] = []  # the first losses (their noise: _StartNoise)
         #: the uninformed-guess level of a cross-entropy (ln V) when known: a run that starts
         #: from a trained model below half of it has made its progress already and is not
@@ -628,6 +692,7 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
         self.seen += 1
         _watch_lr(self, s)
         self.recent.append(s.loss)
+        self.level.append(s.loss)
         if len(self.start) < START_STEPS:
             self.start.append(s.loss)
         if (len(self.recent) == self.recent.maxlen and self.initial is not None
@@ -651,7 +716,8 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
             return []
         stuck = self.seen - self.best_step
         stalled = (self.initial > 0 and self.ema > self.progress * self.initial
-                   and (self.chance is None or self.ema > self.progress * self.chance))
+                   and (self.chance is None or self.ema > self.progress * self.chance)
+                   and self._level_stalled())
         if stuck >= self.patience and not self.reported and stalled:
             self.reported = True
             why = self._lr_evidence()

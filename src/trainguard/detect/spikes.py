@@ -20,10 +20,21 @@ Loss spike, after ``min_history`` = 20 steps, when all three hold:
     Cohen 2021), whereas Adam's stale-second-moment spikes rise ~2x per step to 20-50x the
     converged loss (zoo ``adam_stale_second_moment``; Bai et al. 2025). An order of magnitude
     separates the two with room on both sides.
-  Losses that are not all positive fall back to ``z`` = 7 on the raw values (OLMo 2), with a
-  jump of at least half the loss's scale (``LossSpikeDetector.raw_floor``).
+  Losses with a negative value in the window fall back to ``z`` = 7 on the raw values (OLMo 2),
+  with a jump of at least half the loss's scale (``LossSpikeDetector.raw_floor``). A value of
+  exactly 0 among values that are never negative (a loss or a norm that underflowed: a
+  cross-entropy reads 0 once the true class's log-probability rounds to 0 in float32) is left
+  out of the log-space statistics instead: a digits MLP at batch 1 under momentum SGD (0.01,
+  0.9) reads 0 on 566-826 of 10,000 steps (3 seeds), and while the rule fell back to the raw
+  values for them, whose mean and spread a heavy tail defeats, its hard examples (losses 2-6
+  over a median of 1e-3, log-space z below 4) were skipped as spikes (raw z 9-22) and answered
+  with rollbacks (``python bench/calibrate_detectors.py --batches 1,2 --steps 10000``). A zero
+  is never a spike itself.
   In the first ``min_history`` steps one rule judges: the loss is more than ``early_ratio`` =
   1e6 times the largest loss so far (see ``LossSpikeDetector.early_ratio`` for the numbers).
+  After a rollback (the history restarts) the start's scale counts among the losses so far:
+  at batch 1 the first loss after a rollback can be a confident example's 1e-7, and a hard
+  one next was "1e6x the largest so far".
 
 Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
   * ``log(norm)`` is more than ``z`` = 4 standard deviations above the window's mean;
@@ -41,7 +52,12 @@ Gradient explosion, after ``min_history`` = 20 steps, when all four hold:
   In the first ``min_history`` steps (no statistics yet) two rules judge: the norm is more
   than ``early_ratio`` = 100 times the largest norm seen so far, or it ran away: above
   ``early_growth`` = 100 times the smallest norm so far after growing more than ``jump`` = 3x
-  on each of the last two steps (see ``GradExplosionDetector.early_growth``). A ReLU RNN with identity
+  on each of the last two steps (see ``GradExplosionDetector.early_growth``). After a rollback
+  (the history restarts) the start's gradient scale counts among the norms so far, and a
+  runaway must rise above it, as the main rule's floor asks: a converged digits MLP at batch 1 (momentum SGD) restarted at a confident
+  example's norm of 6e-7, and the next ten norms (4e-4 to 0.6, against 2.8 at the start) were
+  taken for explosions, each answered with an LR cut, until the run halted (a scratch run,
+  before the other small-batch changes of detect/progress.py and this module). A ReLU RNN with identity
   recurrent weights (IRNN, Le et al. 2015) at SGD lr 0.01 goes from 92 at step 0 to 1.2e7 at
   step 1 (1.3e5x, zoo ``lr_relu_rnn_early_explosion``); clipping that step to twice the
   earlier median rescues the run, a rollback + LR backoff 25 steps later costs the run its
@@ -83,7 +99,8 @@ class _LogJump(Detector):
         self.history: deque[float] = deque(maxlen=window)  # raw values
         self.initial: float | None = None
         self._first: list[float] = []
-        #: running [sum of logs, sum of squared logs, non-positive count, count] of the window
+        #: running [sum of logs, sum of squared logs, negative count, count, zero count] of
+        #: the window (the logs are of its positive values: see :meth:`_log_moments`)
         self._sums: list[Any] | None = None
         self._steps = 0
 
@@ -103,22 +120,25 @@ class _LogJump(Detector):
                 self._first = []
 
     def _log_moments(self) -> tuple[float, float] | None:
-        """Mean and std of log(history) from running sums (O(1) per step); None if some
-        value is not positive. Sums are rebuilt when the window changed under them."""
+        """Mean and std of the logs of the history's positive values, from running sums
+        (O(1) per step); None if some value is negative or none is positive. A value of
+        exactly 0 is left out (an underflow; the module's docstring). Sums are rebuilt when
+        the window changed under them."""
         sums = self._sums
         if sums is None or sums[3] != len(self.history):
             a = np.fromiter(self.history, dtype=float)
-            if a.min() <= 0:
+            if a.min() < 0:
                 self._sums = None
                 return None
-            la = np.log(a)
-            sums = [float(la.sum()), float((la * la).sum()), int((a <= 0).sum()), len(a)]
+            la = np.log(a[a > 0])
+            sums = [float(la.sum()), float((la * la).sum()), 0, len(a), int((a == 0).sum())]
             self._sums = sums
-        n = sums[3]
-        if sums[2] or n == 0:
+        n = sums[3] - sums[4]
+        if sums[2] or n <= 0:
             return None
         mu = sums[0] / n
         return mu, math.sqrt(max(sums[1] / n - mu * mu, 0.0))
+
 
     def _push(self, v: float, lv: float | None = None) -> None:
         """Append ``v`` (``lv``: its log when the caller has it) and update the sums."""
@@ -131,6 +151,8 @@ class _LogJump(Detector):
                     lo = math.log(old)
                     sums[0] -= lo
                     sums[1] -= lo * lo
+                elif old == 0:
+                    sums[4] -= 1
                 else:
                     sums[2] -= 1
                 sums[3] -= 1
@@ -139,6 +161,8 @@ class _LogJump(Detector):
                     lv = math.log(v)
                 sums[0] += lv
                 sums[1] += lv * lv
+            elif v == 0:
+                sums[4] += 1
             else:
                 sums[2] += 1
             sums[3] += 1
@@ -161,7 +185,10 @@ class _LogJump(Detector):
                               "initial": self.initial, "trigger": "early"}
             self._push(v)
             return False, {}
-        mom = self._log_moments() if v > 0 else None
+        mom = self._log_moments() if v >= 0 else None
+        if mom is not None and v == 0:  # an underflow among values never negative: no jump
+            self._push(v)
+            return False, {}
         if mom is not None:
             mu, sd = mom
             lv = math.log(v)
@@ -238,7 +265,10 @@ class LossSpikeDetector(ChanceAware, _LogJump):
 
     def _early(self, v: float) -> bool:
         h = self.history
-        return bool(h) and math.isfinite(v) and max(h) > 0 and v > self.early_ratio * max(h)
+        if not h or not math.isfinite(v):
+            return False
+        top = max(max(h), self.initial or 0.0)  # after a rollback: the start's scale too
+        return top > 0 and v > self.early_ratio * top
 
     def _floor_ok(self, v: float, med: float) -> bool:
         prev = self.history[-1] if self.history else None
@@ -341,13 +371,17 @@ class GradExplosionDetector(_LogJump):
 
     def _early(self, v: float) -> bool:
         h = self.history
-        if not h or not math.isfinite(v) or max(h) <= 0:
+        if not h or not math.isfinite(v):
             return False
-        if v > self.early_ratio * max(h):
+        top = max(max(h), self.initial or 0.0)  # after a rollback: the start's scale too
+        if top <= 0:
+            return False
+        if v > self.early_ratio * top:
             return True
         lo = min(h)
         return (len(h) >= 2 and lo > 0 and v > self.early_growth * lo
-                and v > self.jump * h[-1] and h[-1] > self.jump * h[-2])
+                and v > self.jump * h[-1] and h[-1] > self.jump * h[-2]
+                and (self.initial is None or v > self.initial))
 
     def _worst_module(self, s: StepStats) -> tuple[str, float]:
         self._fold()
@@ -411,12 +445,14 @@ class GradExplosionDetector(_LogJump):
         if jump:
             where, growth = self._worst_module(s)
             med = ev["median"]
+            ratio = norm / med if med > 0 else math.inf  # a median of zeros: underflows
+            times = f"{ratio:.0f}x " if med > 0 else "above "
             out.append(Finding(
                 kind="grad_explosion", step=s.step, severity="warning", where=where,
-                message=(f"gradient norm {norm:.4g} is {norm / med:.0f}x its recent median "
+                message=(f"gradient norm {norm:.4g} is {times}its recent median "
                          f"{med:.4g}" + (f"; {where} grew {growth:.0f}x against its own "
                                          "average" if where else "")),
-                evidence={"grad_norm": norm, "ratio": norm / med, "module_growth": growth, **ev},
+                evidence={"grad_norm": norm, "ratio": ratio, "module_growth": growth, **ev},
             ))
         self._track_modules(s)
         return out
