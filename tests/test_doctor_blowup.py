@@ -75,6 +75,7 @@ def test_a_denoiser_at_its_working_lr_is_left_alone():
     assert not any(f.kind == "lr_too_high" for f in rep.findings), rep.findings
     assert rep.suggested_lr == pytest.approx(1e-3)
     assert max(rep.trial_losses) < 4 * rep.trial_losses[0]
+    assert not rep.limit_note and "not a guide" not in rep.summary()
 
 
 def test_sgd_whose_trial_catapults_is_left_to_the_curvature_limit():
@@ -143,6 +144,8 @@ def test_a_diverged_adam_trial_is_never_told_to_raise_its_lr():
     assert rep.suggested_lr == pytest.approx(0.1)
     assert not any(f.kind == "lr_too_low" for f in rep.findings)
     assert "the trial steps at 0.1 peak at" in rep.prescriptions[0].expected
+    # the summary still prints that limit (580), and says it is no guide
+    assert "[measured after trial steps that blew up: not a guide]" in rep.summary()
 
 
 def test_a_trial_that_rose_is_not_told_to_raise_its_lr():

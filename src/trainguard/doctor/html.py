@@ -158,7 +158,8 @@ def render(rep: Any) -> str:
     h.append(f"<p>Verdict: {verdict} · optimizer {_e(rep.optimizer)} · lr {_e(fmt(rep.lr))} · "
              f"diagnosed in {rep.seconds:.2f}s</p>")
     h.append("<h2>Learning rate</h2><table class='kv'>")
-    rows = [("max stable lr (curvature)", fmt(rep.max_stable_lr)), ("suggested lr", fmt(rep.suggested_lr)),
+    limit = fmt(rep.max_stable_lr) + (f" ({rep.limit_note})" if rep.limit_note else "")
+    rows = [("max stable lr (curvature)", limit), ("suggested lr", fmt(rep.suggested_lr)),
             ("warmup steps", rep.warmup_steps)]
     if rep.curvature is not None:
         cv = rep.curvature

@@ -71,11 +71,23 @@ class DoctorReport:
     def kinds(self) -> list[str]:
         return sorted({f.kind for f in self.findings})
 
+    @property
+    def limit_note(self) -> str:
+        """Why :attr:`max_stable_lr` is no guide, or "": an adaptive optimizer's limit is
+        measured after the trial steps (its preconditioner needs them), and when those blew up
+        or diverged (a finding that quotes ``calm_lr``, the LR whose retried trial stayed
+        calm) it was measured on the weights they wrecked: a small transformer at Adam 0.3
+        read 580, a DDPM denoiser at 2e-2 66 (tests/test_doctor_blowup.py)."""
+        if any("calm_lr" in f.evidence for f in self.findings):
+            return "measured after trial steps that blew up: not a guide"
+        return ""
+
     def summary(self) -> str:
         lines = [f"trainguard doctor: {self.model_name or 'model'} — "
                  + ("healthy" if self.healthy else f"{sum(f.severity != 'info' for f in self.findings)} problem(s)")]
+        note = f" [{self.limit_note}]" if self.limit_note else ""
         lines.append(f"  optimizer {self.optimizer}, lr {fmt(self.lr)}; max stable lr {fmt(self.max_stable_lr)}"
-                     f" (λ_max {fmt(self.curvature.lambda_max) if self.curvature else '-'}); suggested lr "
+                     f"{note} (λ_max {fmt(self.curvature.lambda_max) if self.curvature else '-'}); suggested lr "
                      f"{fmt(self.suggested_lr)}" + (f", warmup {self.warmup_steps} steps" if self.warmup_steps else ""))
         if self.noise is not None:
             lines.append(f"  gradient noise scale B_simple {fmt(self.noise.b_simple)} at batch {self.noise.batch}")
@@ -104,7 +116,8 @@ class DoctorReport:
             "model": self.model_name, "healthy": self.healthy,
             "findings": [f.to_dict() for f in self.findings],
             "prescriptions": [p.to_dict() for p in self.prescriptions],
-            "max_stable_lr": self.max_stable_lr, "suggested_lr": self.suggested_lr,
+            "max_stable_lr": self.max_stable_lr, "limit_note": self.limit_note,
+            "suggested_lr": self.suggested_lr,
             "warmup_steps": self.warmup_steps, "lr": self.lr, "optimizer": self.optimizer,
             "layers": [lv.to_dict() for lv in self.layers],
             "curvature": self.curvature, "range_test": self.range_test, "noise": self.noise,
