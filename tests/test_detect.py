@@ -2,6 +2,8 @@
 exercised on both sides."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -350,3 +352,18 @@ def test_a_loss_still_falling_as_a_power_of_the_step_is_no_plateau(seed):
             s.optimizer_state = {"update_ratio": 0.02}
     fast = feed(PlateauDetector(), stream)
     assert len(fast) == 1 and fast[0].step < 500 and fast[0].remedies[0].startswith("lower")
+
+
+def test_after_a_rollback_a_falling_loss_is_no_plateau():
+    # reset() sets the best to inf, and "ema < inf - 1% of inf" (NaN) was never true: a
+    # loss falling after a rollback never made a new best, and 100 steps later it was "not
+    # improved by 1% in 100 steps" with best inf, cause learning_rate: another rollback
+    d = PlateauDetector()
+    for t in range(100):
+        d.update(StepStats(step=t, loss=2.3 - 0.005 * t, grad_norm=1.0))
+    d.reset()
+    out = []
+    for t in range(100, 400):
+        out += d.update(StepStats(step=t, loss=2.0 * 0.997 ** (t - 100), grad_norm=1.0))
+    assert not out, out
+    assert math.isfinite(d.best) and d.best < 1.0

@@ -1,6 +1,9 @@
 """Small batches (1-4 rows) at convergence: a layer whose units grew selective is not a layer
-being killed (``DeadUnitsDetector.min_rows``), and one lucky batch is not the level a blow-up
-started from (``DivergenceDetector.TYPICAL``)."""
+being killed (``DeadUnitsDetector.min_rows``), one lucky batch is not the level a blow-up
+started from (``DivergenceDetector.TYPICAL``), and at one example per step hard examples are
+neither a blow-up (``DivergenceDetector.BLOWUP_NOISE``) nor a spike (losses that underflow to 0
+stay in log space) nor a stall (``PlateauDetector.LEVEL_STEPS``), and after a rollback the
+early spike rules count the start's scale."""
 from __future__ import annotations
 
 import numpy as np
@@ -210,3 +213,4 @@ def test_a_burst_of_hard_examples_is_no_stall():
     for t in range(3000, 3400):
         out += d.update(StepStats(step=t, loss=2.0 + 0.1 * float(rng.normal()), grad_norm=1.0))
     assert [f.kind for f in out] == ["plateau"]
+

@@ -710,7 +710,9 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
         if self.seen <= self.warmup:
             self.best, self.best_step = min(self.best, self.ema), self.seen
             return []
-        if self.ema < self.best - self.min_improvement * abs(self.best):
+        # after a rollback the best restarts at inf (reset), where inf - 1% of inf is NaN: the
+        # first smoothed loss is the new best, or no loss ever improved on it
+        if self.best == math.inf or self.ema < self.best - self.min_improvement * abs(self.best):
             self.best, self.best_step = self.ema, self.seen
             self.reported = self.pending = False
             return []
