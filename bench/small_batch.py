@@ -12,7 +12,7 @@ the training-set accuracy of both, and whether the guarded weights are the bare 
 bit (they are when the Guard did nothing). Converged, these runs' single-example losses span
 0 (a float32 underflow) to ~5 from one step to the next: the rules that judge single steps
 must not take that for a failure (detect/progress.py ``BLOWUP_NOISE``, detect/spikes.py,
-``PlateauDetector.LEVEL_STEPS``). ``--src OLD/src`` runs another tree's trainguard (a checkout
+``PlateauDetector._level_stalled``). ``--src OLD/src`` runs another tree's trainguard (a checkout
 from before those changes) for the comparison.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 being killed (``DeadUnitsDetector.min_rows``), one lucky batch is not the level a blow-up
 started from (``DivergenceDetector.TYPICAL``), and at one example per step hard examples are
 neither a blow-up (``DivergenceDetector.BLOWUP_NOISE``) nor a spike (losses that underflow to 0
-stay in log space) nor a stall (``PlateauDetector.LEVEL_STEPS``), and after a rollback the
+stay in log space) nor a stall (``PlateauDetector``: the mean over the stall), and after a rollback the
 early spike rules count the start's scale."""
 from __future__ import annotations
 
