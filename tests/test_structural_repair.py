@@ -65,7 +65,11 @@ def test_deep_sigmoid_vanishing_is_repaired_in_the_run(digits):
     rs = [a for a in g.actions if a.kind == "restructure"]
     assert rs and rs[0].detail["finding"] == "vanishing_gradient", [str(f) for f in g.findings]
     assert rs[0].detail["remedy"] == "act:relu+init:he"
-    assert bare < 0.2 and acc > 0.7, (bare, acc)  # 0.09 bare, 0.79 repaired (seed 0)
+    # 0.09 bare, 0.63 repaired (seed 0). It read 0.76-0.79 while the plateau rule, after the
+    # rollback at step 50, could not see the loss improve (its best stuck at inf): a false
+    # plateau note at step 150 was answered at the spike of step 235 by an LR restart; now
+    # that spike is skipped and the give-back at 241 rolled back with an LR cut
+    assert bare < 0.2 and acc > 0.5, (bare, acc)
 
 
 def test_healthy_run_is_untouched_and_undo_works(digits):
