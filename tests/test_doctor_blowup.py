@@ -146,6 +146,10 @@ def test_a_diverged_adam_trial_is_never_told_to_raise_its_lr():
     assert "the trial steps at 0.1 peak at" in rep.prescriptions[0].expected
     # the summary still prints that limit (580), and says it is no guide
     assert "[measured after trial steps that blew up: not a guide]" in rep.summary()
+    # the clip is measured after the calm trial, not on the wrecked weights (208)
+    clip = next(p for p in rep.prescriptions if p.action.startswith("clip the gradient norm"))
+    assert "after the trial steps at lr 0.1, which stayed calm" in clip.action
+    assert float(clip.action.split(" at ")[1].split()[0]) < 50, clip.action
 
 
 def test_a_trial_that_rose_is_not_told_to_raise_its_lr():

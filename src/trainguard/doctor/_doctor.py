@@ -12,7 +12,7 @@ from torch import nn
 from ..types import Finding
 from ._common import (DoctorInputError, LossFn, clone_model, clone_optimizer, configured_optimizer,
                       freeze_dropout, has_training_step, lr_of, model_device, preserved_rng,
-                      probe_batch, set_lr, train_steps, trainable, validate_inputs)
+                      loss_of, probe_batch, set_lr, train_steps, trainable, validate_inputs)
 from .curvature import Curvature, optimizer_limit, sharpness
 from .lr_range import RangeTest, range_test
 from .noise import NOISE_LR_FACTOR, noise_scale
@@ -178,12 +178,17 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
                     f"at lr {lr:.3g}", severity="error",
                     evidence={"losses": losses[:50], "lr": lr}))
         calm_lr = math.nan
+        clip_lr: float | None = None  # the LR of the trial the clip is measured after, if not lr
         trial_diverged = next((f for f in findings if f.kind == "divergence"), None)
         blowup = _blowup(losses) if pre and trial_diverged is None else None
         if pre and (blowup is not None or trial_diverged is not None) and losses[0] > 0:
             # Adam's limit is measured after the trial steps, on the weights a blow-up left: the
             # first LR whose trial stays calm caps the suggestion instead (CALM_TRIES)
-            calm, tried = _calm_lr(model, optimizer, loss_fn, batches, steps, device, seed, lr)
+            calm, tried, calm_gn = _calm_lr(model, optimizer, loss_fn, batches, steps, device,
+                                            seed, lr, probe)
+            if math.isfinite(calm_gn):
+                grad_norms = [calm_gn]  # not the blown-up trial's wrecked weights'
+                clip_lr = calm
             found = {"calm_lr": calm if math.isfinite(calm) else None,
                      "tried": [[a, b] for a, b in tried]}
             if blowup is not None:
@@ -407,6 +412,7 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     clip = float(np.mean(grad_norms)) if grad_norms else None
     ctx: dict[str, Any] = {"lr": lr, "optimizer": kind, "suggested_lr": suggested,
                            "max_stable_lr": max_stable, "warmup_steps": warmup, "clip_norm": clip,
+                           "clip_lr": clip_lr,
                            "noise": ns, "residual_blocks": [n for n, _ in residual_blocks(model)],
                            "precision": pa}
     order = {"error": 0, "warning": 1, "info": 2}
@@ -439,12 +445,14 @@ def _blowup(losses: list[float]) -> tuple[float, int] | None:
 
 
 def _calm_lr(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn: LossFn,
-             batches: Any, steps: int, device: torch.device, seed: int, lr: float
-             ) -> tuple[float, list[tuple[float, float]]]:
+             batches: Any, steps: int, device: torch.device, seed: int, lr: float,
+             probe: Any = None) -> tuple[float, list[tuple[float, float]], float]:
     """The trial steps again, from the same start, batches and seed, at the LR (every group's)
     divided by :data:`RAISE_STEP` up to :data:`CALM_TRIES` times: the first LR whose peak loss
-    stays within :data:`BLOWUP_FACTOR` times its first loss (NaN when none does), and each
-    LR tried with its peak over its first loss."""
+    stays within :data:`BLOWUP_FACTOR` times its first loss (NaN when none does), each LR
+    tried with its peak over its first loss, and the gradient norm on ``probe`` after the
+    calm LR's trial steps (NaN without one): the clip to prescribe, where the blown-up
+    trial's own norm is that of wrecked weights (208 on a small transformer at Adam 0.3)."""
     tried: list[tuple[float, float]] = []
     for k in range(1, CALM_TRIES + 1):
         f = RAISE_STEP ** -k
@@ -454,13 +462,26 @@ def _calm_lr(model: nn.Module, optimizer: torch.optim.Optimizer | None, loss_fn:
         set_lr(o, [_group_lr(g) * f for g in o.param_groups])
         torch.manual_seed(seed)
         ls = train_steps(m, o, loss_fn, batches, steps, device)
-        del m, o
         finite = bool(ls) and all(math.isfinite(v) for v in ls)
         ratio = max(ls) / ls[0] if finite and ls[0] > 0 else math.inf
         tried.append((lr * f, ratio))
         if ratio <= BLOWUP_FACTOR:
-            return lr * f, tried
-    return math.nan, tried
+            gn = _probe_grad_norm(m, loss_fn, probe, device) if probe is not None else math.nan
+            return lr * f, tried, gn
+        del m, o
+    return math.nan, tried, math.nan
+
+
+def _probe_grad_norm(m: nn.Module, loss_fn: LossFn, probe: Any, device: torch.device) -> float:
+    """The norm of all trainable parameters' gradient on ``probe`` (NaN when not finite)."""
+    for p in m.parameters():
+        p.grad = None
+    loss_of(m, loss_fn, probe, device).backward()
+    gl = [p.grad.flatten() for p in trainable(m) if p.grad is not None]
+    gn = float(torch.linalg.vector_norm(torch.cat(gl))) if gl else math.nan
+    for p in m.parameters():
+        p.grad = None
+    return gn if math.isfinite(gn) and gn > 0 else math.nan
 
 
 def _group_lr(g: dict) -> float:

@@ -106,7 +106,8 @@ def init_style(model: nn.Module) -> str:
 
 
 def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) -> list["Prescription"]:
-    """``ctx``: lr, optimizer kind, suggested_lr, max_stable_lr, warmup_steps, clip_norm,
+    """``ctx``: lr, optimizer kind, suggested_lr, max_stable_lr, warmup_steps, clip_norm
+    (clip_lr: the LR of the calm trial it was measured after, when the trial at lr blew up),
     noise (NoiseScale|None), residual_blocks (names), precision (PrecisionAudit|None)."""
     acts = _acts(model)
     lins = _linears(model)
@@ -302,7 +303,10 @@ def prescribe(findings: list[Finding], model: nn.Module, ctx: dict[str, Any]) ->
                     _why_lower(f, ctx), f"lr:{sug:.6g}", bonus=0.5)
             clip = ctx.get("clip_norm")
             if clip:
-                add(f, f"clip the gradient norm at {clip:.3g} (average norm of the trial steps)", [],
+                at = ctx.get("clip_lr")
+                src = (f"the gradient norm after the trial steps at lr {at:.3g}, which stayed calm"
+                       if at else "average norm of the trial steps")
+                add(f, f"clip the gradient norm at {clip:.3g} ({src})", [],
                     "Pascanu 2013: threshold near the average norm (mechanisms §2.4)", "")
         elif k == "lr_too_low" and sug:
             add(f, f"raise the learning rate to {sug:.3g} (now {lr:.3g})", [],
