@@ -213,6 +213,12 @@ class _LogJump(Detector):
             ev["raw"] = True  # z of the raw values: some value is not positive
         return jump, ev
 
+    def _largest_so_far(self) -> float:
+        """The history's largest value, or the start's scale when that is larger: after a
+        rollback the history restarts from the restored weights' first value, which at batch 1
+        can be a confident example's (a loss of 1e-7, a norm of 6e-7)."""
+        return max(max(self.history), self.initial or 0.0)
+
     def _floor_ok(self, v: float, med: float) -> bool:
         return True
 
@@ -267,7 +273,7 @@ class LossSpikeDetector(ChanceAware, _LogJump):
         h = self.history
         if not h or not math.isfinite(v):
             return False
-        top = max(max(h), self.initial or 0.0)  # after a rollback: the start's scale too
+        top = self._largest_so_far()
         return top > 0 and v > self.early_ratio * top
 
     def _floor_ok(self, v: float, med: float) -> bool:
@@ -373,7 +379,7 @@ class GradExplosionDetector(_LogJump):
         h = self.history
         if not h or not math.isfinite(v):
             return False
-        top = max(max(h), self.initial or 0.0)  # after a rollback: the start's scale too
+        top = self._largest_so_far()
         if top <= 0:
             return False
         if v > self.early_ratio * top:
