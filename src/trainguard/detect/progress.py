@@ -730,9 +730,9 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
             return []
         stuck = self.seen - self.best_step
         stalled = (self.initial > 0 and self.ema > self.progress * self.initial
-                   and (self.chance is None or self.ema > self.progress * self.chance)
-                   and self._level_stalled())
-        if stuck >= self.patience and not self.reported and stalled:
+                   and (self.chance is None or self.ema > self.progress * self.chance))
+        # the level (a mean of 100 losses) is read last, only when a note is due
+        if stuck >= self.patience and not self.reported and stalled and self._level_stalled():
             self.reported = True
             why = self._lr_evidence()
             if why:
@@ -743,7 +743,8 @@ class PlateauDetector(_StartNoise, ChanceAware, Detector):
                                 evidence=ev, remedies=LR_REMEDIES + (NOT_MINIMISED,))]
             self.pending = True  # no cause: noted once the stall is long for the run's age
         fast = self.ur_last is not None and self.ur_last >= self.ur_large  # "lower the LR"
-        if self.pending and stalled and (fast or stuck >= self.age_share * self.seen):
+        if (self.pending and stalled and (fast or stuck >= self.age_share * self.seen)
+                and self._level_stalled()):
             self.pending = False
             msg, ev = self._stall(stuck)
             if self.noted_at is not None and self.ema > self.RENOTE * self.noted_at:
