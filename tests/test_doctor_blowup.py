@@ -70,6 +70,23 @@ def test_a_denoiser_whose_first_adam_steps_blow_up_is_told_to_lower_its_lr():
     assert "blew up" in first.expected
 
 
+def test_a_trial_that_blows_up_at_every_lr_tried_gets_the_lowest_and_no_clip():
+    """Adam 2.0: the trial diverges, and so do its retries at 2/3, 2/9 and 2/27. The limit
+    measured after it, on the wrecked weights (1.5e-9), set the suggestion to 7.41e-10, and the
+    clip came from the wrecked weights' gradient (3.9e9)."""
+    rep = _doctor(2.0)
+    f = next(f for f in rep.findings if f.kind == "divergence")
+    assert f.evidence["calm_lr"] is None
+    assert [round(lr, 4) for lr, _ in f.evidence["tried"]] == [0.6667, 0.2222, 0.0741]
+    assert all(peak > 2.5 for _, peak in f.evidence["tried"])
+    assert rep.suggested_lr == pytest.approx(2.0 / 27)
+    assert rep.max_stable_lr < 1e-6 and rep.limit_note  # printed, with its note
+    first = rep.prescriptions[0]
+    assert first.action.startswith("set the learning rate to 0.0741 (now 2)"), first.action
+    assert "at every lower LR tried too" in first.expected
+    assert not any(p.action.startswith("clip the gradient norm") for p in rep.prescriptions)
+
+
 def test_a_denoiser_at_its_working_lr_is_left_alone():
     rep = _doctor(1e-3)
     assert not any(f.kind == "lr_too_high" for f in rep.findings), rep.findings

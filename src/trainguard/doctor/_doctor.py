@@ -186,9 +186,10 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
             # first LR whose trial stays calm caps the suggestion instead (CALM_TRIES)
             calm, tried, calm_gn = _calm_lr(model, optimizer, loss_fn, batches, steps, device,
                                             seed, lr, probe)
-            if math.isfinite(calm_gn):
-                grad_norms = [calm_gn]  # not the blown-up trial's wrecked weights'
-                clip_lr = calm
+            # the clip: the gradient after the calm LR's trial, not the wrecked weights'; none
+            # when no LR tried stayed calm (a denoiser at Adam 2.0 was told to clip at 3.9e9)
+            grad_norms = [calm_gn] if math.isfinite(calm_gn) else []
+            clip_lr = calm if math.isfinite(calm_gn) else None
             found = {"calm_lr": calm if math.isfinite(calm) else None,
                      "tried": [[a, b] for a, b in tried]}
             if blowup is not None:
@@ -258,9 +259,14 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
     # -- learning rate verdicts ----------------------------------------------------------
     max_stable = curv.max_stable_lr if curv is not None else math.nan
     cands = []
-    if curv is not None and math.isfinite(max_stable) and max_stable > 0:
+    if (curv is not None and math.isfinite(max_stable) and max_stable > 0
+            and not math.isfinite(calm_lr)):
         # for Adam too: a suggestion above the limit printed beside it is not one to follow
-        # (issue #9: a char GPT's suggestion was 29x the preconditioned limit and ruined it)
+        # (issue #9: a char GPT's suggestion was 29x the preconditioned limit and ruined it).
+        # Not when the trial steps blew up (a calm LR was searched for): an adaptive
+        # optimizer's limit is then measured on the weights they wrecked (report.limit_note),
+        # and a DDPM denoiser at Adam 2.0 read 1.5e-9 and was told "set the learning rate to
+        # 7.41e-10"; the calm LR caps the suggestion instead
         cands.append(LIMIT_SAFETY * max_stable)
     # the range test counts only when its loss improved somewhere: a net that cannot learn
     # (a dead layer) has a flat, noisy sweep whose "minimum" suggested lr 1e-8 (issue #13)
