@@ -12,8 +12,10 @@ Columns: the working LR, the suggestion and their ratio, the limit printed besid
 fault is not the LR - a dead layer, a vanishing sigmoid stack - the LR cannot fix it, only
 must not make it worse). Scenarios whose pathology is the LR itself (the ``lr_*`` and
 ``curvature_*`` ones, whose "working LR" is the too-high one) are judged by the criterion.
-Also checked: the suggestion is never above the curvature limit printed beside it. Each JSON
-row also gives ``trial_peak``, the doctor's trial steps' highest loss over their first.
+Also checked: the suggestion is never above the curvature limit printed beside it, unless the
+doctor says that limit is no guide (``limit_note``: measured after trial steps that blew up;
+such rows are counted apart). Each JSON row also gives ``trial_peak``, the doctor's trial
+steps' highest loss over their first, and ``limit_note``.
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ def one(name: str, seed: int) -> dict:
     return judge({"scenario": name, "category": s.category, "working_lr": working, "suggested_lr": sugg,
             "ratio": sugg / working, "max_stable_lr": lim,
             "within_limit": not (math.isfinite(lim) and sugg > lim * (1 + 1e-9)),
+            "limit_note": rep.limit_note,
             "metric_working": m_base, "metric_suggested": m_at, "passes_working": bool(s.passed(base)),
             "criterion": crit, "onset": s.onset, "higher_is_better": st.higher_is_better,
             "doctor_seconds": round(t_doc, 1),
@@ -142,6 +145,7 @@ def main() -> None:
         eta = el / (i + 1) * (len(names) - i - 1)
         print(f"[{i + 1}/{len(names)} {el:.0f}s, eta {eta:.0f}s] " + json.dumps(r), flush=True)
     ok = [r for r in rows if "error" not in r]
+    guide = [r for r in ok if not r.get("limit_note")]  # a limit the doctor vouches for
     lines = ["| scenario | working LR | suggested | ratio | limit | metric at working | at suggested | criterion | safe |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -156,8 +160,12 @@ def main() -> None:
                f"{sum(r['safe'] for r in ok)}/{len(ok)}; criterion met at the suggestion "
                f"{sum(r['criterion'] for r in ok)}/{len(ok)} (at the working LR "
                f"{sum(r['passes_working'] for r in ok)}/{len(ok)}); suggestion within the "
-               f"printed limit {sum(r['within_limit'] for r in ok)}/{len(ok)}; "
-               f"{time.perf_counter() - t0:.0f} s")
+               f"printed limit {sum(r['within_limit'] for r in guide)}/{len(guide)}"
+               + (f" ({len(ok) - len(guide)} limit(s) marked no guide, suggestion within "
+                  f"{sum(r['within_limit'] for r in ok if r not in guide)}: "
+                  + ", ".join(r["scenario"] for r in ok if r not in guide) + ")"
+                  if len(guide) < len(ok) else "")
+               + f"; {time.perf_counter() - t0:.0f} s")
     print("\n".join(lines))
     print(summary)
     if a.json:
