@@ -158,11 +158,8 @@ def doctor(model: nn.Module, loss_fn: LossFn, data: Iterable, optimizer: torch.o
         finite_params = all(torch.isfinite(p).all() for p in m.parameters())
         if losses and finite_params:
             after_stats, _ = measure(m, loss_fn, probe, device, seed=seed)
-            gl = [p.grad.flatten() for p in trainable(m) if p.grad is not None]
-            gn = float(torch.linalg.vector_norm(torch.cat(gl))) if gl else math.nan
-            grad_norms = [gn] if math.isfinite(gn) and gn > 0 else []
-            for p in m.parameters():
-                p.grad = None
+            gn = _take_grad_norm(m)
+            grad_norms = [gn] if math.isfinite(gn) else []
             if pre and curv is None:
                 curv = sharpness(m, loss_fn, probe, device, optimizer, lr, opt_for_P=opt_c, seed=seed)
         if curv is None and pre and math.isfinite(loss0):
@@ -483,6 +480,12 @@ def _probe_grad_norm(m: nn.Module, loss_fn: LossFn, probe: Any, device: torch.de
     for p in m.parameters():
         p.grad = None
     loss_of(m, loss_fn, probe, device).backward()
+    return _take_grad_norm(m)
+
+
+def _take_grad_norm(m: nn.Module) -> float:
+    """The norm of the trainable parameters' gradients (NaN when none, not finite or 0);
+    the gradients are dropped."""
     gl = [p.grad.flatten() for p in trainable(m) if p.grad is not None]
     gn = float(torch.linalg.vector_norm(torch.cat(gl))) if gl else math.nan
     for p in m.parameters():
