@@ -46,6 +46,18 @@ class Net(nn.Module):
         return self.head(x)
 
 
+def update(loss: torch.Tensor, opt: torch.optim.Optimizer, guard: tg.Guard | None,
+           losses: list) -> None:
+    """One step's tail: backward, record the loss, then the guarded step (or the bare one)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    losses.append(float(loss.detach()))
+    if guard is not None:
+        guard.step(loss)
+    else:
+        opt.step()
+
+
 def _run(reentrant: bool, guarded: bool, steps: int = 30, poison_at: int | None = None):
     torch.manual_seed(0)
     model = Net(reentrant)
@@ -59,13 +71,7 @@ def _run(reentrant: bool, guarded: bool, steps: int = 30, poison_at: int | None 
         y = torch.roll(x, 1, dims=1)
         model.blocks[1].poison = step == poison_at
         loss = F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        if guard is not None:
-            guard.step(loss)
-        else:
-            opt.step()
+        update(loss, opt, guard, losses)
         sched.step()
     return losses, guard
 

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import trainguard as tg
 
+from test_checkpointing import update  # backward, record the loss, guarded or bare step
 from test_loss_changed import VAE  # an MLP VAE of digits: (reconstruction, mu, logvar)
 
 torch.set_num_threads(1)
@@ -47,13 +48,7 @@ def _run(case: str, guarded: bool, steps: int = 600):
             loss = F.mse_loss(rec, x, reduction="sum") / 32 + min(1.0, step / 300) * kl
         else:
             loss = F.cross_entropy(model(x), Y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        if guard is not None:
-            guard.step(loss)
-        else:
-            opt.step()
+        update(loss, opt, guard, losses)
         if sched is not None:
             sched.step()
     return losses, guard
